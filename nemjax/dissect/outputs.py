@@ -1,0 +1,41 @@
+"""Writes a dissected layer's files: ``<layer>_tally.csv`` (NetDissect-Lite's columns and
+number format), ``<layer>_thresholds.npy``, ``<layer>_iou.npy`` (units × labels, label axis =
+global label number, 0 = unlabeled) and ``<layer>_summary.json``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nemjax.data.broden import ProbeSet
+from nemjax.dissect.report import atomic_save_npy, tally_csv_text, tally_rows, write_json, atomic_write_text
+
+
+def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | None = None) -> dict:
+  """Writes the four files of ``result`` (a ``LayerDissection``); returns the summary dict."""
+  out_dir = Path(out_dir)
+  layer = result.layer
+  t = result.tally
+  units_cat_by_label = np.asarray(t.tally_units_cat, np.float64) @ probe.labelcat.T
+  rows = tally_rows(
+      iou=result.iou, tally_both=np.asarray(t.tally_both, np.float64),
+      tally_labels=np.asarray(t.tally_labels, np.float64), units_cat_by_label=units_cat_by_label,
+      primary_category=probe.primary_category, label_names=list(probe.label_names),
+      category_names=probe.category_names)
+  atomic_write_text(out_dir / f"{layer}_tally.csv", tally_csv_text(rows, probe.category_names))
+  atomic_save_npy(out_dir / f"{layer}_thresholds.npy", result.thresholds)
+  atomic_save_npy(out_dir / f"{layer}_iou.npy", result.iou)
+  cats = [probe.category_names[c] for c in result.best_category]
+  summary = {
+      "layer": layer,
+      "num_units": result.num_units,
+      "num_images": probe.num_images,
+      "probe": probe.root,
+      "mean_iou": float(result.score.mean()),
+      "units_with_iou_above_0.04": int((result.score > 0.04).sum()),
+      "units_per_category": {c: cats.count(c) for c in probe.category_names},
+      "distinct_labels": int(len(set(result.best_label.tolist()))),
+      **(extra or {}),
+  }
+  write_json(out_dir / f"{layer}_summary.json", summary)
+  return summary

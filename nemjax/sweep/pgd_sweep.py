@@ -1,0 +1,396 @@
+"""The act-avg PGD sweep: attack units of chosen layers at several ε and modes, re-dissect,
+and count the units whose Network-Dissection label changed (Srivastava et al., Table 2).
+
+Work is keyed by (layer, unit, ε, mode); each finished group of units is appended to
+``results.csv`` atomically, so a re-run of the same command skips finished work and a SIGKILL
+loses at most the attack in flight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from nemjax import preprocess
+from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
+from nemjax.attacks.pgd import make_act_avg_attack
+from nemjax.data import loader
+from nemjax.data.broden import ProbeSet
+from nemjax.dissect.driver import LayerDissection, activation_fn, dissect, make_mesh
+from nemjax.dissect.outputs import write_layer_outputs
+from nemjax.dissect.report import write_json
+from nemjax.sweep.delivery import DELIVERY_MODES, deliver
+from nemjax.sweep.measure import redissect
+from nemjax.sweep.poison import choose_poisoned, choose_target, poison_cap
+from nemjax.sweep.store import ResultsStore
+
+MODES = ("u2", "targeted", "u1")
+MASK_SOURCES = ("labels", "clean")
+RESULT_FIELDS = [
+    "layer", "unit", "eps", "eps_255", "mode", "mask_source", "delivery",
+    "clean_label", "clean_name", "clean_category", "clean_iou",
+    "target_label", "target_name",
+    "new_label", "new_name", "new_category", "new_iou",
+    "source_iou_after", "target_iou_before", "target_iou_after",
+    "threshold_before", "threshold_after", "n_candidates", "n_poisoned",
+    "changed", "success", "seconds",
+]
+KEY_FIELDS = ["layer", "unit", "eps", "mode"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDSweepConfig:
+  """What a sweep runs. Everything that changes results is part of ``config.json``."""
+  layers: tuple[str, ...]
+  units: Mapping[str, tuple[int, ...]] | None = None  # explicit units per layer
+  num_units: int = 8            # else: this many labelled units per layer, seeded choice
+  eps: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255)
+  steps: int = 10
+  step_size: float | None = None  # default 2·ε/steps
+  modes: tuple[str, ...] = ("u2", "targeted")
+  mask_source: str = "labels"   # 'labels' (ground truth) or 'clean' (Eq. 8)
+  poison_fraction: float = 0.1
+  delivery: str = "float"       # 'float' | 'uint8' | 'jpeg'
+  jpeg_quality: int = 90
+  seed: int = 0
+  batch_size: int = 32
+  units_per_call: int = 4
+  quantile: float = 0.005
+  quantile_method: str = "linear"
+
+  def validate(self) -> None:
+    if not self.layers:
+      raise ValueError("no layers to attack")
+    if any(e <= 0 for e in self.eps):
+      raise ValueError(f"every ε must be > 0, got {list(self.eps)}")
+    if self.steps < 1:
+      raise ValueError(f"steps must be >= 1, got {self.steps}")
+    if self.step_size is not None and self.step_size <= 0:
+      raise ValueError(f"step size must be > 0, got {self.step_size}")
+    bad = [m for m in self.modes if m not in MODES]
+    if bad or not self.modes:
+      raise ValueError(f"modes must be among {MODES}, got {list(self.modes)}")
+    if self.mask_source not in MASK_SOURCES:
+      raise ValueError(f"mask source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
+    if self.delivery not in DELIVERY_MODES:
+      raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {self.delivery!r}")
+    poison_cap(10, self.poison_fraction)
+    if self.num_units < 1 or self.units_per_call < 1 or self.batch_size < 1:
+      raise ValueError("num_units, units_per_call and batch_size must be >= 1")
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["units"] = None if self.units is None else {k: list(v) for k, v in self.units.items()}
+    return d
+
+
+def features_fn_for(model, layer: str) -> Callable[[jax.Array], jax.Array]:
+  """``x01 (N,H,W,3) in [0,1] -> (N,h,w,U)`` activations of ``layer``, NetDissect normalisation
+  applied inside, network cut after ``layer``."""
+  from nemjax import models
+  apply_fn, state = models.pure_apply(model, taps=(layer,), upto=layer)
+
+  def features_fn(x01):
+    _, acts = apply_fn(state, preprocess.from_unit_interval_netdissect(x01))
+    return acts[layer]
+  return features_fn
+
+
+def choose_units(result: LayerDissection, num_units: int, seed: int) -> tuple[int, ...]:
+  """``num_units`` units with a non-empty clean label and a positive threshold (units active in
+  fewer than η of positions have threshold 0 and nothing to attack), a seeded choice, sorted."""
+  labelled = np.flatnonzero((result.best_label > 0) & (result.thresholds > 0))
+  if labelled.size == 0:
+    labelled = np.arange(result.num_units)
+  rng = np.random.default_rng(seed)
+  pick = rng.choice(labelled, size=min(num_units, labelled.size), replace=False)
+  return tuple(int(u) for u in np.sort(pick))
+
+
+def _unit_rng(seed: int, layer_index: int, unit: int, mode: str) -> np.random.Generator:
+  return np.random.default_rng([seed, layer_index, unit, MODES.index(mode)])
+
+
+class _LayerContext:
+  """Everything about one layer that every attack on it reuses."""
+
+  def __init__(self, model, probe, layer, layer_index, clean: LayerDissection, acts, labels,
+               config: PGDSweepConfig, mesh):
+    self.layer, self.layer_index, self.clean, self.acts = layer, layer_index, clean, acts
+    self.probe, self.labels, self.config, self.mesh = probe, labels, config, mesh
+    self.features_fn = features_fn_for(model, layer)
+    self.act_fn = activation_fn(model, [layer], mesh=mesh)
+    self.per_image_max = acts.reshape(acts.shape[0], -1, acts.shape[-1]).max(axis=1)  # (N, U)
+    present = np.flatnonzero(np.asarray(clean.tally.tally_labels) > 0)
+    self.present = present[present > 0]
+    self.cap = poison_cap(probe.num_images, config.poison_fraction)
+    self.attacks: dict = {}
+
+  def attack(self, eps: float, mode: str):
+    if (eps, mode) not in self.attacks:
+      c = self.config
+      self.attacks[(eps, mode)] = make_act_avg_attack(
+          self.features_fn, eps=eps, steps=c.steps, step_size=c.step_size,
+          objective="u1" if mode == "u1" else "targeted")
+    return self.attacks[(eps, mode)]
+
+  def target_for(self, unit: int, mode: str) -> int:
+    if mode == "u1":
+      return 0
+    src = int(self.clean.best_label[unit])
+    cands = self.present
+    if self.config.mask_source == "clean":
+      cands = np.unique(self.clean.best_label[self.clean.best_label > 0])
+    if mode == "targeted":
+      same = cands[self.probe.primary_category[cands] == self.probe.primary_category[src]]
+      if np.any(same != src):
+        cands = same
+    return choose_target(_unit_rng(self.config.seed, self.layer_index, unit, mode), src, cands)
+
+  def masks(self, concept: int, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), sh, sw) float32 mask of ``concept`` (zeros for concept 0)."""
+    sh, sw = self.probe.seg_size
+    if concept == 0 or len(rows) == 0:
+      return np.zeros((len(rows), sh, sw), np.float32)
+    if self.config.mask_source == "labels":
+      return np.asarray(concept_mask_from_labels(self.labels[0][rows], self.labels[1][rows], concept))
+    units = np.flatnonzero(self.clean.best_label == concept)
+    if units.size == 0:
+      return np.zeros((len(rows), sh, sw), np.float32)
+    return np.asarray(concept_mask_from_unit_masks(
+        self.acts[rows], self.clean.thresholds, units, (sh, sw)))
+
+  def contains(self, concept: int) -> np.ndarray:
+    """(N,) bool: images whose ``concept`` mask is non-empty."""
+    n = self.probe.num_images
+    if concept == 0:
+      return np.zeros(n, bool)
+    if self.config.mask_source == "labels":
+      pixels, scalars = self.labels
+      return (pixels == concept).any(axis=(1, 2, 3)) | (scalars == concept).any(axis=1)
+    out = np.zeros(n, bool)
+    for s in range(0, n, 64):
+      rows = np.arange(s, min(s + 64, n))
+      out[rows] = self.masks(concept, rows).reshape(len(rows), -1).any(axis=1)
+    return out
+
+  def new_activations(self, images: np.ndarray) -> np.ndarray:
+    """(P, h, w, U) activations of delivered images (0..255), batched like the dissection."""
+    bs = self.config.batch_size
+    bs += (-bs) % self.mesh.size
+    out = []
+    for s in range(0, len(images), bs):
+      chunk = images[s:s + bs]
+      pad = np.zeros((bs - len(chunk), *chunk.shape[1:]), np.float32)
+      acts = np.asarray(self.act_fn(np.concatenate([chunk.astype(np.float32), pad]))[self.layer])
+      out.append(acts[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, *self.acts.shape[1:]), np.float32)
+
+
+def _pad_rows(n: int, multiple: int) -> int:
+  return n + (-n) % multiple
+
+
+def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode: str,
+                     return_images: bool = False):
+  """Attacks ``units`` in one compiled call, re-dissects each, returns result rows.
+
+  With ``return_images`` also returns ``{unit: (rows, x_adv (P,H,W,3) in [0,1])}``, the images
+  before delivery (what :func:`nemjax.sweep.export.export_corrupted_probe` takes).
+  """
+  t0 = time.time()
+  probe, c = ctx.probe, ctx.config
+  plans = []
+  for u in units:
+    src, tgt = int(ctx.clean.best_label[u]), ctx.target_for(u, mode)
+    cand = ctx.contains(src) | ctx.contains(tgt)
+    rows = choose_poisoned(cand, ctx.per_image_max[:, u], ctx.cap)
+    plans.append((u, src, tgt, int(cand.sum()), rows))
+  all_rows = np.concatenate([p[4] for p in plans]) if plans else np.zeros(0, np.int64)
+  n_real = len(all_rows)
+  x_adv = np.zeros((0, *probe.image_size, 3), np.float32)
+  new_acts_all = None
+  if n_real:
+    x01 = loader.load_images(probe, all_rows).astype(np.float32) / np.float32(255.0)
+    unit_ids = np.concatenate([np.full(len(p[4]), p[0], np.int32) for p in plans])
+    src_m = np.concatenate([ctx.masks(p[1], p[4]) for p in plans])
+    tgt_m = np.concatenate([ctx.masks(p[2], p[4]) for p in plans])
+    n_pad = _pad_rows(n_real, 8 * ctx.mesh.size) - n_real
+    pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])
+    sharding = NamedSharding(ctx.mesh, PartitionSpec("data"))
+    put = lambda a: jax.device_put(pad(a), sharding)
+    x_adv = ctx.attack(eps, mode)(put(x01), put(unit_ids), put(src_m),
+                                  None if mode == "u1" else put(tgt_m))
+    x_adv = np.asarray(x_adv)[:n_real]
+    delivered_all = deliver(x_adv, c.delivery, c.jpeg_quality)
+    new_acts_all = ctx.new_activations(delivered_all)
+  out_rows, images = [], {}
+  offset = 0
+  seconds = (time.time() - t0) / max(len(units), 1)
+  for u, src, tgt, n_cand, rows in plans:
+    new_unit = (new_acts_all[offset:offset + len(rows), ..., [u]] if len(rows)
+                else np.zeros((0, *ctx.acts.shape[1:3], 1), np.float32))
+    if return_images:
+      images[u] = (rows, x_adv[offset:offset + len(rows)])
+    offset += len(rows)
+    after = redissect(ctx.acts[..., [u]], rows, new_unit, probe, ctx.labels, layer=ctx.layer,
+                      quantile=c.quantile, quantile_method=c.quantile_method)
+    new_label = int(after.best_label[0])
+    changed = new_label != src
+    success = (new_label == tgt) if mode == "targeted" else changed
+    name = lambda l: str(probe.label_names[l])
+    out_rows.append({
+        "layer": ctx.layer, "unit": u, "eps": float(eps), "eps_255": round(eps * 255, 4),
+        "mode": mode, "mask_source": c.mask_source, "delivery": c.delivery,
+        "clean_label": src, "clean_name": name(src),
+        "clean_category": probe.category_names[ctx.clean.best_category[u]],
+        "clean_iou": float(ctx.clean.score[u]),
+        "target_label": tgt, "target_name": name(tgt),
+        "new_label": new_label, "new_name": name(new_label),
+        "new_category": probe.category_names[after.best_category[0]],
+        "new_iou": float(after.score[0]),
+        "source_iou_after": float(after.iou[0, src]),
+        "target_iou_before": float(ctx.clean.iou[u, tgt]) if tgt else 0.0,
+        "target_iou_after": float(after.iou[0, tgt]) if tgt else 0.0,
+        "threshold_before": float(ctx.clean.thresholds[u]),
+        "threshold_after": float(after.thresholds[0]),
+        "n_candidates": n_cand, "n_poisoned": len(rows),
+        "changed": bool(changed), "success": bool(success), "seconds": round(seconds, 3),
+    })
+  return (out_rows, images) if return_images else out_rows
+
+
+def prepare(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path | None, mesh=None,
+            progress: bool = True):
+  """Clean dissection + per-layer contexts (the sweep's set-up, shared with export)."""
+  mesh = make_mesh() if mesh is None else mesh
+  clean, acts = dissect(model, probe, config.layers, batch_size=config.batch_size,
+                        quantile=config.quantile, quantile_method=config.quantile_method,
+                        mesh=mesh, progress=progress, keep_activations=True)
+  if out_dir is not None:
+    for res in clean.values():
+      write_layer_outputs(Path(out_dir) / "clean", res, probe)
+  labels = loader.load_labels(probe, np.arange(probe.num_images))
+  contexts = {layer: _LayerContext(model, probe, layer, i, clean[layer], acts[layer], labels,
+                                   config, mesh)
+              for i, layer in enumerate(config.layers)}
+  return contexts
+
+
+def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path, *,
+                  mesh=None, progress: bool = True, run_info: dict | None = None) -> dict:
+  """Runs (or resumes) the sweep; writes results.csv, summary.json, config.json, and the clean
+  dissection under ``out_dir/clean``. Returns the summary."""
+  config.validate()
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  cfg_json = {"config": config.to_json(), **(run_info or {})}
+  cfg_path = out_dir / "config.json"
+  if cfg_path.exists():
+    old = json.loads(cfg_path.read_text())
+    if old != json.loads(json.dumps(cfg_json)):
+      raise ValueError(f"{out_dir} holds results of another configuration (see {cfg_path}); "
+                       "use another --out or delete it")
+  else:
+    write_json(cfg_path, cfg_json)
+  store = ResultsStore(out_dir / "results.csv", RESULT_FIELDS, KEY_FIELDS)
+  contexts = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
+  work = []
+  for layer, ctx in contexts.items():
+    units = (config.units or {}).get(layer) or choose_units(ctx.clean, config.num_units, config.seed)
+    bad = [u for u in units if not 0 <= u < ctx.clean.num_units]
+    if bad:
+      raise ValueError(f"units {bad} out of range for layer {layer} ({ctx.clean.num_units} units)")
+    for eps in config.eps:
+      for mode in config.modes:
+        todo = [u for u in units if not store.done(layer=layer, unit=u, eps=float(eps), mode=mode)]
+        for s in range(0, len(todo), config.units_per_call):
+          work.append((ctx, todo[s:s + config.units_per_call], float(eps), mode))
+  total_units = sum(len(w[1]) for w in work)
+  bar = tqdm(total=total_units, desc="pgd sweep", unit="attack", disable=not progress)
+  for ctx, units, eps, mode in work:
+    bar.set_postfix_str(f"{ctx.layer} ε={eps * 255:.0f}/255 {mode}")
+    store.add(run_attack_group(ctx, units, eps, mode))
+    bar.update(len(units))
+  bar.close()
+  summary = summarise(store.rows, probe.category_names)
+  write_json(out_dir / "summary.json", summary)
+  return summary
+
+
+def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) -> dict:
+  """% of units manipulated per (layer, ε, mode), overall and per clean-label category."""
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault((r["layer"], float(r["eps"]), r["mode"]), []).append(r)
+  table = []
+  for (layer, eps, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+    succ = np.array([int(r["success"]) for r in rs])
+    chg = np.array([int(r["changed"]) for r in rs])
+    per_cat = {}
+    for cat in category_names:
+      sel = [int(r["success"]) for r in rs if r["clean_category"] == cat]
+      if sel:
+        per_cat[cat] = {"units": len(sel), "pct_manipulated": 100.0 * float(np.mean(sel))}
+    table.append({
+        "layer": layer, "eps": eps, "eps_255": round(eps * 255, 4), "mode": mode,
+        "units": len(rs), "pct_manipulated": 100.0 * float(succ.mean()),
+        "pct_label_changed": 100.0 * float(chg.mean()),
+        "mean_iou_before": float(np.mean([float(r["clean_iou"]) for r in rs])),
+        "mean_source_iou_after": float(np.mean([float(r["source_iou_after"]) for r in rs])),
+        "mean_poisoned": float(np.mean([int(r["n_poisoned"]) for r in rs])),
+        "per_category": per_cat,
+    })
+  return {"table": table}
+
+
+def format_table(summary: dict) -> str:
+  """Markdown table in the paper's Table-2 layout: layers × (mode, ε)."""
+  cols = sorted({(t["mode"], t["eps_255"]) for t in summary["table"]},
+                key=lambda c: (MODES.index(c[0]), c[1]))
+  layers = list(dict.fromkeys(t["layer"] for t in summary["table"]))
+  cell = {(t["layer"], t["mode"], t["eps_255"]): t for t in summary["table"]}
+  head = "| layer | " + " | ".join(f"{m} ε={e:g}/255" for m, e in cols) + " |"
+  lines = [head, "|" + "---|" * (len(cols) + 1)]
+  for layer in layers:
+    vals = []
+    for m, e in cols:
+      t = cell.get((layer, m, e))
+      vals.append("" if t is None else f"{t['pct_manipulated']:.1f} ({t['units']})")
+    lines.append(f"| {layer} | " + " | ".join(vals) + " |")
+  return "\n".join(lines)
+
+
+def plot_summary(summary: dict, path: Path) -> None:
+  """% manipulated vs ε, one panel per mode, one line per layer."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  modes = [m for m in MODES if any(t["mode"] == m for t in summary["table"])]
+  fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
+  for ax, mode in zip(axes[0], modes):
+    for layer in dict.fromkeys(t["layer"] for t in summary["table"]):
+      pts = sorted((t["eps_255"], t["pct_manipulated"]) for t in summary["table"]
+                   if t["layer"] == layer and t["mode"] == mode)
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=layer)
+    ax.set_title({"u2": "untargeted (U2)", "u1": "untargeted (U1)", "targeted": "targeted"}[mode])
+    ax.set_xlabel("ε (/255)")
+    ax.set_ylabel("% units manipulated")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  tmp.replace(path)

@@ -1,0 +1,56 @@
+"""A resumable results table: rows keyed by a tuple of columns, rewritten atomically.
+
+A SIGKILL at any moment leaves either the previous or the new complete file on disk.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from nemjax.dissect.report import atomic_write_text
+
+
+class ResultsStore:
+  """Rows of ``fields`` in a CSV file; ``key_fields`` identify a finished piece of work."""
+
+  def __init__(self, path: Path, fields: Sequence[str], key_fields: Sequence[str]):
+    self.path = Path(path)
+    self.fields = list(fields)
+    self.key_fields = list(key_fields)
+    self.rows: list[dict[str, str]] = []
+    if self.path.exists():
+      with open(self.path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != self.fields:
+          raise ValueError(
+              f"{self.path}: existing results have columns {reader.fieldnames}, expected "
+              f"{self.fields}; use another output directory")
+        self.rows = list(reader)
+    self._done = {self._key(r) for r in self.rows}
+
+  def _key(self, row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(_fmt(row[k]) for k in self.key_fields)
+
+  def done(self, **key: Any) -> bool:
+    return tuple(_fmt(key[k]) for k in self.key_fields) in self._done
+
+  def add(self, rows: Iterable[dict[str, Any]]) -> None:
+    """Appends rows and rewrites the file atomically."""
+    new = [{k: _fmt(r[k]) for k in self.fields} for r in rows]
+    self.rows.extend(new)
+    self._done.update(self._key(r) for r in new)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, self.fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(self.rows)
+    atomic_write_text(self.path, buf.getvalue())
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return repr(v)
+  if isinstance(v, bool):
+    return str(int(v))
+  return str(v)
