@@ -1,5 +1,30 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration and fixtures."""
 import os
+import sys
+from pathlib import Path
 
-# Tests run on CPU; keep XLA from grabbing every core per worker.
+# Tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_probe_dir(tmp_path_factory) -> Path:
+  """A 24-image synthetic Broden-format probe set (224 images, 112 label maps)."""
+  from nemjax.data import synthetic
+  return synthetic.make_probe_set(tmp_path_factory.mktemp("probe") / "probe", num_images=24, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+  """An orbax checkpoint of a random-weight SmallCNN with 4 classes."""
+  from flax import nnx
+  from nemjax.models import build, checkpoint
+  model = build("smallcnn", num_classes=4, rngs=nnx.Rngs(7))
+  out = tmp_path_factory.mktemp("ckpt") / "smallcnn"
+  checkpoint.save(model, out, arch="smallcnn", num_classes=4)
+  return out
