@@ -1,0 +1,153 @@
+"""Orbax checkpoints of nemjax models: ``OUT_DIR/state/`` (params + batch stats) + ``OUT_DIR/metadata.json``.
+
+::
+
+  from nemjax.models import checkpoint
+  checkpoint.save(model, "runs/resnet18_places", arch="resnet18", num_classes=365)
+  model = checkpoint.load("runs/resnet18_places")
+
+``metadata.json`` holds ``{"format": "nemjax-model", "format_version": 1, "arch", "num_classes",
+"nemjax_version", "extra": {...}}``. Writes are atomic: everything is written into a temporary
+directory next to OUT_DIR and renamed into place at the end, so a failed save leaves nothing at
+OUT_DIR (and an existing OUT_DIR untouched unless the new one is complete).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nemjax.models import registry
+
+__all__ = ["save", "load", "read_metadata", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "nemjax-model"
+FORMAT_VERSION = 1
+_META = "metadata.json"
+_STATE = "state"
+
+
+def _version() -> str:
+  import nemjax  # the package root; imported lazily to keep the import graph one-way at load time
+  return getattr(nemjax, "__version__", "unknown")
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp  # slow import, only when checkpoints are used
+  return ocp.StandardCheckpointer()
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, num_classes: int,
+         extra_meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+  """Write ``model``'s params and batch statistics to ``out_dir`` atomically.
+
+  Args:
+    model: a nemjax model (``model.arch`` and ``model.num_classes`` must match arch / num_classes).
+    out_dir: the checkpoint directory to create.
+    arch: architecture name, one of ``nemjax.models.ARCHS``.
+    num_classes: size of the model's output layer.
+    extra_meta: JSON-serialisable extra metadata, stored under ``"extra"``.
+    overwrite: replace an existing ``out_dir`` (only once the new checkpoint is complete).
+
+  Returns:
+    The absolute path of the checkpoint directory.
+  """
+  if arch not in registry.ARCHS:
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(registry.ARCHS)}")
+  m_arch, m_classes = getattr(model, "arch", None), getattr(model, "num_classes", None)
+  if m_arch != arch or m_classes != num_classes:
+    raise ValueError(f"checkpoint.save: model is {m_arch!r} with {m_classes} classes, but arch={arch!r}, num_classes={num_classes}")
+  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "num_classes": int(num_classes),
+          "nemjax_version": _version(), "extra": dict(extra_meta or {})}
+  try:
+    meta_text = json.dumps(meta, indent=2, sort_keys=True)
+  except TypeError as e:
+    raise ValueError(f"checkpoint.save: extra_meta is not JSON-serialisable: {e}") from None
+  out = Path(out_dir).absolute()
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"checkpoint directory already exists: {out} (pass overwrite=True to replace it)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    pure = nnx.to_pure_dict(nnx.state(model))
+    ckptr = _checkpointer()
+    ckptr.save(tmp / _STATE, pure)
+    ckptr.wait_until_finished()
+    (tmp / _META).write_text(meta_text + "\n")
+    if out.exists():  # overwrite: move the old one aside, then swap
+      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+      os.replace(out, old / "ckpt")
+      os.replace(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def read_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+  """``metadata.json`` of a checkpoint; FileNotFoundError / ValueError if it is not one."""
+  d = Path(ckpt_dir)
+  if not d.exists():
+    raise FileNotFoundError(f"checkpoint directory not found: {d}")
+  if not d.is_dir():
+    raise ValueError(f"not a nemjax checkpoint: {d} is a file, expected a directory")
+  meta_path = d / _META
+  if not meta_path.is_file():
+    raise ValueError(f"not a nemjax checkpoint: {d} has no {_META}")
+  try:
+    meta = json.loads(meta_path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"not a nemjax checkpoint: cannot parse {meta_path}: {e}") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ValueError(f"not a nemjax checkpoint: {meta_path} has no \"format\": \"{FORMAT}\"")
+  for key in ("arch", "num_classes"):
+    if key not in meta:
+      raise ValueError(f"corrupt nemjax checkpoint: {meta_path} lacks {key!r}")
+  return meta
+
+
+def load(ckpt_dir: str | os.PathLike, *, arch: str | None = None) -> nnx.Module:
+  """Rebuild the model saved in ``ckpt_dir``.
+
+  Args:
+    ckpt_dir: a directory written by :func:`save` (or ``python -m nemjax.convert``).
+    arch: if given, the architecture the checkpoint must hold (ValueError otherwise).
+
+  Returns:
+    The model with the saved params and batch statistics (float32 ``jax.Array`` leaves).
+  """
+  d = Path(ckpt_dir).absolute()
+  meta = read_metadata(d)
+  if arch is not None and meta["arch"] != arch:
+    raise ValueError(f"checkpoint {d} holds arch {meta['arch']!r}, expected {arch!r}")
+  if meta["arch"] not in registry.ARCHS:
+    raise ValueError(f"checkpoint {d} has unknown arch {meta['arch']!r}; this nemjax knows {', '.join(registry.ARCHS)}")
+  if not (d / _STATE).is_dir():
+    raise ValueError(f"corrupt nemjax checkpoint: {d} has no {_STATE}/ directory")
+  abstract = registry.build_abstract(meta["arch"], int(meta["num_classes"]))
+  graphdef, state = nnx.split(abstract)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nnx.to_pure_dict(state))
+  try:
+    restored = _checkpointer().restore(d / _STATE, target)
+  except Exception as e:  # orbax raises many types; report one clear line
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ValueError(f"cannot restore checkpoint {d} as {meta['arch']} with {meta['num_classes']} classes: "
+                     f"{type(e).__name__}: {first}") from None
+  got = jax.tree.map(np.shape, restored)
+  want = jax.tree.map(np.shape, nnx.to_pure_dict(state))
+  if got != want:
+    raise ValueError(f"checkpoint {d}: restored arrays do not match {meta['arch']} with {meta['num_classes']} classes")
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)

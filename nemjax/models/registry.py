@@ -1,0 +1,136 @@
+"""Architecture registry: build models by name, list and resolve their tappable layer names.
+
+``layer_names(arch)`` lists canonical names (torchvision module names) in forward order, i.e. the
+order in which the layers' outputs become available (PyTorch forward-hook order): a container such
+as ResNet's ``layer1`` comes after everything inside it. So for a set of taps, the one latest in
+this order is the ``upto`` that computes them all (see :func:`last_layer`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemjax.models import alexnet, resnet, smallcnn, vgg
+from nemjax.models import layers as L
+
+__all__ = ["ARCHS", "build", "build_abstract", "layer_names", "layer_aliases", "canonical_layer", "last_layer"]
+
+ARCHS: tuple[str, ...] = ("alexnet", "vgg16", "resnet18", "resnet50", "smallcnn")
+
+_NAMES: Mapping[str, tuple[str, ...]] = {
+  "alexnet": alexnet.LAYER_NAMES,
+  "vgg16": vgg.LAYER_NAMES,
+  "resnet18": resnet.LAYER_NAMES["resnet18"],
+  "resnet50": resnet.LAYER_NAMES["resnet50"],
+  "smallcnn": smallcnn.LAYER_NAMES,
+}
+_ALIASES: Mapping[str, Mapping[str, str]] = {
+  "alexnet": alexnet.ALIASES,
+  "vgg16": vgg.ALIASES,
+  "resnet18": resnet.ALIASES["resnet18"],
+  "resnet50": resnet.ALIASES["resnet50"],
+  "smallcnn": smallcnn.ALIASES,
+}
+
+
+def _check_arch(arch: str) -> None:
+  if arch not in ARCHS:
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+def _random_state(state: nnx.State, key: jax.Array) -> dict:
+  """Pure-dict values for an abstract model state: torchvision-style random init.
+
+  Conv kernels (kh, kw, I, O) ~ N(0, 2 / (kh*kw*O)) (kaiming normal, fan_out); linear kernels
+  (I, O) ~ N(0, 0.01^2); biases, BN shifts and running means 0; BN scales and running variances 1.
+  The normals come from a NumPy generator seeded with ``key``'s bits: deterministic in ``key``, and
+  free of the per-shape XLA compiles (and slow CPU threefry) of sampling each kernel with jax.random.
+  """
+  flat = list(nnx.to_flat_state(state))
+  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel().tolist()
+  gen = np.random.default_rng(seed)
+  pure: dict = {}
+  for path, v in flat:
+    shape, leaf = tuple(v.shape), path[-1]
+    if leaf == "kernel":
+      std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3])) if len(shape) == 4 else 0.01
+      value = gen.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    elif leaf in ("scale", "var"):
+      value = np.ones(shape, np.float32)
+    else:
+      value = np.zeros(shape, np.float32)
+    node = pure
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[leaf] = jnp.asarray(value)
+  return pure
+
+
+def _construct(arch: str, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+  if arch == "alexnet":
+    return alexnet.AlexNet(num_classes, rngs=rngs)
+  if arch == "vgg16":
+    return vgg.VGG16(num_classes, rngs=rngs)
+  if arch in ("resnet18", "resnet50"):
+    return resnet.ResNet(arch, num_classes, rngs=rngs)
+  return smallcnn.SmallCNN(num_classes, rngs=rngs)
+
+
+def build(arch: str, num_classes: int = 1000, *, rngs: nnx.Rngs) -> nnx.Module:
+  """A randomly initialised model (torchvision-style init, see ``_random_state``).
+
+  Args:
+    arch: one of ``ARCHS``.
+    num_classes: size of the final linear layer.
+    rngs: ``nnx.Rngs``; one key is taken from its ``params`` stream.
+
+  Returns:
+    The NNX module; ``model(x, taps=..., upto=...)`` maps (N, H, W, 3) normalised float32 images
+    to ``(logits (N, num_classes) or None, {tap: activation})``.
+  """
+  _check_arch(arch)
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  abstract = nnx.eval_shape(lambda: _construct(arch, num_classes, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, _random_state(state, rngs.params()))
+  return nnx.merge(graphdef, state)
+
+
+def build_abstract(arch: str, num_classes: int = 1000) -> nnx.Module:
+  """The model with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute): for shapes and loaders."""
+  _check_arch(arch)
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  return nnx.eval_shape(lambda: _construct(arch, num_classes, nnx.Rngs(0)))
+
+
+def layer_names(arch: str) -> tuple[str, ...]:
+  """Canonical tappable layer names of ``arch`` in forward (completion) order."""
+  _check_arch(arch)
+  return _NAMES[arch]
+
+
+def layer_aliases(arch: str) -> dict[str, str]:
+  """Alias -> canonical name for ``arch`` (e.g. VGG16 ``conv5_3`` -> ``features.28``)."""
+  _check_arch(arch)
+  return dict(_ALIASES[arch])
+
+
+def canonical_layer(arch: str, name: str) -> str:
+  """The canonical name of ``name`` (itself if canonical); ValueError listing the valid names."""
+  _check_arch(arch)
+  return L.resolve_layer(arch, _NAMES[arch], _ALIASES[arch], name)
+
+
+def last_layer(arch: str, names: Sequence[str]) -> str:
+  """Of ``names`` (canonical or aliases), the canonical one computed last: the ``upto`` that covers them all."""
+  if isinstance(names, str) or not names:
+    raise ValueError(f"last_layer needs a non-empty sequence of layer names, got {names!r}")
+  order = {n: i for i, n in enumerate(layer_names(arch))}
+  return max((canonical_layer(arch, n) for n in names), key=order.__getitem__)
