@@ -332,7 +332,12 @@ def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) 
   for r in rows:
     groups.setdefault((r["layer"], float(r["eps"]), r["mode"]), []).append(r)
   table = []
-  for (layer, eps, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+  layers = list(dict.fromkeys(r["layer"] for r in rows))
+  if len(layers) > 1:  # pooled over layers: the sweep-level trend with ε
+    for (layer, eps, mode), rs in list(groups.items()):
+      groups.setdefault(("all layers", eps, mode), []).extend(rs)
+  order = {l: i for i, l in enumerate(layers + ["all layers"])}
+  for (layer, eps, mode), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], kv[0][1])):
     succ = np.array([int(r["success"]) for r in rs])
     chg = np.array([int(r["changed"]) for r in rs])
     per_cat = {}
@@ -378,10 +383,11 @@ def plot_summary(summary: dict, path: Path) -> None:
   fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
   for ax, mode in zip(axes[0], modes):
     for layer in dict.fromkeys(t["layer"] for t in summary["table"]):
+      style = dict(color="black", linestyle="--") if layer == "all layers" else {}
       pts = sorted((t["eps_255"], t["pct_manipulated"]) for t in summary["table"]
                    if t["layer"] == layer and t["mode"] == mode)
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=layer)
+        ax.plot(*zip(*pts), marker="o", label=layer, **style)
     ax.set_title({"u2": "untargeted (U2)", "u1": "untargeted (U1)", "targeted": "targeted"}[mode])
     ax.set_xlabel("ε (/255)")
     ax.set_ylabel("% units manipulated")
