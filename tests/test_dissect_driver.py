@@ -104,7 +104,7 @@ def test_dissect_cli(tiny_probe_dir, tiny_model_dir, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   for suffix in ("_tally.csv", "_thresholds.npy", "_iou.npy", "_summary.json", "_report.html"):
     assert (out / f"block4{suffix}").exists(), suffix
-  assert len(list((out / "block4_report").glob("unit*.png"))) == 256
+  assert len(list((out / "block4_report").glob("unit*.png"))) == 128
   # given thresholds are used as they are
   thr = np.load(out / "block4_thresholds.npy") * 0.5
   np.save(tmp_path / "thr.npy", thr)

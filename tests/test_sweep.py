@@ -33,7 +33,7 @@ def test_incremental_equals_full_redissection(setup, mode, mask_source, deliver_
   cfg = PGDSweepConfig(layers=("block4",), steps=3, poison_fraction=0.25, batch_size=8,
                        mask_source=mask_source, delivery=deliver_as, modes=(mode,))
   ctx = prepare(model, probe, cfg, None, progress=False)["block4"]
-  units = [u for u in range(256) if ctx.clean.best_label[u] > 0 and ctx.clean.thresholds[u] > 0][:2]
+  units = [u for u in range(128) if ctx.clean.best_label[u] > 0 and ctx.clean.thresholds[u] > 0][:2]
   rows_out, images = run_attack_group(ctx, units, 8 / 255, mode, return_images=True)
   for row, u in zip(rows_out, units):
     rows, x_adv = images[u]
@@ -58,7 +58,7 @@ def test_export_is_what_a_fresh_dissection_finds(setup, tmp_path):
   cfg = PGDSweepConfig(layers=("block4",), steps=3, poison_fraction=0.25, batch_size=8,
                        delivery="uint8")
   ctx = prepare(model, probe, cfg, None, progress=False)["block4"]
-  unit = int(next(u for u in range(256) if ctx.clean.best_label[u] > 0 and ctx.clean.thresholds[u] > 0))
+  unit = int(next(u for u in range(128) if ctx.clean.best_label[u] > 0 and ctx.clean.thresholds[u] > 0))
   rep = export_and_verify(model, probe, cfg, "block4", unit, 8 / 255, "u2", tmp_path / "export",
                           progress=False)
   assert rep["match"], rep
