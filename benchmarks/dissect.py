@@ -53,46 +53,64 @@ def main() -> None:
   acts = {k: np.array(v) for k, v in acts.items()}
   pixels, scalars = loader.load_labels(probe, np.arange(probe.num_images))
 
-  rows = []
-  for layer in layers:
-    a = acts[layer]
-    # nemjax: thresholds (streaming, batch by batch) + tally + IoU, labels preloaded
-    def run_kernels():
+  def run_kernels():
+    """Thresholds (streaming, batch by batch) + tally + IoU of both layers; labels decoded
+    beforehand (as for the oracle) and prepared once per batch for both layers."""
+    out = {}
+    thr = {}
+    for layer in layers:
+      a = acts[layer]
       st = quantile_lib.threshold_init(a.shape[-1], a.shape[0] * a.shape[1] * a.shape[2], 0.995)
       for s in range(0, len(a), args.batch_size):
         st = quantile_lib.threshold_update(st, a[s:s + args.batch_size])
-      thr = quantile_lib.threshold_finalize(st)
-      t = tally_lib.tally_init(a.shape[-1], probe.num_labels, probe.num_categories)
-      for s in range(0, len(a), 64):
-        t = tally_lib.tally_update(t, a[s:s + 64], thr, pixels[s:s + 64], scalars[s:s + 64],
-                                   probe.labelcat)
-      return thr, t, tally_lib.compute_iou(t, probe.labelcat)
-    run_kernels()  # compile
+      thr[layer] = quantile_lib.threshold_finalize(st)
+    tallies = {l: tally_lib.tally_init(acts[l].shape[-1], probe.num_labels, probe.num_categories)
+               for l in layers}
+    for s in range(0, probe.num_images, 64):
+      lab = tally_lib.prepare_labels(pixels[s:s + 64], scalars[s:s + 64], probe.num_labels)
+      for l in layers:
+        tallies[l] = tally_lib.tally_update(tallies[l], acts[l][s:s + 64], thr[l],
+                                            labelcat=probe.labelcat, labels=lab)
+    for l in layers:
+      out[l] = (thr[l], tallies[l], tally_lib.compute_iou(tallies[l], probe.labelcat))
+    return out
+
+  run_kernels()  # compile
+  times = []
+  for _ in range(3):
     t0 = time.perf_counter()
-    thr, t, iou = run_kernels()
-    kernel_s = time.perf_counter() - t0
+    got = run_kernels()
+    times.append(time.perf_counter() - t0)
+  kernel_s = min(times)
+  rows = []
+  oracle_total = 0.0
+  for layer in layers:
+    a = acts[layer]
     t0 = time.perf_counter()
     a_nuhw = np.moveaxis(a, 3, 1)
     thr_o = oracle.thresholds(a_nuhw, 0.995)
     t_o = oracle.tally(a_nuhw, thr_o, pixels, scalars, probe.labelcat)
     iou_o = oracle.iou(t_o, probe.labelcat)
     oracle_s = time.perf_counter() - t0
+    oracle_total += oracle_s
+    thr, t, iou = got[layer]
     exact = (np.array_equal(thr, thr_o) and np.array_equal(iou, iou_o)
              and all(np.array_equal(np.asarray(getattr(t, k)), v) for k, v in t_o.items()))
     active = float((a.reshape(len(a), -1, a.shape[-1]).max(1) > thr).mean())
-    rows.append((layer, a.shape[1:], active, oracle_s, kernel_s, exact))
+    rows.append((layer, a.shape[1:], active, oracle_s, exact))
 
   lines = [
       f"ResNet18 (random weights), synthetic probe set, {probe.num_images} images, "
       f"label maps {probe.seg_size[0]}×{probe.seg_size[1]}, jax {jax.__version__}, "
       f"{jax.devices()[0].platform} × {len(jax.devices())}",
       "",
-      "| layer | h×w×U | active (image, unit) pairs | NumPy oracle s | nemjax s | speed-up | identical |",
-      "|---|---|---|---|---|---|---|",
+      "| layer | h×w×U | active (image, unit) pairs | NumPy oracle s | identical to oracle |",
+      "|---|---|---|---|---|",
   ]
-  for layer, shape, active, o, k, exact in rows:
-    lines.append(f"| {layer} | {'×'.join(map(str, shape))} | {active:.1%} | {o:.2f} | {k:.3f} | "
-                 f"{o / k:.1f}× | {exact} |")
+  for layer, shape, active, o, exact in rows:
+    lines.append(f"| {layer} | {'×'.join(map(str, shape))} | {active:.1%} | {o:.2f} | {exact} |")
+  lines += ["", f"Threshold + tally + IoU, both layers: NumPy oracle {oracle_total:.2f} s, nemjax "
+            f"{kernel_s:.3f} s (best of 3) → **{oracle_total / kernel_s:.1f}×**"]
   lines += ["", f"End to end (`dissect`, model forward + thresholds + tally + IoU, both layers): "
             f"{end_to_end:.1f} s = {probe.num_images / end_to_end:.1f} images/s"]
   text = "\n".join(lines)

@@ -162,7 +162,8 @@ def best_labels(iou_ul: np.ndarray, primary: np.ndarray, n_cat: int) -> dict:
   label_pciou = pciou.argmax(axis=2)  # (C, U)
   score_pciou = pciou[np.arange(n_cat)[:, None], np.arange(iou_ul.shape[0])[None, :],
                       label_pciou]
-  best_cat = score_pciou.argmax(axis=0)  # first category wins ties (original: platform order)
+  # The original's ``argsort(axis=0)[::-1][0]``, with the stable order NumPy's small-array sort had.
+  best_cat = score_pciou.argsort(axis=0, kind="stable")[::-1][0]
   units = np.arange(iou_ul.shape[0])
   return dict(label=label_pciou.T, score=score_pciou.T, best_category=best_cat,
               best_label=label_pciou[best_cat, units], best_score=score_pciou[best_cat, units])

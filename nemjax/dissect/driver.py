@@ -31,7 +31,6 @@ from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect import tally as tally_lib
-from nemjax.dissect.report import best_category, per_category_best
 
 DEFAULT_QUANTILE = 0.005
 
@@ -55,14 +54,6 @@ class LayerDissection:
   @property
   def num_units(self) -> int:
     return int(self.thresholds.shape[0])
-
-
-def label_units(iou: np.ndarray, primary_category: np.ndarray, num_categories: int):
-  """(category_labels, category_scores, best_category, best_label, score) from (U, L+1) IoU."""
-  labels, scores = per_category_best(iou, primary_category, num_categories)
-  cat = best_category(scores)
-  rows = np.arange(len(cat))
-  return labels, scores, cat, labels[rows, cat], scores[rows, cat]
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -183,36 +174,38 @@ def extract_activations(
   return store, states
 
 
-def tally_layer(
-    acts: np.ndarray | Iterable[tuple[np.ndarray, np.ndarray]],
+def tally_layers(
+    acts: Mapping[str, np.ndarray],
     probe: ProbeSet,
-    thresholds: np.ndarray,
+    thresholds: Mapping[str, np.ndarray],
     *,
     batch_size: int = 64,
     method: str = "auto",
     progress: bool | str = True,
     labels: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tally_lib.TallyState:
-  """Exact NetDissect tally of one layer, given activations and thresholds.
+) -> dict[str, tally_lib.TallyState]:
+  """Exact NetDissect tallies of several layers in one pass over the label maps.
+
+  Each batch's labels are decoded and prepared once and shared by every layer.
 
   Args:
-    acts: (N, h, w, U) array in probe row order (RAM or memmap).
+    acts: ``{layer: (N, h, w, U)}`` arrays in probe row order (RAM or memmap).
     probe: the probe set the activations came from (labels are decoded from it).
-    thresholds: (U,) float64.
+    thresholds: ``{layer: (U,) float64}``.
     labels: optional preloaded ``(pixels (N,K,sh,sw), scalars (N,S))`` of the whole probe set
       (from ``loader.load_labels``); default: decoded batch by batch.
   """
-  acts_shape = np.shape(acts)
-  if len(acts_shape) != 4 or acts_shape[0] != probe.num_images:
-    raise ValueError(f"acts must be (N={probe.num_images}, h, w, U); got {acts_shape}")
-  thresholds = np.asarray(thresholds, np.float64)
-  if thresholds.shape != (acts_shape[-1],):
-    raise ValueError(f"thresholds must be ({acts_shape[-1]},) for this layer; got {thresholds.shape}")
-  state = tally_lib.tally_init(acts_shape[-1], probe.num_labels, probe.num_categories)
-  labelcat = probe.labelcat
   n = probe.num_images
-  starts = range(0, n, batch_size)
-  bar = tqdm(starts, desc=progress if isinstance(progress, str) else "tally",
+  states, thr = {}, {}
+  for layer, a in acts.items():
+    shape = np.shape(a)
+    if len(shape) != 4 or shape[0] != n:
+      raise ValueError(f"activations of {layer} must be (N={n}, h, w, U); got {shape}")
+    thr[layer] = np.asarray(thresholds[layer], np.float64)
+    if thr[layer].shape != (shape[-1],):
+      raise ValueError(f"thresholds of {layer} must be ({shape[-1]},); got {thr[layer].shape}")
+    states[layer] = tally_lib.tally_init(shape[-1], probe.num_labels, probe.num_categories)
+  bar = tqdm(range(0, n, batch_size), desc=progress if isinstance(progress, str) else "tally",
              disable=not progress, unit="batch")
   for s in bar:
     idx = np.arange(s, min(s + batch_size, n))
@@ -220,17 +213,26 @@ def tally_layer(
       pixels, scalars = loader.load_labels(probe, idx)
     else:
       pixels, scalars = labels[0][idx], labels[1][idx]
-    state = tally_lib.tally_update(state, np.asarray(acts[s:s + len(idx)]), thresholds,
-                                   pixels, scalars, labelcat, method=method)
-  return state
+    lab = tally_lib.prepare_labels(pixels, scalars, probe.num_labels)
+    for layer, a in acts.items():
+      states[layer] = tally_lib.tally_update(states[layer], np.asarray(a[s:s + len(idx)]),
+                                             thr[layer], labelcat=probe.labelcat, method=method,
+                                             labels=lab)
+  return states
+
+
+def tally_layer(acts: np.ndarray, probe: ProbeSet, thresholds: np.ndarray, **kwargs
+                ) -> tally_lib.TallyState:
+  """:func:`tally_layers` for one (N, h, w, U) activation array."""
+  return tally_layers({"": acts}, probe, {"": thresholds}, **kwargs)[""]
 
 
 def finish_layer(layer: str, probe: ProbeSet, thresholds: np.ndarray,
                  state: tally_lib.TallyState) -> LayerDissection:
   iou = tally_lib.compute_iou(state, probe.labelcat)
-  cl, cs, cat, best, score = label_units(iou, probe.primary_category, probe.num_categories)
-  return LayerDissection(layer, np.asarray(thresholds, np.float64), state, iou, cl, cs, cat,
-                         best, score)
+  b = tally_lib.best_labels(iou, probe.primary_category, probe.num_categories)
+  return LayerDissection(layer, np.asarray(thresholds, np.float64), state, iou, b.label, b.score,
+                         b.best_category, b.best_label, b.best_score)
 
 
 def dissect(
@@ -278,15 +280,13 @@ def dissect(
       image_overrides=image_overrides)
   results = {}
   try:
+    thr = {layer: (np.asarray(thresholds[layer], np.float64) if layer in thresholds
+                   else quantile_lib.threshold_finalize(states[layer], method=quantile_method))
+           for layer in layers}
+    tallies = tally_layers({l: store.arrays[l] for l in layers}, probe, thr, method=tally_method,
+                           progress="tally" if progress else False)
     for layer in layers:
-      acts = store.arrays[layer]
-      if layer in thresholds:
-        thr = np.asarray(thresholds[layer], np.float64)
-      else:
-        thr = quantile_lib.threshold_finalize(states[layer], method=quantile_method)
-      state = tally_layer(acts, probe, thr, method=tally_method,
-                          progress=f"tally {layer}" if progress else False)
-      results[layer] = finish_layer(layer, probe, thr, state)
+      results[layer] = finish_layer(layer, probe, thr[layer], tallies[layer])
     if keep_activations:
       return results, {k: np.asarray(v) for k, v in store.arrays.items()}
     return results

@@ -41,55 +41,25 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
   atomic_write_bytes(path, buf.getvalue())
 
 
-def per_category_best(
-    iou: np.ndarray, primary_category: np.ndarray, num_categories: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Best label per (unit, category), NetDissect-Lite style (first label index wins ties).
-
-  Args:
-    iou: (U, L+1) float64.
-    primary_category: (L+1,) int category index of each label.
-  Returns:
-    labels (U, C) int, scores (U, C) float64. A category with no positive IoU gives label 0.
-  """
-  c = np.arange(num_categories)[:, None]
-  pciou = iou[None, :, :] * (primary_category[None, :] == c)[:, None, :]  # (C, U, L+1)
-  labels = pciou.argmax(axis=2)                                             # (C, U)
-  scores = np.take_along_axis(pciou, labels[:, :, None], axis=2)[:, :, 0]
-  return labels.T, scores.T
-
-
-def best_category(scores: np.ndarray) -> np.ndarray:
-  """(U, C) scores -> (U,) category index; ties go to the *last* category.
-
-  NetDissect-Lite takes ``scores.argsort(axis=0)[::-1][0]``; NumPy's default sort is an
-  insertion sort (stable) for the ≤ 16 categories in use, so the reversed order puts the
-  last of several tied categories first. We reproduce that deterministically.
-  """
-  c = scores.shape[1]
-  return c - 1 - np.argmax(scores[:, ::-1], axis=1)
-
-
 def tally_rows(
     *,
+    best: "BestLabels",
     iou: np.ndarray,
     tally_both: np.ndarray,
     tally_labels: np.ndarray,
     units_cat_by_label: np.ndarray,
-    primary_category: np.ndarray,
     label_names: Sequence[str],
     category_names: Sequence[str],
 ) -> list[dict[str, Any]]:
   """Rows of NetDissect-Lite's tally.csv, ordered by descending score (ties: lower unit first).
 
   Args:
+    best: ``nemjax.dissect.tally.best_labels`` of ``iou``.
     iou, tally_both, units_cat_by_label: (U, L+1); ``units_cat_by_label`` is
       ``tally_units_cat @ labelcat.T`` (the IoU's activation term).
     tally_labels: (L+1,).
   """
-  labels, scores = per_category_best(iou, primary_category, len(category_names))
-  bestcat = best_category(scores)
-  unit_score = scores[np.arange(len(scores)), bestcat]
+  labels, scores, bestcat, unit_score = best.label, best.score, best.best_category, best.best_score
   order = np.argsort(-unit_score, kind="stable")
   f64 = lambda v: np.float64(v)
   rows = []

@@ -755,7 +755,12 @@ def compute_iou(state: TallyState, labelcat) -> np.ndarray:
 
 
 def best_labels(iou, primary_category, num_categories: int) -> BestLabels:
-  """Best label per unit and category (first index wins ties) and the best category.
+  """Best label per unit and category (first label index wins ties) and the best category.
+
+  The best category is NetDissect-Lite's ``score.argsort(axis=0)[::-1][0]``: of several tied
+  categories the *last* wins, which is what NumPy's sort (an insertion sort, so stable, for
+  the ≤ 16 categories in use) gave the original. Newer NumPy builds with SIMD sorts may order
+  such ties otherwise; the rule here is deterministic.
 
   Args:
     iou: (U, L+1) float64.
@@ -771,7 +776,7 @@ def best_labels(iou, primary_category, num_categories: int) -> BestLabels:
   pciou = iou[None, :, :] * (prim[None, None, :] == c[:, None, None])  # (C, U, L+1)
   label = pciou.argmax(axis=2)  # (C, U)
   score = np.take_along_axis(pciou, label[:, :, None], axis=2)[:, :, 0]
-  best_cat = score.argmax(axis=0)
+  best_cat = num_categories - 1 - score[::-1].argmax(axis=0)
   units = np.arange(iou.shape[0])
   return BestLabels(label.T.astype(np.int64), score.T, best_cat.astype(np.int64),
                     label[best_cat, units].astype(np.int64), score[best_cat, units])
