@@ -1,0 +1,318 @@
+"""Faster input gradients on CPU: a forward-preserving rewrite of a features function.
+
+PGD spends all its time in ``∇_x`` of a CNN. On XLA's CPU backend two pieces of that backward
+pass are slow, whatever the model:
+
+- **max-pool**: the gradient of ``reduce_window_max`` is ``select_and_scatter``, which the CPU
+  backend runs as a generic, barely parallel loop -- about 1 s for ResNet18's stem pool on 32
+  images at 224², more than a third of the whole gradient;
+- **strided convolutions with few input channels** (the 7×7/2 stem): their input gradient is a
+  convolution over a zero-dilated input with 3 output channels, which the fast convolution
+  kernels do not take.
+
+:func:`cpu_fast_grad` wraps a function so that, when traced, every ``reduce_window_max`` is
+replaced by :func:`max_pool`, whose backward pass is written with strided slices and
+phase-wise shifts (no ``select_and_scatter``), and strided convolutions with at most
+``polyphase_max_in_channels`` input channels get a backward pass that is one stride-1
+convolution (polyphase decomposition of the transposed convolution) followed by a
+depth-to-space shuffle. Forward values are bit-identical (the forward ops are the original primitives). Gradients equal
+XLA's up to float32 summation order; at exact ties within a pooling window the gradient goes
+to the first maximal element in row-major window order, as ``select_and_scatter`` does.
+
+The rewrite works on the function's jaxpr (one level of ``jit`` nesting is inlined), so it
+needs no change to the model code::
+
+  features_fn = fastgrad.cpu_fast_grad(features_fn)   # same outputs, faster jax.grad on CPU
+
+Anything it does not recognise is evaluated unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["cpu_fast_grad", "max_pool", "strided_conv"]
+
+_NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs NHWC, rhs HWIO, out NHWC
+
+
+# ---------------------------------------------------------------------------------------------
+# Max pool with a slice-based backward pass.
+
+def _window_slices(xp: jax.Array, k: Sequence[int], s: Sequence[int],
+                   out_hw: Sequence[int]) -> list[tuple[int, int, jax.Array]]:
+  """Strided views ``xp[:, dy::s, dx::s]`` (output-sized) for each window offset, row-major."""
+  n, _, _, c = xp.shape
+  ho, wo = out_hw
+  views = []
+  for dy in range(k[0]):
+    for dx in range(k[1]):
+      v = lax.slice(xp, (0, dy, dx, 0), (n, dy + s[0] * (ho - 1) + 1, dx + s[1] * (wo - 1) + 1, c),
+                    (1, s[0], s[1], 1))
+      views.append((dy, dx, v))
+  return views
+
+
+def _pool_geometry(x_shape, k, s, pad):
+  _, h, w, _ = x_shape
+  hp, wp = h + pad[0][0] + pad[0][1], w + pad[1][0] + pad[1][1]
+  ho, wo = (hp - k[0]) // s[0] + 1, (wp - k[1]) // s[1] + 1
+  return hp, wp, ho, wo
+
+
+def _phase_sizes(hp, wp, ho, wo, k, s):
+  # Phase grids must hold every x_pad position and every shifted output (o + m).
+  qy = max(-(-hp // s[0]), ho + (k[0] - 1) // s[0])
+  qx = max(-(-wp // s[1]), wo + (k[1] - 1) // s[1])
+  return qy, qx
+
+
+def _interleave_phases(phases: dict, n: int, qy: int, qx: int, s: Sequence[int], c: int,
+                       dtype) -> jax.Array:
+  """{(ry, rx): (n, qy, qx, c)} -> (n, qy·sy, qx·sx, c) with out[s·q + r] = phases[r][q]."""
+  zero = None
+  rows = []
+  for ry in range(s[0]):
+    cols = []
+    for rx in range(s[1]):
+      p = phases.get((ry, rx))
+      if p is None:
+        zero = jnp.zeros((n, qy, qx, c), dtype) if zero is None else zero
+        p = zero
+      cols.append(p)
+    rows.append(jnp.stack(cols, axis=3))           # (n, qy, qx, sx, c)
+  out = jnp.stack(rows, axis=2)                      # (n, qy, sy, qx, sx, c)
+  return out.reshape(n, qy * s[0], qx * s[1], c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
+             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """NHWC max pooling (-inf padding) with a backward pass free of ``select_and_scatter``.
+
+  The forward is ``lax.reduce_window(x, -inf, lax.max, ...)`` itself. The backward finds, once
+  per window, the first maximal offset in row-major window order (``select_and_scatter``'s
+  choice), then routes ``g`` to it phase by phase: input row ``s·q + r`` only receives from
+  windows ``q − m`` through offsets ``s·m + r``, so each of the s² phases is a sum of shifted,
+  masked copies of ``g`` -- elementwise work on output-sized arrays, then one interleave.
+
+  Args:
+    x: (N, H, W, C).
+    kernel: (kh, kw).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+
+  Returns:
+    (N, (H + top + bottom − kh)//sh + 1, (W + left + right − kw)//sw + 1, C).
+  """
+  return _reduce_window_max(x, kernel, strides, padding)
+
+
+def _reduce_window_max(x, kernel, strides, padding):
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1,) + tuple(kernel) + (1,),
+                           (1,) + tuple(strides) + (1,), ((0, 0),) + tuple(padding) + ((0, 0),))
+
+
+def _max_pool_fwd(x, kernel, strides, padding):
+  y = _reduce_window_max(x, kernel, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_bwd(kernel, strides, padding, res, g):
+  x, y = res
+  n, h, w, c = x.shape
+  hp, wp, ho, wo = _pool_geometry(x.shape, kernel, strides, padding)
+  qy, qx = _phase_sizes(hp, wp, ho, wo, kernel, strides)
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
+  views = _window_slices(xp, kernel, strides, (ho, wo))
+  idx_dtype = jnp.int8 if len(views) < 128 else jnp.int32
+  first = jnp.full(y.shape, len(views) - 1, idx_dtype)   # first maximal offset per window
+  for d in reversed(range(len(views))):
+    first = jnp.where(views[d][2] == y, jnp.asarray(d, idx_dtype), first)
+  first, g = lax.optimization_barrier((first, g))         # computed once, not per consumer
+  phases: dict = {}
+  zero = jnp.zeros((), g.dtype)
+  for d, (dy, dx, _) in enumerate(views):
+    contrib = jnp.where(first == d, g, zero)
+    my, ry = divmod(dy, strides[0])
+    mx, rx = divmod(dx, strides[1])
+    contrib = jnp.pad(contrib, ((0, 0), (my, qy - ho - my), (mx, qx - wo - mx), (0, 0)))
+    phases[(ry, rx)] = contrib if (ry, rx) not in phases else phases[(ry, rx)] + contrib
+  gp = _interleave_phases(phases, n, qy, qx, strides, c, g.dtype)
+  return (gp[:, padding[0][0]:padding[0][0] + h, padding[1][0]:padding[1][0] + w, :],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strided convolution whose input gradient is a stride-1 convolution.
+
+def _conv(x, w, strides, padding, precision):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  precision=precision)
+
+
+def _polyphase_input_grad(g: jax.Array, w: jax.Array, x_shape, strides, padding,
+                          precision) -> jax.Array:
+  """Input gradient of an NHWC/HWIO strided convolution as one stride-1 convolution.
+
+  With ``x_pad[s·q + r]`` the phase-r sample of the padded input and ``W_r[m] = W[s·m + r]``,
+  ``∂x_pad[s·q + r] = Σ_m g[q − m] · W_r[m]``: all s² phases are one stride-1 convolution of
+  ``g`` with the flipped, phase-split kernel (ceil(k/s)² taps, s²·C_in output channels), then
+  a depth-to-space shuffle and a crop of the padding.
+  """
+  n, h, wdt, ci = x_shape
+  (kh, kw), co = w.shape[:2], w.shape[3]
+  sy, sx = strides
+  hp, wp = h + padding[0][0] + padding[0][1], wdt + padding[1][0] + padding[1][1]
+  ho, wo = g.shape[1], g.shape[2]
+  my_, mx_ = -(-kh // sy), -(-kw // sx)
+  qy, qx = max(-(-hp // sy), ho + my_ - 1), max(-(-wp // sx), wo + mx_ - 1)
+  wpad = jnp.pad(w, ((0, my_ * sy - kh), (0, mx_ * sx - kw), (0, 0), (0, 0)))
+  wr = wpad.reshape(my_, sy, mx_, sx, ci, co)[::-1, :, ::-1]          # flip taps m
+  k2 = wr.transpose(0, 2, 5, 1, 3, 4).reshape(my_, mx_, co, sy * sx * ci)
+  r = _conv(g, k2, (1, 1), ((my_ - 1, qy - ho), (mx_ - 1, qx - wo)), precision)
+  r = r.reshape(n, qy, qx, sy, sx, ci).transpose(0, 1, 3, 2, 4, 5).reshape(n, qy * sy, qx * sx, ci)
+  return r[:, padding[0][0]:padding[0][0] + h, padding[1][0]:padding[1][0] + wdt, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def strided_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]], precision: Any = None
+                 ) -> jax.Array:
+  """NHWC/HWIO convolution (forward = ``lax.conv_general_dilated``) with a polyphase input VJP.
+
+  Args:
+    x: (N, H, W, C_in).
+    w: (kh, kw, C_in, C_out).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+    precision: passed to the convolutions.
+
+  Returns:
+    (N, Ho, Wo, C_out).
+  """
+  return _conv(x, w, strides, padding, precision)
+
+
+def _strided_conv_fwd(x, w, strides, padding, precision):
+  return _conv(x, w, strides, padding, precision), (x, w)
+
+
+def _strided_conv_bwd(strides, padding, precision, res, g):
+  x, w = res
+  gx = _polyphase_input_grad(g, w, x.shape, strides, padding, precision)
+  _, vjp_w = jax.vjp(lambda ww: _conv(x, ww, strides, padding, precision), w)
+  return gx, vjp_w(g)[0]          # the weight gradient is dead code unless asked for
+
+
+strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jaxpr rewrite.
+
+def _rule_max_pool(eqn, invals, opts):
+  p = eqn.params
+  x, = invals
+  if (x.ndim != 4 or p["window_dimensions"][0] != 1 or p["window_dimensions"][3] != 1
+      or p["window_strides"][0] != 1 or p["window_strides"][3] != 1
+      or any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"])
+      or tuple(p["padding"][0]) != (0, 0) or tuple(p["padding"][3]) != (0, 0)
+      or not jnp.issubdtype(x.dtype, jnp.floating)):
+    return None
+  k = tuple(int(v) for v in p["window_dimensions"][1:3])
+  s = tuple(int(v) for v in p["window_strides"][1:3])
+  pad = tuple(tuple(int(a) for a in pr) for pr in p["padding"][1:3])
+  return max_pool(x, k, s, pad)
+
+
+def _rule_conv(eqn, invals, opts):
+  p = eqn.params
+  x, w = invals
+  dn = p["dimension_numbers"]
+  specs = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) if dn is not None else None
+  if (specs != _NHWC_SPECS or x.ndim != 4 or all(s == 1 for s in p["window_strides"])
+      or any(d != 1 for d in p["lhs_dilation"]) or any(d != 1 for d in p["rhs_dilation"])
+      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
+      or p.get("preferred_element_type") is not None
+      or x.shape[3] > opts["polyphase_max_in_channels"]):
+    return None
+  strides = tuple(int(v) for v in p["window_strides"])
+  pad = tuple(tuple(int(a) for a in pr) for pr in p["padding"])
+  return strided_conv(x, w, strides, pad, p.get("precision"))
+
+
+_RULES = {"reduce_window_max": _rule_max_pool, "conv_general_dilated": _rule_conv}
+_CALLS = ("pjit", "jit", "closed_call")
+
+
+def _read(env, v):
+  return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _eval(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any], opts) -> list:
+  env: dict = {}
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+  for v, a in zip(jaxpr.invars, args):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    invals = [_read(env, v) for v in eqn.invars]
+    name = eqn.primitive.name
+    out = None
+    if name in opts["rules"]:
+      out = opts["rules"][name](eqn, invals, opts)
+    elif name in _CALLS and "jaxpr" in eqn.params:
+      inner = eqn.params["jaxpr"]
+      inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (
+        inner, ())
+      out = _eval(inner_jaxpr, inner_consts, invals, opts)
+    if out is None:
+      bind_params = eqn.primitive.get_bind_params(eqn.params)
+      subfuns = ()
+      if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+        subfuns, bind_params = bind_params
+      with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    if not eqn.primitive.multiple_results and not isinstance(out, list):
+      out = [out]
+    for v, o in zip(eqn.outvars, out):
+      if not isinstance(v, jcore.DropVar):
+        env[v] = o
+  return [_read(env, v) for v in jaxpr.outvars]
+
+
+def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
+                  polyphase_max_in_channels: int = 4) -> Callable[..., Any]:
+  """Wraps ``fn`` so that its gradients avoid XLA CPU's slow paths; forward values unchanged.
+
+  Args:
+    fn: a pure, traceable function of arrays (e.g. ``features_fn(x01) -> acts``).
+    fast_max_pool: replace ``reduce_window_max`` by :func:`max_pool`.
+    polyphase_max_in_channels: strided NHWC convolutions with at most this many input
+      channels (the stem) get :func:`strided_conv`'s polyphase input gradient; 0 disables.
+
+  Returns:
+    A function with ``fn``'s signature and outputs.
+  """
+  rules = dict(_RULES)
+  if not fast_max_pool:
+    rules.pop("reduce_window_max")
+  if polyphase_max_in_channels <= 0:
+    rules.pop("conv_general_dilated")
+  opts = {"rules": rules, "polyphase_max_in_channels": int(polyphase_max_in_channels)}
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    out = _eval(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), opts)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
+  return wrapped

@@ -1,0 +1,416 @@
+"""L∞ PGD in pixel space and the act-avg objectives of Srivastava et al. (ICCV 2023).
+
+The attack is built from small pure parts, in the manner of DeepMind's
+``adversarial_robustness/jax/attacks.py``:
+
+- :func:`init_adv`        start point: ``x`` (the paper) or a uniform draw in the ε-ball;
+- :func:`sign_descent`    ``x − α·sign(g)``;
+- :func:`project_linf`    ``δ = clip(x_adv − x, −ε, ε)``, then ``clip(x + δ, 0, 1)`` (the paper's
+                          code order);
+- :func:`pgd`             loops the step (``lax.fori_loop`` by default) on a framework-free
+                          ``loss_fn(x_adv) -> (N,)`` and returns ``stop_gradient(x_adv)``.
+
+``loss_fn`` returns one loss per image, to be *minimised*; the gradient is taken of their sum, so
+each image's update depends only on its own loss (the paper attacks one image at a time).
+
+Objectives (``features_fn(x01) -> acts (N, h, w, U)`` takes [0, 1] images and applies the
+model's normalisation itself):
+
+- targeted and U2 (Eq. 9): ``act_avg(source) − act_avg(target)`` of each image's unit
+  (:func:`targeted_loss`); U2 draws the target concept at random (:func:`random_targets`);
+- U1 (Eq. 10): ``act_avg(source)`` (:func:`untargeted_loss`).
+
+Every image carries its own unit index and masks, so one call attacks images of many units.
+Masks are projected onto the activation grid once per call (:func:`~nemjax.attacks.act_avg.
+mask_weights`), so each step costs one forward and one input-gradient pass and a dot product.
+
+Example::
+
+  import jax, jax.numpy as jnp
+  from nemjax.attacks import pgd
+  w = jax.random.normal(jax.random.key(0), (8, 8, 3, 16)) * 0.1
+  def features_fn(x01):  # (N, 64, 64, 3) -> (N, 8, 8, 16)
+    return jax.nn.relu(jax.lax.conv_general_dilated(
+        x01 - 0.5, w, (8, 8), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  attack = pgd.make_act_avg_attack(features_fn, eps=4 / 255, steps=10, objective="targeted")
+  x = jax.random.uniform(jax.random.key(1), (4, 64, 64, 3))
+  src = jnp.zeros((4, 32, 32)).at[:, :16].set(1.0)
+  tgt = 1.0 - src
+  x_adv = attack(x, jnp.array([0, 1, 2, 3]), src, tgt)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemjax.attacks import act_avg as aa
+from nemjax.attacks import fastgrad
+
+__all__ = [
+  "LossFn",
+  "FeaturesFn",
+  "LOOPS",
+  "OBJECTIVES",
+  "init_adv",
+  "sign_descent",
+  "project_linf",
+  "pgd_step",
+  "pgd",
+  "targeted_loss",
+  "untargeted_loss",
+  "random_targets",
+  "make_act_avg_attack",
+]
+
+LossFn = Callable[[jax.Array], jax.Array]          # x_adv (N, H, W, C) -> losses (N,)
+FeaturesFn = Callable[[jax.Array], jax.Array]      # x01 (N, H, W, C) -> acts (N, h, w, U)
+Loop = Literal["fori", "scan", "unroll", "python"]
+Objective = Literal["targeted", "u1", "u2"]
+LOOPS = ("fori", "scan", "unroll", "python")
+OBJECTIVES = ("targeted", "u1", "u2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (raise before anything reaches JAX).
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def _check_hparams(eps, steps, step_size, fn: str) -> float:
+  """Validates eps, steps, step_size; returns the step size (default 2·eps/steps)."""
+  if not _is_number(eps) or not eps > 0:
+    raise ValueError(f"{fn}: eps must be a number > 0, got {eps!r}")
+  if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+    raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
+  if step_size is None:
+    return 2.0 * float(eps) / int(steps)
+  if not _is_number(step_size) or not step_size > 0:
+    raise ValueError(f"{fn}: step_size must be a number > 0 (or None for 2*eps/steps), "
+                     f"got {step_size!r}")
+  return float(step_size)
+
+
+def _check_images(x, fn: str) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.ndim != 4:
+    raise ValueError(f"{fn}: x must be NHWC (N, H, W, C) in [0, 1], got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{fn}: x must be floating point, got dtype {x.dtype}")
+  return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts.
+
+def init_adv(x: jax.Array, eps: float, random_start: bool = False,
+             key: jax.Array | None = None) -> jax.Array:
+  """Start point: ``x`` itself (the paper), or ``clip(x + U(−ε, ε), 0, 1)``.
+
+  Args:
+    x: (N, H, W, C) clean images in [0, 1].
+    eps: L∞ radius.
+    random_start: draw a uniform start in the ε-ball (needs ``key``).
+    key: PRNG key, used only when ``random_start``.
+
+  Returns:
+    (N, H, W, C).
+  """
+  if not random_start:
+    return x
+  if key is None:
+    raise ValueError("init_adv: random_start=True needs a PRNG key (key=None given)")
+  delta = jax.random.uniform(key, x.shape, x.dtype, minval=-eps, maxval=eps)
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def sign_descent(x_adv: jax.Array, grad: jax.Array, step_size: float) -> jax.Array:
+  """One signed-gradient descent step: ``x_adv − α·sign(grad)``."""
+  return x_adv - step_size * jnp.sign(grad)
+
+
+def project_linf(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """Projects onto the ε-ball around ``x``, then onto [0, 1] (the paper's code order).
+
+  ``δ = clip(x_adv − x, −ε, ε)``, returns ``clip(x + δ, 0, 1)``; all (N, H, W, C).
+  """
+  delta = jnp.clip(x_adv - x, -eps, eps)
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def pgd_step(loss_fn: LossFn, x: jax.Array, x_adv: jax.Array, eps: float,
+             step_size: float) -> jax.Array:
+  """``project(x_adv − α·sign(∇ Σ_n loss_n(x_adv)))``; all arrays (N, H, W, C)."""
+  grad = jax.grad(lambda xa: jnp.sum(loss_fn(xa)))(x_adv)
+  return project_linf(sign_descent(x_adv, grad, step_size), x, eps)
+
+
+def _check_loss_fn(loss_fn: LossFn, x: jax.Array, fn: str) -> None:
+  out = jax.eval_shape(loss_fn, x)
+  if not hasattr(out, "shape") or out.shape != (x.shape[0],):
+    raise ValueError(f"{fn}: loss_fn must return per-image losses ({x.shape[0]},), got "
+                     f"{getattr(out, 'shape', type(out))}")
+
+
+def pgd(loss_fn: LossFn, x: jax.Array, *, eps: float, steps: int,
+        step_size: float | None = None, random_start: bool = False,
+        key: jax.Array | None = None, loop: Literal["fori", "scan", "unroll"] = "fori",
+        return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """L∞ projected (signed) gradient descent of per-image losses, in pixel space [0, 1].
+
+  Each step: ``x_adv ← x_adv − α·sign(∇ Σ_n loss_n(x_adv))``, then ``δ = clip(x_adv − x, ±ε)``
+  and ``x_adv = clip(x + δ, 0, 1)``. Jit the caller (``loss_fn`` closed over) for speed.
+
+  Args:
+    loss_fn: ``x_adv (N, H, W, C) -> (N,)`` losses to minimise (image n's loss may depend
+      only on image n).
+    x: (N, H, W, C) clean images in [0, 1].
+    eps: L∞ radius (> 0).
+    steps: number of steps (>= 1).
+    step_size: α (> 0); default ``2·eps/steps`` (the paper's).
+    random_start: start from a uniform draw in the ε-ball instead of ``x`` (needs ``key``).
+    key: PRNG key for ``random_start``.
+    loop: "fori" (``lax.fori_loop``), "scan" (``lax.scan``) or "unroll" (a Python loop traced
+      into one program); results are identical. On XLA:CPU, convolutions inside a ``while``
+      loop (fori, scan) run 3-4x slower than at top level (they miss the YNNPACK kernels), so
+      prefer "unroll" there, or :func:`make_act_avg_attack`'s default Python loop.
+    return_trajectory: also return every iterate.
+
+  Returns:
+    ``x_adv`` (N, H, W, C), ``stop_gradient``-ed; with ``return_trajectory``, also
+    ``trajectory`` (steps + 1, N, H, W, C) holding the start point and each step's iterate
+    (the scan loop is then used).
+  """
+  x = _check_images(x, "pgd")
+  alpha = _check_hparams(eps, steps, step_size, "pgd")
+  if loop not in ("fori", "scan", "unroll"):
+    raise ValueError(f"pgd: loop must be 'fori', 'scan' or 'unroll', got {loop!r}")
+  if random_start and key is None:
+    raise ValueError("pgd: random_start=True needs a PRNG key (key=None given)")
+  _check_loss_fn(loss_fn, x, "pgd")
+  eps = float(eps)
+
+  x_adv = init_adv(x, eps, random_start, key)
+  step = functools.partial(pgd_step, loss_fn, x, eps=eps, step_size=alpha)
+
+  if return_trajectory:
+    def scan_body(xa, _):
+      xa = step(x_adv=xa)
+      return xa, xa
+    x_adv, traj = jax.lax.scan(scan_body, x_adv, None, length=steps)
+    traj = jnp.concatenate([init_adv(x, eps, random_start, key)[None], traj], axis=0)
+    return jax.lax.stop_gradient(x_adv), jax.lax.stop_gradient(traj)
+
+  if loop == "fori":
+    x_adv = jax.lax.fori_loop(0, steps, lambda _, xa: step(x_adv=xa), x_adv)
+  elif loop == "scan":
+    x_adv, _ = jax.lax.scan(lambda xa, _: (step(x_adv=xa), None), x_adv, None, length=steps)
+  else:
+    for _ in range(steps):
+      x_adv = step(x_adv=x_adv)
+  return jax.lax.stop_gradient(x_adv)
+
+
+# ---------------------------------------------------------------------------------------------
+# act-avg objectives.
+
+def _act_shape(features_fn: FeaturesFn, x: jax.Array, fn: str) -> tuple[int, int, int]:
+  out = jax.eval_shape(features_fn, x)
+  if not hasattr(out, "shape") or len(out.shape) != 4 or out.shape[0] != x.shape[0]:
+    raise ValueError(f"{fn}: features_fn must map x {x.shape} to acts ({x.shape[0]}, h, w, U), "
+                     f"got {getattr(out, 'shape', type(out))}")
+  return tuple(out.shape[1:])  # (h, w, U)
+
+
+def _check_units_masks(x: jax.Array, units, masks, name: str, fn: str,
+                       n_units: int) -> tuple[jax.Array, jax.Array]:
+  units, masks = jnp.asarray(units), jnp.asarray(masks)
+  n = x.shape[0]
+  if units.shape != (n,) or not jnp.issubdtype(units.dtype, jnp.integer):
+    raise ValueError(f"{fn}: units must be int ({n},) to match x {x.shape}, got "
+                     f"{units.dtype}{units.shape}")
+  if masks.ndim != 3 or masks.shape[0] != n:
+    raise ValueError(f"{fn}: {name} must be ({n}, sh, sw) to match x {x.shape}, "
+                     f"got {masks.shape}")
+  try:  # concrete units: range check (skipped under tracing)
+    u = np.asarray(units)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    u = None
+  if u is not None and u.size and (u.min() < 0 or u.max() >= n_units):
+    raise ValueError(f"{fn}: units must lie in [0, {n_units}), got min {u.min()} max {u.max()}")
+  return units, masks
+
+
+def targeted_loss(features_fn: FeaturesFn, x: jax.Array, units: jax.Array,
+                  source_masks: jax.Array, target_masks: jax.Array) -> LossFn:
+  """Eq. 9 (targeted and U2): ``loss_n = act_avg(source_n) − act_avg(target_n)``.
+
+  Projects the masks onto the activation grid once, here; call it inside the jitted function
+  that runs :func:`pgd`.
+
+  Args:
+    features_fn: ``x01 (N, H, W, C) -> acts (N, h, w, U)``.
+    x: (N, H, W, C) clean images (only their shape is used, to find (h, w)).
+    units: (N,) int, each image's attacked unit.
+    source_masks: (N, sh, sw) the unit's current concept's mask per image.
+    target_masks: (N, sh, sw) the target concept's mask per image.
+
+  Returns:
+    ``loss_fn(x_adv) -> (N,)``.
+  """
+  x = _check_images(x, "targeted_loss")
+  h, w, n_units = _act_shape(features_fn, x, "targeted_loss")
+  units, source_masks = _check_units_masks(x, units, source_masks, "source_masks",
+                                           "targeted_loss", n_units)
+  _, target_masks = _check_units_masks(x, units, target_masks, "target_masks",
+                                       "targeted_loss", n_units)
+  weights = aa.mask_weights(source_masks, (h, w)) - aa.mask_weights(target_masks, (h, w))
+
+  def loss_fn(x_adv: jax.Array) -> jax.Array:
+    # act_avg is linear in the weights: act_avg(src) − act_avg(tgt) = <a, w_src − w_tgt>.
+    return aa.act_avg_weighted(features_fn(x_adv), weights, units)
+  return loss_fn
+
+
+def untargeted_loss(features_fn: FeaturesFn, x: jax.Array, units: jax.Array,
+                    source_masks: jax.Array) -> LossFn:
+  """Eq. 10 (U1): ``loss_n = act_avg(source_n)``; arguments as :func:`targeted_loss`."""
+  x = _check_images(x, "untargeted_loss")
+  h, w, n_units = _act_shape(features_fn, x, "untargeted_loss")
+  units, source_masks = _check_units_masks(x, units, source_masks, "source_masks",
+                                           "untargeted_loss", n_units)
+  weights = aa.mask_weights(source_masks, (h, w))
+
+  def loss_fn(x_adv: jax.Array) -> jax.Array:
+    return aa.act_avg_weighted(features_fn(x_adv), weights, units)
+  return loss_fn
+
+
+def random_targets(key: jax.Array, candidates: Sequence[int] | jax.Array,
+                   exclude: Sequence[int] | jax.Array) -> jax.Array:
+  """U2's random target concepts: one uniform draw from ``candidates`` per entry of ``exclude``,
+  never equal to that entry.
+
+  Args:
+    key: PRNG key (same key, same targets).
+    candidates: (C,) int concept ids to choose from (duplicates make an id more likely).
+    exclude: (M,) int, e.g. each attacked unit's current (source) concept.
+
+  Returns:
+    (M,) int32 targets with ``targets[m] != exclude[m]``.
+  """
+  cand = jnp.asarray(candidates).reshape(-1)
+  excl = jnp.asarray(exclude).reshape(-1)
+  if cand.size == 0:
+    raise ValueError("random_targets: candidates is empty")
+  try:
+    c_np, e_np = np.asarray(cand), np.asarray(excl)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    c_np = e_np = None
+  if c_np is not None:
+    bad = [int(e) for e in e_np if np.all(c_np == e)]
+    if bad:
+      raise ValueError(f"random_targets: no candidate differs from exclude value(s) {bad}; "
+                       f"candidates = {c_np.tolist()}")
+  allowed = cand[None, :] != excl[:, None]  # (M, C)
+  logits = jnp.where(allowed, 0.0, -jnp.inf)
+  idx = jax.random.categorical(key, logits, axis=-1)
+  return cand[idx].astype(jnp.int32)
+
+
+def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
+                        step_size: float | None = None, objective: Objective = "targeted",
+                        random_start: bool = False, loop: Loop = "python",
+                        fast_grad: bool | None = None) -> Callable:
+  """A ready-to-call act-avg PGD attack, jitted with ``features_fn`` closed over.
+
+  Args:
+    features_fn: ``x01 (N, H, W, C) -> acts (N, h, w, U)``, pure and jittable.
+    eps: L∞ radius (> 0), e.g. 4/255.
+    steps: PGD steps (>= 1).
+    step_size: α; default ``2·eps/steps``.
+    objective: "targeted" or "u2" (Eq. 9, ``target_masks`` required; for U2 pass the masks of
+      targets drawn with :func:`random_targets`), or "u1" (Eq. 10, ``target_masks`` ignored).
+    random_start: uniform start in the ε-ball (``key`` required at call time).
+    loop: "python" (default: a Python loop over one jitted step whose ``x_adv`` buffer is
+      donated; compiles once for any ``steps``), or "fori", "scan", "unroll" (the whole attack
+      as one jitted program). On XLA:CPU the convolutions inside a ``while`` loop (fori, scan)
+      miss the fast YNNPACK kernels and run 3-4x slower; "unroll" is as fast as "python" but
+      compiles ``steps`` copies of the step. See ``benchmarks/pgd.py``.
+    fast_grad: wrap ``features_fn`` in :func:`nemjax.attacks.fastgrad.cpu_fast_grad` (same
+      forward values; max-pool and stem-convolution gradients without XLA CPU's slow paths).
+      None: only when JAX's default backend is the CPU.
+
+  Returns:
+    ``attack(x (N, H, W, C), units (N,), source_masks (N, sh, sw), target_masks (N, sh, sw) |
+    None = None, key = None) -> x_adv (N, H, W, C)``. Recompiles only for new shapes.
+  """
+  alpha = _check_hparams(eps, steps, step_size, "make_act_avg_attack")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"make_act_avg_attack: objective must be one of {OBJECTIVES}, "
+                     f"got {objective!r}")
+  if loop not in LOOPS:
+    raise ValueError(f"make_act_avg_attack: loop must be one of {LOOPS}, got {loop!r}")
+  eps = float(eps)
+  if fast_grad is None:
+    fast_grad = jax.default_backend() == "cpu"
+  if fast_grad:
+    features_fn = fastgrad.cpu_fast_grad(features_fn)
+
+  def build_loss(x, units, source_masks, target_masks) -> LossFn:
+    if objective == "u1":
+      return untargeted_loss(features_fn, x, units, source_masks)
+    if target_masks is None:
+      raise ValueError(f"make_act_avg_attack: objective {objective!r} needs target_masks")
+    return targeted_loss(features_fn, x, units, source_masks, target_masks)
+
+  def check_call(x, key):
+    _check_images(x, "attack")
+    if random_start and key is None:
+      raise ValueError("attack: random_start=True needs key")
+
+  if loop != "python":
+    @jax.jit
+    def jitted(x, units, source_masks, target_masks, key):
+      loss_fn = build_loss(x, units, source_masks, target_masks)
+      return pgd(loss_fn, x, eps=eps, steps=steps, step_size=alpha, random_start=random_start,
+                 key=key, loop=loop)
+
+    def attack(x, units, source_masks, target_masks=None, key=None):
+      check_call(x, key)
+      return jitted(x, units, source_masks, target_masks, key)
+    attack.jitted = jitted
+    return attack
+
+  @jax.jit
+  def prepare(x, units, source_masks, target_masks, key):
+    loss_fn = build_loss(x, units, source_masks, target_masks)  # validates shapes
+    del loss_fn
+    h, w, _ = _act_shape(features_fn, x, "attack")
+    weights = aa.mask_weights(jnp.asarray(source_masks), (h, w))
+    if objective != "u1":
+      weights = weights - aa.mask_weights(jnp.asarray(target_masks), (h, w))
+    return init_adv(x, eps, random_start, key), weights
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def step(x, x_adv, units, weights):
+    loss_fn = lambda xa: aa.act_avg_weighted(features_fn(xa), weights, units)
+    return pgd_step(loss_fn, x, x_adv, eps, alpha)
+
+  def attack(x, units, source_masks, target_masks=None, key=None):
+    check_call(x, key)
+    units = jnp.asarray(units)
+    x_adv, weights = prepare(x, units, source_masks, target_masks, key)
+    if not random_start:  # jit may forward x itself; never donate the caller's buffer
+      x_adv = jnp.array(x_adv, copy=True)
+    for _ in range(steps):
+      x_adv = step(x, x_adv, units, weights)
+    return x_adv
+  attack.step = step
+  attack.prepare = prepare
+  return attack
