@@ -152,3 +152,19 @@ def test_missing_weights_fail(tiny_probe_dir, tmp_path):
   r = subprocess.run(_sweep_cmd(tiny_probe_dir, tmp_path / "missing", tmp_path / "o"), cwd=REPO,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_noise_sweep_runs_and_resumes(setup, tmp_path):
+  from nemjax.sweep.noise_sweep import format_noise_table, run_noise_sweep
+  probe, model = setup
+  kw = dict(sigmas=(0.05,), fractions=(0.5, 1.0), kinds=("gaussian",), batch_size=8, progress=False)
+  rows = run_noise_sweep(model, probe, ["block4"], tmp_path, **kw)
+  assert len(rows) == 2
+  assert {int(r["n_corrupted"]) for r in rows} == {12, 24}
+  assert all(0 <= float(r["pct_changed"]) <= 100 for r in rows)
+  before = (tmp_path / "results.csv").read_text()
+  again = run_noise_sweep(model, probe, ["block4"], tmp_path, **kw)  # all done: nothing re-run
+  assert (tmp_path / "results.csv").read_text() == before and len(again) == 2
+  assert "100%" in format_noise_table(rows, "block4", "gaussian")
+  with pytest.raises(ValueError, match="noise kinds"):
+    run_noise_sweep(model, probe, ["block4"], tmp_path / "x", kinds=("pink",))
