@@ -100,29 +100,9 @@ def torch_model(arch: str):
 
 
 def to_nemjax(arch: str, sd: dict):
-  """torch state dict -> nemjax model, via ``nemjax.convert`` (a local fallback if it fails)."""
+  """torch state dict -> nemjax model, via ``nemjax.convert``."""
   from nemjax import convert
-  try:
-    return convert.convert_state_dict(arch, sd)
-  except Exception as e:  # pragma: no cover - only while nemjax.convert is broken
-    print(f"note: nemjax.convert failed ({type(e).__name__}); using the benchmark's fallback",
-          file=sys.stderr)
-  import jax.numpy as jnp
-  from flax import nnx
-  from nemjax import models
-  model = models.build(arch, int(sd["fc.weight"].shape[0]), rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  flat = nnx.to_flat_state(state)
-  leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-                "var": "running_var"}
-  for path, var in flat:
-    name = ".".join(str(p) for p in path[:-1]) + "." + leaf_names[path[-1]]
-    a = np.asarray(sd[name], np.float32)
-    if path[-1] == "kernel":
-      a = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T
-    assert a.shape == tuple(var.shape), (name, a.shape, var.shape)
-    var.value = jnp.asarray(a)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return convert.convert_state_dict(arch, sd)
 
 
 def time_best(fn, reps: int) -> tuple[float, float, float]:
