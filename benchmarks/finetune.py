@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
                  compile_s, rel))
     print(f"{arch}: jax {batch / jax_s:.1f} img/s, torch {batch / torch_s:.1f} img/s, "
           f"loss rel. diff {rel:.1e}", file=sys.stderr, flush=True)
-    del student, teacher, model, jstate, opt
 
   header = [
       f"Push-down fine-tuning step on CPU ({os.cpu_count()} cores visible; torch threads "

@@ -184,6 +184,8 @@ def main(argv=None) -> None:
     fail(str(e))
 
   from nemjax.manipulate import experiment as X
+  from nemjax.manipulate import inputs as minputs
+  from nemjax.manipulate import report
   config = X.ManipulateConfig(
       attack=args.attack, layers=tuple(layers), channels=channels, k=args.k,
       overlap_k=args.overlap_k, epochs=epochs, learning_rate=lr, batch_size=args.batch_size,
@@ -205,7 +207,7 @@ def main(argv=None) -> None:
   else:
     probe_dir, weights, default = args.probe, args.weights, None
   try:
-    inputs, run_info = X.load_inputs(
+    inputs, run_info = minputs.load_inputs(
         config, probe_dir=probe_dir, weights=weights, normalize=args.normalize,
         embedded_train_dir=None if default is None else default.train_dir,
         train_folder=args.train_folder, tfds_name=args.tfds, tfds_split=args.tfds_split,
@@ -215,7 +217,7 @@ def main(argv=None) -> None:
   except (ValueError, FileNotFoundError, ImportError) as e:
     fail(str(e))
   print()
-  print(X.format_table(summary["rows"], overlap_k=config.overlap_k))
+  print(report.format_table(summary["rows"], overlap_k=config.overlap_k))
   print(f"\n{summary['steps']} steps ({summary['train_seconds']:.0f} s fine-tuning); wrote "
         f"{args.out}/metrics.csv, metrics.md, topk_before_after.png, model/")
 

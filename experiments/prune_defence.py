@@ -81,6 +81,9 @@ def main(argv=None) -> None:
 
   from nemjax.dissect.report import atomic_write_text, write_json
   from nemjax.manipulate import experiment as X
+  from nemjax.manipulate import defence
+  from nemjax.manipulate import inputs as minputs
+  from nemjax.manipulate import report
   config = X.ManipulateConfig(
       attack="push-down", layers=(args.layer,), k=args.k, epochs=args.epochs,
       learning_rate=args.lr, batch_size=args.batch_size,
@@ -94,25 +97,25 @@ def main(argv=None) -> None:
     probe_dir, weights, train_dir = args.probe, args.weights, None
   try:
     config.validate()
-    inputs, run_info = X.load_inputs(config, probe_dir=probe_dir, weights=weights,
+    inputs, run_info = minputs.load_inputs(config, probe_dir=probe_dir, weights=weights,
                                      normalize=args.normalize, embedded_train_dir=train_dir,
                                      train_folder=args.train_folder)
     write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
                                           "l1_rates": args.l1_rates,
                                           "vulnerability_rates": args.vulnerability_rates,
                                           "recover_steps": args.recover_steps})
-    rows = X.run_prune_defence(config, inputs, l1_rates=args.l1_rates,
+    rows = defence.run_prune_defence(config, inputs, l1_rates=args.l1_rates,
                                vulnerability_rates=args.vulnerability_rates,
                                recover_steps=args.recover_steps, progress=progress)
   except (ValueError, FileNotFoundError) as e:
     fail(str(e))
-  table = X.format_table(rows, overlap_k=config.overlap_k)
-  atomic_write_text(args.out / "results.csv", X.csv_text(rows))
+  table = report.format_table(rows, overlap_k=config.overlap_k)
+  atomic_write_text(args.out / "results.csv", report.csv_text(rows))
   note = ("\n\nΔ acc. = accuracy after the attack − accuracy of the pruned model. *CLIP-δ with "
           "the original model's pooled features as the embedding (stand-in for CLIP).*\n")
   atomic_write_text(args.out / "results.md", "# Pruning defence (push-down attack)\n\n" + table
                     + note)
-  X.plot_prune_defence(args.out / "prune_defence.png", rows,
+  report.plot_prune_defence(args.out / "prune_defence.png", rows,
                        title=f"pruning defence: push-down on {args.layer}")
   print()
   print(table)

@@ -22,6 +22,9 @@ from nemjax import preprocess
 from nemjax.data import broden, loader
 from nemjax.manipulate import data as mdata
 from nemjax.manipulate import experiment as X
+from nemjax.manipulate import checkpoints
+from nemjax.manipulate import inputs as minputs
+from nemjax.manipulate import relative
 from nemjax.models import checkpoint
 
 # the configuration shared by the in-process run and the script runs (same fingerprint)
@@ -48,7 +51,7 @@ def whole_run(tiny_probe_dir, tiny_model_dir, tmp_path_factory):
   """The uninterrupted in-process run (probe images as the training stream)."""
   out = tmp_path_factory.mktemp("whole")
   cfg = _config()
-  inputs, info = X.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
   summary = X.run_experiment(cfg, inputs, out, run_info=info, progress=False, log=lambda s: None)
   return out, summary, inputs
 
@@ -86,6 +89,8 @@ def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir)
     assert float(r["top2_overlap"]) == pytest.approx(len(set(top0[:2]) & set(top1[:2])) / 2)
     tau = stats.kendalltau(e0[:, j], e1[:, j])[0]
     assert float(r["kendall_tau"]) == pytest.approx(tau, abs=1e-5, nan_ok=True)
+    assert r["silenced"] == str(bool(np.ptp(e1[:, j]) == 0))
+  assert int(rows[0]["silenced"]) == sum(r["silenced"] == "True" for r in chans)
   attacked = [int(r["channel"]) for r in chans]
   assert set(attacked) <= set(range(12))
   assert float(rows[0]["top2_overlap"]) == pytest.approx(
@@ -103,7 +108,7 @@ def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir)
 def test_alpha_zero_baseline_moves_less_than_push_down(tiny_probe_dir, tiny_model_dir, tmp_path,
                                                        whole_run):
   cfg = _config(alpha_fixed=0.0, epochs=1, eval_every=6)
-  inputs, info = X.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
   summary = X.run_experiment(cfg, inputs, tmp_path, run_info=info, progress=False,
                              log=lambda s: None)
   base, attacked = summary["rows"][0], whole_run[1]["rows"][0]
@@ -126,7 +131,7 @@ def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir
   assert proc.poll() is None, "the run finished before it could be killed"
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
-  step = X.read_checkpoint_meta(out / "checkpoints")["step"]
+  step = checkpoints.read_checkpoint_meta(out / "checkpoints")["step"]
   assert 3 <= step < 12
   assert not (out / "metrics.csv").exists()
   r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, out), cwd=REPO,
@@ -183,7 +188,7 @@ def test_push_up_and_fairwash_run(tiny_probe_dir, tiny_model_dir, tmp_path, atta
   layer = "block4" if attack == "push-up" else "features.12"
   cfg = _config(attack=attack, layers=(layer,), channels=None, epochs=1, eval_every=6,
                 decoys_per_step=2)
-  inputs, info = X.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
                                decoy_folder=decoys if attack == "push-up" else None,
                                group_concept="red" if attack == "fairwash" else None)
   summary = X.run_experiment(cfg, inputs, tmp_path / "out", run_info=info, progress=False,
@@ -254,13 +259,13 @@ def test_probe_classification_arrays(tiny_probe_dir):
   np.testing.assert_array_equal(x, preprocess.netdissect_normalize(raw))
   assert len(classes) == 4 and y.min() >= 0 and y.max() < 4
   probe = broden.load_probe(tiny_probe_dir)
-  groups = X.concept_groups(probe, "red")
+  groups = minputs.concept_groups(probe, "red")
   pixels, scalars = loader.load_labels(probe)
   red = int(np.flatnonzero(probe.label_names == "red")[0])
   assert groups.tolist() == [int((pixels[i] == red).any() or (scalars[i] == red).any())
                              for i in range(len(groups))]
   with pytest.raises(ValueError, match="not a label"):
-    X.concept_groups(probe, "unicorn")
+    minputs.concept_groups(probe, "unicorn")
 
 
 # --------------------------------------------------------------------- scale-free objectives
@@ -270,15 +275,15 @@ def test_relative_objectives_are_invariant_to_channel_scale():
   scale = jnp.asarray([0.1, 3.0, 1.0, 7.0], jnp.float32)
   eps = {"l": np.full((4,), 1e-9, np.float32)}
   w = rng.uniform(size=(6, 4)).astype(np.float32)
-  down = X.relative_push_down_objective(eps)
+  down = relative.relative_push_down_objective(eps)
   a = down({"l": acts}, {"topk_mask": {"l": w}})
   b = down({"l": acts * scale}, {"topk_mask": {"l": w}})
   np.testing.assert_allclose(a, b, rtol=1e-5)
-  up = X.relative_push_up_objective({"l": np.ones(4, np.float32)}, eps)
+  up = relative.relative_push_up_objective({"l": np.ones(4, np.float32)}, eps)
   dec = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
   np.testing.assert_allclose(up({"l": acts}, {}, {"l": dec}),
                              up({"l": acts * scale}, {}, {"l": dec * scale}), rtol=1e-5)
-  fair = X.relative_fairwash_objective({"l": np.ones(4, np.float32)}, eps)
+  fair = relative.relative_fairwash_objective({"l": np.ones(4, np.float32)}, eps)
   g = {"group": jnp.asarray([0, 1, 0, 1, -1, 1])}
   np.testing.assert_allclose(fair({"l": acts}, g), fair({"l": acts * scale}, g), rtol=1e-4)
   # the gradient along a uniform rescaling of the channel is zero

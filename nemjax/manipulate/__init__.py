@@ -11,6 +11,14 @@ Pure building blocks:
 - synthetic feature visualisation: :func:`visualize_channel`, :func:`visualize_channels`.
 - pruning defences: :func:`l1_unstructured_masks`, :func:`vulnerability_masks`,
   :func:`apply_masks`.
+- scale-free objectives (the experiments' default): :func:`relative_push_down_objective`,
+  :func:`relative_push_up_objective`, :func:`relative_fairwash_objective`.
+
+Orchestration (imported on demand, not here): :mod:`~nemjax.manipulate.experiment` (the
+fine-tuning attack end to end), :mod:`~nemjax.manipulate.inputs` (model and data from paths),
+:mod:`~nemjax.manipulate.data` (training-stream adapters), :mod:`~nemjax.manipulate.checkpoints`
+(resumable train state), :mod:`~nemjax.manipulate.report` (tables and figures) and
+:mod:`~nemjax.manipulate.defence` (pruning as a defence).
 """
 
 from nemjax.manipulate.alpha import AlphaConfig
@@ -41,6 +49,9 @@ from nemjax.manipulate.prune import l1_unstructured_masks
 from nemjax.manipulate.prune import leaf_paths
 from nemjax.manipulate.prune import pruned_fraction
 from nemjax.manipulate.prune import vulnerability_masks
+from nemjax.manipulate.relative import relative_fairwash_objective
+from nemjax.manipulate.relative import relative_push_down_objective
+from nemjax.manipulate.relative import relative_push_up_objective
 from nemjax.manipulate.train import TrainState
 from nemjax.manipulate.train import default_optimizer
 from nemjax.manipulate.train import make_train_step
@@ -57,6 +68,7 @@ __all__ = [
     "sum_objectives", "topk_membership", "total_loss",
     "apply_masks", "combine_masks", "l1_unstructured_masks", "leaf_paths", "pruned_fraction",
     "vulnerability_masks",
+    "relative_fairwash_objective", "relative_push_down_objective", "relative_push_up_objective",
     "TrainState", "default_optimizer", "make_train_step", "masked", "train_init",
     "trainable_mask",
 ]

@@ -1,6 +1,7 @@
 """End-to-end fine-tuning attack on feature visualisation (Nanfack et al. 2024, Table 1).
 
-``experiments/manipulate.py`` is a thin CLI over :func:`run_experiment`, which
+``experiments/manipulate.py`` is a thin CLI over :func:`nemjax.manipulate.inputs.load_inputs`
+(model and data from paths) and :func:`run_experiment`, which
 
 1. evaluates the original model on the *ranking set* (the evaluation images, plus the decoys
    for push-up): per-channel activations ``E[n, j] = ‖f^{(l,j)}(x_n)‖²``, logits, pooled
@@ -11,13 +12,16 @@
    step on ``batch_size`` images of the training stream plus ``attack_batch_size`` images of the
    ranking set (and ``decoys_per_step`` decoys), evaluating every ``eval_every`` steps; after an
    evaluation α follows the dynamic rule (:func:`nemjax.manipulate.alpha_update`) unless it is
-   fixed, and the train state is checkpointed (orbax, ``OUT/checkpoints/last``, written next to
-   it and swapped in, so a kill at any point leaves a complete checkpoint);
+   fixed, and the train state is checkpointed (:mod:`nemjax.manipulate.checkpoints`:
+   ``OUT/checkpoints/last``, written next to it and swapped in, so a kill at any point leaves a
+   complete checkpoint);
 4. re-evaluates and reports, per attacked layer (means over attacked channels): overlap of the
    top-5 sets before/after, Kendall-τ and τ-W of the activation rankings, CLIP-δ and CLIP-W,
    accuracy before/after; writes ``metrics.csv``/``metrics.md``, ``channels.csv``,
-   ``topk_before_after.png``, ``history.json``, ``summary.json`` and the fine-tuned model
-   (``OUT/model``, a :mod:`nemjax.models.checkpoint`).
+   ``topk_before_after.png`` (:mod:`nemjax.manipulate.report`), ``history.json``,
+   ``summary.json`` and the fine-tuned model (``OUT/model``, a :mod:`nemjax.models.checkpoint`).
+
+The pruning defence built on the same pieces is :mod:`nemjax.manipulate.defence`.
 
 Decisions (documented departures from the papers, all switchable):
 
@@ -31,8 +35,9 @@ Decisions (documented departures from the papers, all switchable):
   every channel uniformly — we measured the mean energy fall to 7·10⁻⁴ of its value with the
   top-5 sets still half unchanged — because the classifier undoes the scale, so the
   distillation term does not object and the rankings (the explanations) barely move. With
-  ``loss_scale="relative"`` (default) every attack term is divided by the batch's mean energy
-  of the channel (gradient through both), which cancels the rescaling direction, and weighted
+  ``loss_scale="relative"`` (default; :mod:`nemjax.manipulate.relative`) every attack term is
+  divided by the batch's mean energy of the channel (gradient through both), which cancels the
+  rescaling direction, and weighted
   so ``L_A`` starts near 1 like the distillation cross-entropy: push-down weights each (image,
   channel) pair by ``Ē₀_j / (E₀[n, j] · #pairs)``, push-up averages the hinge over its terms,
   fairwashing divides ``(μ₀−μ₁)²`` by the mean square ``s`` and ``(ρ₀−ρ₁)²`` by ``s²``, then
@@ -50,12 +55,7 @@ Decisions (documented departures from the papers, all switchable):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -70,8 +70,12 @@ from nemjax import metrics as nm
 from nemjax import models
 from nemjax.dissect.report import atomic_write_text, write_json
 from nemjax.manipulate import alpha as alpha_rule
+from nemjax.manipulate import checkpoints as ckpt
 from nemjax.manipulate import losses
+from nemjax.manipulate import report
 from nemjax.manipulate import train
+from nemjax.manipulate.relative import (relative_fairwash_objective, relative_fairwash_terms,
+                                        relative_push_down_objective, relative_push_up_objective)
 
 __all__ = [
     "ATTACKS",
@@ -79,22 +83,15 @@ __all__ = [
     "ExperimentInputs",
     "EvalOutputs",
     "Reference",
-    "array_stream",
+    "canonical_layers",
     "make_evaluator",
+    "accuracy_percent",
     "make_reference",
     "build_attack",
     "trainable_from",
     "finetune",
     "attack_metrics",
-    "load_inputs",
-    "channel_param_prefixes",
-    "run_prune_defence",
-    "plot_prune_defence",
-    "concept_groups",
     "run_experiment",
-    "format_table",
-    "csv_text",
-    "plot_topk",
 ]
 
 ATTACKS = ("push-down", "push-up", "fairwash")
@@ -195,29 +192,6 @@ class ExperimentInputs:
   embedder: Callable[[np.ndarray], Any] | None = None  # default: original pooled features
 
 
-def array_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
-                 ) -> tuple[TrainBatches, int]:
-  """A reproducible training stream over in-memory arrays.
-
-  Returns:
-    ``(batches(epoch), steps_per_epoch)``: epoch ``e`` is the permutation drawn by
-    ``np.random.default_rng([seed, 0x7261696E, e])``, cut into full batches (the remainder is
-    dropped).
-  """
-  n = int(np.shape(images)[0])
-  if n < batch_size:
-    raise ValueError(f"training set has {n} images, fewer than one batch of {batch_size}")
-  steps = n // batch_size
-
-  def batches(epoch: int):
-    order = np.random.default_rng([int(seed), 0x7261696E, int(epoch)]).permutation(n)
-    for s in range(steps):
-      idx = np.sort(order[s * batch_size:(s + 1) * batch_size])
-      yield images[idx], labels[idx]
-
-  return batches, steps
-
-
 # -------------------------------------------------------------------------------- evaluation
 class EvalOutputs(NamedTuple):
   """One forward pass of a model over a set of images."""
@@ -301,7 +275,8 @@ class Reference:
   spatial: dict[str, float]          # {layer: h·w} positions per channel map (1 for dense)
 
 
-def _canonical_layers(model: nnx.Module, layers: Sequence[str]) -> tuple[str, ...]:
+def canonical_layers(model: nnx.Module, layers: Sequence[str]) -> tuple[str, ...]:
+  """Canonical names of ``layers`` (aliases resolved; ValueError listing valid names)."""
   return tuple(models.canonical_layer(model.arch, name) for name in layers)
 
 
@@ -339,7 +314,7 @@ def make_reference(config: ManipulateConfig, inputs: ExperimentInputs, evaluate,
                    params: PyTree, *, log: Callable[[str], None] = print) -> Reference:
   """Evaluate the original model and take each channel's initial top-k sets."""
   model = inputs.model
-  layers = _canonical_layers(model, config.layers)
+  layers = canonical_layers(model, config.layers)
   images = np.asarray(inputs.eval_images)
   labels = np.asarray(inputs.eval_labels, np.int32)
   n_eval = images.shape[0]
@@ -406,106 +381,6 @@ def _step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
 
 def _sample(rng: np.random.Generator, pool: np.ndarray, size: int) -> np.ndarray:
   return np.sort(rng.choice(pool, size=size, replace=pool.size < size))
-
-
-def _batch_scale(e: jax.Array, eps: jax.Array) -> jax.Array:
-  """(C,) mean channel energy of the batch (+ eps): the scale the relative losses divide by."""
-  return jnp.mean(e, axis=0) + eps
-
-
-def relative_push_down_objective(eps: Mapping[str, np.ndarray], *,
-                                 mask_key: str = "topk_mask") -> losses.AttackLossFn:
-  r"""Push-down made invariant to rescaling a channel.
-
-  .. math:: L = \sum_{n, j} w_{nj} \, \frac{E[n, j]}{\bar E_j + \epsilon_j}, \qquad
-            \bar E_j = \operatorname{mean}_{n' \in \text{batch}} E[n', j]
-
-  The plain sum of :func:`nemjax.manipulate.push_down_loss` is minimised by shrinking the whole
-  channel, which leaves its ranking — the explanation — unchanged when the next layer can undo
-  the scale; dividing by the batch's mean energy (gradient flowing through both) cancels that
-  direction, so only re-ranking lowers the loss.
-
-  Args:
-    eps: ``{layer: (C,)}`` positive floors of the denominator.
-    mask_key: batch key of ``{layer: (N, C) weights w}``.
-  """
-  eps = {k: jnp.asarray(v, jnp.float32) for k, v in eps.items()}
-
-  def attack_loss_fn(acts, batch, decoy_acts=None):
-    del decoy_acts
-    total = 0.0
-    for name, ep in eps.items():
-      e = losses.channel_energy(acts[name].astype(jnp.float32))
-      w = jnp.asarray(batch[mask_key][name], jnp.float32)
-      total = total + jnp.sum(w * e / _batch_scale(e, ep)[None, :])
-    return total
-
-  return attack_loss_fn
-
-
-def relative_push_up_objective(weights: Mapping[str, np.ndarray],
-                               eps: Mapping[str, np.ndarray]) -> losses.AttackLossFn:
-  r"""Push-up hinge divided by the batch's mean channel energy (see
-  :func:`relative_push_down_objective`):
-  ``Σ_j c_j Σ_{x*, x} [E(x, j) − E(x*, j)]₊ / (Ē_j + ε_j)``, Ē over batch and decoys."""
-  weights = {k: jnp.asarray(v, jnp.float32) for k, v in weights.items()}
-  eps = {k: jnp.asarray(v, jnp.float32) for k, v in eps.items()}
-
-  def attack_loss_fn(acts, batch, decoy_acts=None):
-    del batch
-    total = 0.0
-    for name, c in weights.items():
-      e = losses.channel_energy(acts[name].astype(jnp.float32))
-      d = losses.channel_energy(decoy_acts[name].astype(jnp.float32))
-      scale = _batch_scale(jnp.concatenate([e, d]), eps[name])
-      total = total + losses.push_up_loss(e, d, c / scale)
-    return total
-
-  return attack_loss_fn
-
-
-def _group_moments(mu: jax.Array, rho: jax.Array, groups: jax.Array):
-  """Group means of per-image spatial means ``mu`` and mean squares ``rho`` (N, C)."""
-  out = []
-  for gid in (0, 1):
-    w = (groups == gid).astype(mu.dtype)
-    n = jnp.sum(w)
-    safe = jnp.where(n > 0, n, 1.0)
-    out.append((w @ mu / safe, w @ rho / safe, n))
-  return out
-
-
-def relative_fairwash_terms(mu, rho, groups, eps):
-  r"""Per-channel scale-free fairwashing term
-  ``(μ₀ − μ₁)² / s + (ρ₀ − ρ₁)² / s²`` with ``s = mean(ρ) + ε`` over the samples; 0 when a
-  group is empty. Works on NumPy or JAX ``(N, C)`` inputs."""
-  mu, rho = jnp.asarray(mu, jnp.float32), jnp.asarray(rho, jnp.float32)
-  g = jnp.asarray(groups).astype(jnp.int32)
-  (m0, r0, n0), (m1, r1, n1) = _group_moments(mu, rho, g)
-  member = ((g == 0) | (g == 1)).astype(mu.dtype)
-  s = member @ rho / jnp.maximum(jnp.sum(member), 1.0) + eps
-  terms = jnp.square(m0 - m1) / s + jnp.square(r0 - r1) / jnp.square(s)
-  return jnp.where((n0 > 0) & (n1 > 0), terms, 0.0)
-
-
-def relative_fairwash_objective(weights: Mapping[str, np.ndarray], eps: Mapping[str, np.ndarray],
-                                *, group_key: str = "group") -> losses.AttackLossFn:
-  """Fairwashing (first and second moments of pre-activations matched across groups) made
-  scale-free by dividing by the batch's mean square (see :func:`relative_fairwash_terms`)."""
-  weights = {k: jnp.asarray(v, jnp.float32) for k, v in weights.items()}
-
-  def attack_loss_fn(acts, batch, decoy_acts=None):
-    del decoy_acts
-    total = 0.0
-    for name, c in weights.items():
-      a = acts[name].astype(jnp.float32)
-      a = a.reshape(a.shape[0], -1, a.shape[-1])
-      terms = relative_fairwash_terms(jnp.mean(a, 1), jnp.mean(jnp.square(a), 1),
-                                      batch[group_key], eps[name])
-      total = total + jnp.sum(c * terms)
-    return total
-
-  return attack_loss_fn
 
 
 def build_attack(config: ManipulateConfig, ref: Reference) -> Attack:
@@ -636,64 +511,6 @@ def trainable_from(arch: str, first: str | None) -> Callable[[str, Any], bool] |
 
 
 # ------------------------------------------------------------------------------ checkpoints
-_CKPT_META = "meta.json"
-
-
-def _fingerprint(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save_checkpoint(ckpt_root: Path, state: train.TrainState, meta: dict) -> None:
-  """Write ``ckpt_root/last`` atomically: a complete new directory, then a swap."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  ckpt_root.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=".last-new-", dir=ckpt_root))
-  try:
-    leaves = jax.tree.leaves(state)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "state", {f"{i:05d}": l for i, l in enumerate(leaves)})
-    ckptr.wait_until_finished()
-    (tmp / _CKPT_META).write_text(json.dumps(meta, indent=1) + "\n")
-    last = ckpt_root / "last"
-    if last.exists():
-      old = Path(tempfile.mkdtemp(prefix=".last-old-", dir=ckpt_root))
-      os.replace(last, old / "ckpt")
-      os.replace(tmp, last)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, last)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _find_checkpoint(ckpt_root: Path) -> Path | None:
-  """``last``, or — after a kill between the two renames of a swap — the moved-aside one."""
-  last = ckpt_root / "last"
-  if (last / _CKPT_META).is_file():
-    return last
-  old = sorted(ckpt_root.glob(".last-old-*/ckpt/" + _CKPT_META), key=lambda p: p.stat().st_mtime)
-  return old[-1].parent if old else None
-
-
-def read_checkpoint_meta(ckpt_root: Path) -> dict | None:
-  found = _find_checkpoint(Path(ckpt_root))
-  return None if found is None else json.loads((found / _CKPT_META).read_text())
-
-
-def _restore_checkpoint(ckpt_root: Path, template: train.TrainState
-                        ) -> tuple[train.TrainState, dict]:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  found = _find_checkpoint(ckpt_root)
-  leaves, treedef = jax.tree.flatten(template)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(l), l.dtype, sharding=sharding)
-            for i, l in enumerate(leaves)}
-  restored = ocp.StandardCheckpointer().restore(found / "state", target)
-  state = treedef.unflatten([restored[f"{i:05d}"] for i in range(len(leaves))])
-  return state, json.loads((found / _CKPT_META).read_text())
-
-
 # ------------------------------------------------------------------------------- fine-tuning
 class FinetuneResult(NamedTuple):
   params: PyTree                # fine-tuned variables (nnx.State)
@@ -769,12 +586,12 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
   alpha_state = None if fixed is not None else alpha_rule.alpha_init(ref.accuracy, cfg)
   history: list[dict] = []
   start, seconds = 0, 0.0
-  if ckpt_root is not None and _find_checkpoint(ckpt_root) is not None:
-    meta = read_checkpoint_meta(ckpt_root)
+  if ckpt_root is not None and ckpt.find_checkpoint(ckpt_root) is not None:
+    meta = ckpt.read_checkpoint_meta(ckpt_root)
     if meta.get("fingerprint") != fingerprint:
       raise ValueError(f"{ckpt_root} holds a checkpoint of another configuration; use a new "
                        "output directory or delete it")
-    state, meta = _restore_checkpoint(ckpt_root, state)
+    state, meta = ckpt.restore_checkpoint(ckpt_root, state)
     start, history, seconds = int(meta["step"]), list(meta["history"]), float(meta["seconds"])
     if alpha_state is not None:
       alpha_state = alpha_rule.AlphaState(
@@ -846,7 +663,7 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
         meta = {"step": done, "fingerprint": fingerprint, "history": history,
                 "seconds": seconds, "alpha": current_alpha(),
                 "alpha_count": 0 if alpha_state is None else int(alpha_state.count)}
-        _save_checkpoint(ckpt_root, state, meta)
+        ckpt.save_checkpoint(ckpt_root, state, meta)
       evals_done += 1
       if stop_after_evals is not None and evals_done >= stop_after_evals and done < total:
         bar.close()
@@ -893,8 +710,11 @@ def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
       cw = np.asarray(nm.clip_w(emb0, emb1))
     else:
       cd = cw = np.full((c,), np.nan)
+    # attacked channels the fine-tune made constant on the ranking set (e.g. dead after their
+    # ReLU): their top-k "after" is then an arbitrary tie order, so they are counted apart
+    silenced = e1.max(0) == e1.min(0)
     row = {"attack": config.attack, "layer": name, "channels": int(att.size),
-           "alpha": None, f"top{ok}_overlap": _nanmean(overlap[att]),
+           "silenced": int(silenced[att].sum()), "alpha": None, f"top{ok}_overlap": _nanmean(overlap[att]),
            "kendall_tau": _nanmean(tau[att]), "kendall_tau_w": _nanmean(tau_w[att]),
            "clip_delta": _nanmean(cd[att]), "clip_w": _nanmean(cw[att]),
            "acc_before": ref.accuracy, "acc_after": accuracy_after,
@@ -920,7 +740,7 @@ def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
     for i, j in enumerate(att):
       r = {"layer": name, "channel": int(j), f"top{ok}_overlap": float(overlap[j]),
            "kendall_tau": float(tau[j]), "kendall_tau_w": float(tau_w[j]),
-           "clip_delta": float(cd[j]), "clip_w": float(cw[j]),
+           "clip_delta": float(cd[j]), "clip_w": float(cw[j]), "silenced": bool(silenced[j]),
            "topk_before": " ".join(map(str, t0[j])), "topk_after": " ".join(map(str, t1[j]))}
       r.update({k: float(v[i]) for k, v in extra_cols.items()})
       channel_rows.append(r)
@@ -932,401 +752,8 @@ def _nanmean(x: np.ndarray) -> float:
   return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
-_COLUMN_TITLES = {
-    "attack": "attack", "layer": "layer", "channels": "channels", "alpha": "α (last)",
-    "kendall_tau": "Kendall-τ", "kendall_tau_w": "Kendall-τ-W", "clip_delta": "CLIP-δ*",
-    "clip_w": "CLIP-W*", "acc_before": "acc. before (%)", "acc_after": "acc. after (%)",
-    "delta_acc": "Δ acc.", "decoy_share_before": "decoys in top-k before",
-    "decoy_share_after": "decoys in top-k after", "ks_before": "KS before",
-    "ks_after": "KS after", "balance_before": "top-k balance before",
-    "balance_after": "top-k balance after", "method": "method", "rate": "rate",
-    "pruned_fraction": "pruned fraction", "acc_original": "acc. original (%)",
-    "acc_pruned": "acc. pruned + recovered (%)", "acc_attacked": "acc. after attack (%)",
-}
-
-
-def _fmt(v: Any) -> str:
-  if isinstance(v, float):
-    if math.isnan(v):
-      return "nan"
-    return f"{v:.3f}"
-  return str(v)
-
-
-def format_table(rows: Sequence[dict], *, overlap_k: int = 5) -> str:
-  """Markdown table (the papers' Table 1 layout) of :func:`attack_metrics` rows."""
-  if not rows:
-    return ""
-  cols = list(rows[0])
-  titles = [_COLUMN_TITLES.get(c, f"top-{overlap_k} overlap" if c.endswith("_overlap") else c)
-            for c in cols]
-  lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-  return "\n".join(lines)
-
-
-def csv_text(rows: Sequence[dict]) -> str:
-  """CSV of a list of flat dicts (floats with 6 significant digits)."""
-  import csv  # pylint: disable=import-outside-toplevel
-  import io  # pylint: disable=import-outside-toplevel
-  if not rows:
-    return ""
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-  w.writeheader()
-  for r in rows:
-    w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-  return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------- plot
-def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], *,
-              overlap_k: int = 5, max_channels: int = 6,
-              class_names: Sequence[str] | None = None, title: str = "") -> None:
-  """PNG grid: for up to ``max_channels`` attacked channels per layer, the top-``overlap_k``
-  images before (left) and after (right) the attack, captioned with their labels; images in
-  both sets are framed green, new ones red."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from nemjax.dissect.report import atomic_write_bytes  # pylint: disable=import-outside-toplevel
-  import io  # pylint: disable=import-outside-toplevel
-
-  chosen = []
-  for name in ref.layers:
-    att = np.flatnonzero(ref.attacked[name])
-    pick = att[np.linspace(0, att.size - 1, min(max_channels, att.size)).round().astype(int)]
-    chosen += [(name, int(j)) for j in np.unique(pick)]
-  k = overlap_k
-  fig, axes = plt.subplots(len(chosen), 2 * k, figsize=(1.35 * 2 * k + 0.6, 1.55 * len(chosen)),
-                           squeeze=False)
-
-  def caption(row: int) -> str:
-    if row >= ref.num_eval:
-      return "decoy"
-    y = int(ref.labels[row])
-    if y < 0:
-      return f"#{row}"
-    name = class_names[y] if class_names is not None and y < len(class_names) else str(y)
-    return f"{name} #{row}"
-
-  for r, (name, j) in enumerate(chosen):
-    before, after_ = ref.topk[name][j, :k], topk_after[name][j, :k]
-    for c in range(2 * k):
-      ax = axes[r, c]
-      row = int(before[c] if c < k else after_[c - k])
-      ax.imshow(ref.images[row])
-      ax.set_xticks([])
-      ax.set_yticks([])
-      color = "black"
-      if c >= k:
-        color = "green" if row in set(before.tolist()) else "red"
-        for side in ax.spines.values():
-          side.set_edgecolor(color)
-          side.set_linewidth(2.5)
-      ax.set_title(caption(row), fontsize=6, color=color)
-      if c == 0:
-        ax.set_ylabel(f"{name}\nch {j}", fontsize=7)
-  if chosen:
-    axes[0, 0].annotate(f"top-{k} before", (0, 1.35), xycoords="axes fraction", fontsize=9,
-                        weight="bold")
-    axes[0, k].annotate(f"top-{k} after (green: kept, red: new)", (0, 1.35),
-                        xycoords="axes fraction", fontsize=9, weight="bold")
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=1 - 0.9 / fig.get_figheight(),
-                      wspace=0.08, hspace=0.35)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
-  plt.close(fig)
-  atomic_write_bytes(Path(path), buf.getvalue())
-
-
 # ---------------------------------------------------------------------------- pruning defence
-def channel_param_prefixes(model: nnx.Module, layer: str) -> list[str]:
-  """Parameter path prefixes whose output channels are the channels of ``layer``: walking back
-  from ``layer`` in forward order, every parametrised module up to and including the first conv
-  / linear kernel (e.g. SmallCNN ``block4`` -> ``["features/13", "features/12"]``, its BatchNorm
-  and conv; ResNet ``layer4`` -> ``layer4/1/bn2``, ``layer4/1/conv2``; a residual block's
-  skip path is not pruned)."""
-  from nemjax.manipulate import prune  # pylint: disable=import-outside-toplevel
-  names = models.layer_names(model.arch)
-  idx = names.index(models.canonical_layer(model.arch, layer))
-  state = nnx.state(model)
-  owned: dict[str, list[str]] = {}
-  for path in prune.leaf_paths(state):
-    module, _, leaf = path.rpartition("/")
-    owned.setdefault(module.replace("/", "."), []).append(leaf)
-  out = []
-  for name in reversed(names[:idx + 1]):
-    if name in owned:
-      out.append(name.replace(".", "/"))
-      if "kernel" in owned[name]:
-        return out
-  raise ValueError(f"no conv / linear kernel feeds layer {layer!r} of {model.arch}")
-
-
-def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
-                      l1_rates: Sequence[float], vulnerability_rates: Sequence[float],
-                      recover_steps: int, progress: bool = True,
-                      log: Callable[[str], None] = print) -> list[dict]:
-  """Pruning as a defence (Nanfack et al. 2024): prune, recover by distillation, attack again.
-
-  1. attack the unpruned model (``config``) -> per-channel CLIP-δ (the vulnerability score);
-  2. for each L1 rate (global unstructured magnitude pruning of conv / linear kernels) and each
-     vulnerability rate (zero that fraction of the attacked layer's channels, highest CLIP-δ
-     first): prune the original weights, fine-tune ``recover_steps`` steps with distillation
-     only (teacher: the unpruned model, masks re-applied after every update), then run the same
-     attack on the pruned model (teacher: the pruned model) with the masks kept.
-
-  Returns:
-    One row per (method, rate): accuracy after pruning + recovery, accuracy after the attack,
-    top-n overlap, Kendall-τ, CLIP-δ (means over attacked, unpruned channels).
-  """
-  from nemjax.manipulate import prune  # pylint: disable=import-outside-toplevel
-  model = inputs.model
-  layers = _canonical_layers(model, config.layers)
-  if not 1 <= recover_steps <= inputs.steps_per_epoch:
-    raise ValueError(f"recover_steps must be in [1, {inputs.steps_per_epoch}] (one epoch of the "
-                     f"training stream), got {recover_steps}")
-  if len(layers) != 1:
-    raise ValueError("the pruning defence attacks one layer at a time")
-  _, params = nnx.split(model)
-  evaluate = make_evaluator(model, inputs.normalize, layers, config.embed_layer,
-                            config.eval_batch_size)
-  ok = config.overlap_k
-  quiet = lambda s: None
-
-  def attack(p, masks, method, rate, acc_pruned):
-    # channels pruned to a constant are left out of the attack and the means by make_reference
-    ref = make_reference(config, inputs, evaluate, p, log=quiet)
-    res = finetune(config, inputs, ref, evaluate, p, masks=masks, progress=progress, log=quiet)
-    rows, chans, _ = attack_metrics(config, ref, res.after, res.accuracy)
-    r = rows[0]
-    row = {"method": method, "rate": float(rate),
-           "pruned_fraction": 0.0 if masks is None else prune.pruned_fraction(masks, p),
-           "acc_original": ref_original.accuracy, "acc_pruned": acc_pruned,
-           "acc_attacked": res.accuracy, "delta_acc": res.accuracy - acc_pruned,
-           f"top{ok}_overlap": r[f"top{ok}_overlap"], "kendall_tau": r["kendall_tau"],
-           "clip_delta": r["clip_delta"], "channels": r["channels"]}
-    log(f"{method} {rate:.3g}: accuracy {acc_pruned:.2f}% after pruning, "
-        f"{res.accuracy:.2f}% after the attack; CLIP-δ {r['clip_delta']:.3f}, "
-        f"top-{ok} overlap {r[f'top{ok}_overlap']:.2f}")
-    return row, chans
-
-  ref_original = make_reference(config, inputs, evaluate, params, log=quiet)
-  row, chans = attack(params, None, "none", 0.0, ref_original.accuracy)
-  results = [row]
-  width = ref_original.attacked[layers[0]].shape[0]
-  scores = np.full((width,), np.nan)
-  for c in chans:
-    scores[c["channel"]] = c["clip_delta"]
-  prefixes = channel_param_prefixes(model, layers[0])
-  recover_cfg = dataclasses.replace(config, epochs=1, eval_every=recover_steps)
-  recover_inputs = dataclasses.replace(inputs, steps_per_epoch=recover_steps)
-  for method, rates in (("l1", l1_rates), ("vulnerability", vulnerability_rates)):
-    for rate in rates:
-      if method == "l1":
-        masks = prune.l1_unstructured_masks(params, rate)
-      else:
-        masks = prune.vulnerability_masks(params, prefixes, scores, rate=rate)
-      pruned = prune.apply_masks(params, masks)
-      rec = finetune(recover_cfg, recover_inputs, ref_original, evaluate, pruned,
-                     teacher_params=params, masks=masks, attack=False, progress=progress,
-                     log=quiet)
-      row, _ = attack(rec.params, masks, method, rate, rec.accuracy)
-      results.append(row)
-  return results
-
-
-def plot_prune_defence(path: Path, rows: Sequence[dict], *, title: str = "") -> None:
-  """Two panels vs pruning rate: accuracy (after pruning, after the attack) and CLIP-δ."""
-  import io  # pylint: disable=import-outside-toplevel
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from nemjax.dissect.report import atomic_write_bytes  # pylint: disable=import-outside-toplevel
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  base = next(r for r in rows if r["method"] == "none")
-  for method, color in (("l1", "tab:blue"), ("vulnerability", "tab:red")):
-    rs = [base] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["rate"])
-    x = [r["rate"] for r in rs]
-    ax1.plot(x, [r["acc_pruned"] for r in rs], "o-", color=color, label=f"{method}: pruned")
-    ax1.plot(x, [r["acc_attacked"] for r in rs], "s--", color=color,
-             label=f"{method}: pruned + attacked")
-    ax2.plot(x, [r["clip_delta"] for r in rs], "o-", color=color, label=method)
-  ax1.set_xlabel("pruning rate")
-  ax1.set_ylabel("accuracy (%)")
-  ax1.legend(fontsize=7)
-  ax2.set_xlabel("pruning rate")
-  ax2.set_ylabel("CLIP-δ* (mean over attacked channels)")
-  ax2.legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  atomic_write_bytes(Path(path), buf.getvalue())
-
-
 # ------------------------------------------------------------------------------- data loading
-def _normalizer(name: str) -> Callable[[jax.Array], jax.Array]:
-  from nemjax import preprocess  # pylint: disable=import-outside-toplevel
-  if name == "netdissect":
-    return preprocess.netdissect_normalize
-  if name == "imagenet":
-    return lambda x: preprocess.imagenet_normalize(jnp.asarray(x, jnp.float32) / 255.0)
-  raise ValueError(f"normalize must be 'netdissect' or 'imagenet', got {name!r}")
-
-
-def concept_groups(probe: Any, concept: str) -> np.ndarray:
-  """``(N,)`` int32 group ids: 1 where a probe image shows label ``concept`` (in a label map or
-  as an image-level label), else 0."""
-  from nemjax.data import loader  # pylint: disable=import-outside-toplevel
-  numbers = np.flatnonzero(np.asarray(probe.label_names) == concept)
-  if numbers.size == 0:
-    names = sorted({str(n) for n in probe.label_names if n})
-    raise ValueError(f"group concept {concept!r} is not a label of the probe set; labels "
-                     f"include {names[:12]}")
-  pixels, scalars = loader.load_labels(probe)
-  hit = np.isin(pixels.reshape(pixels.shape[0], -1), numbers).any(1)
-  hit |= np.isin(scalars, numbers).any(1)
-  return hit.astype(np.int32)
-
-
-def _resolve_class(spec: str, class_names: Sequence[str] | None) -> int:
-  if class_names is not None and spec in class_names:
-    return list(class_names).index(spec)
-  if spec.isdigit():
-    k = int(spec)
-    if class_names is None or k < len(class_names):
-      return k
-  raise ValueError(f"decoy class {spec!r} is not one of the training classes "
-                   f"{list(class_names or [])}")
-
-
-def load_inputs(config: ManipulateConfig, *, probe_dir: str | os.PathLike,
-                weights: str | os.PathLike, normalize: str = "netdissect",
-                embedded_train_dir: str | os.PathLike | None = None,
-                train_folder: str | os.PathLike | None = None, tfds_name: str | None = None,
-                tfds_split: str = "train", tfds_dir: str | os.PathLike | None = None,
-                decoy_class: str | None = None, decoy_folder: str | os.PathLike | None = None,
-                num_decoys: int = 100, group_concept: str | None = None
-                ) -> tuple[ExperimentInputs, dict]:
-  """Assemble :class:`ExperimentInputs` from paths (what ``experiments/manipulate.py`` needs).
-
-  * evaluation (ranking) images: every probe image; labels = the scene targets when the probe
-    has a ``classes.json`` with as many classes as the model, else unlabelled (accuracy becomes
-    agreement with the original model);
-  * training stream: the embedded default's training set, ``train_folder``
-    (:func:`nemjax.manipulate.data.image_folder_batches`), ``tfds_name``
-    (:func:`nemjax.manipulate.data.tfds_batches`) or, by default, the probe images;
-  * decoys (push-up): the first ``num_decoys`` training images of ``decoy_class`` or the first
-    ``num_decoys`` images (sorted by path) of ``decoy_folder``;
-  * groups (fairwash): probe images showing ``group_concept``.
-
-  Returns:
-    ``(inputs, run_info)``; ``run_info`` records the sources (stored in ``config.json``).
-  """
-  import json as _json  # pylint: disable=import-outside-toplevel
-  from nemjax.data import broden, loader, synthetic  # pylint: disable=import-outside-toplevel
-  from nemjax.manipulate import data as mdata  # pylint: disable=import-outside-toplevel
-  from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
-
-  model = checkpoint.load(weights)
-  probe = broden.load_probe(probe_dir)
-  images = loader.load_images(probe)
-  h, w = probe.image_size
-  labels = np.full((images.shape[0],), -1, np.int32)
-  class_names = None
-  classes_path = Path(probe_dir) / "classes.json"
-  if classes_path.is_file():
-    names = list(_json.loads(classes_path.read_text(encoding="utf-8"))["classes"])
-    if len(names) == int(model.num_classes):
-      labels = np.asarray(synthetic.scene_targets(probe, names), np.int32)
-      class_names = names
-  bs, seed = config.batch_size, config.seed
-  stream_names = class_names
-  train_arrays = None
-  if embedded_train_dir is not None:
-    xtr, ytr, stream_names = mdata.probe_classification_arrays(embedded_train_dir,
-                                                               normalize=None)
-    batches, steps = array_stream(xtr, ytr, bs, seed)
-    train_arrays, source = (xtr, ytr), f"embedded training set {embedded_train_dir}"
-  elif train_folder is not None:
-    if h != w:
-      raise ValueError(f"--train-folder needs square probe images, got {h}x{w}")
-    paths, ylab, stream_names = mdata.list_image_folder(train_folder)
-    steps = len(paths) // bs
-    key = jax.random.fold_in(jax.random.key(seed), 0x7261696E)
-    batches = lambda e: mdata.image_folder_batches(train_folder, bs, image_size=h,
-                                                   key=jax.random.fold_in(key, e))
-    source = f"image folder {train_folder}"
-  elif tfds_name is not None:
-    if h != w:
-      raise ValueError(f"--tfds needs square probe images, got {h}x{w}")
-    steps = mdata.tfds_num_examples(tfds_name, tfds_split, tfds_dir) // bs
-    key = jax.random.fold_in(jax.random.key(seed), 0x7261696E)
-    batches = lambda e: mdata.tfds_batches(tfds_name, tfds_split, tfds_dir, bs, image_size=h,
-                                           key=jax.random.fold_in(key, e))
-    stream_names, source = None, f"tfds {tfds_name}:{tfds_split}"
-  else:
-    batches, steps = array_stream(images, labels, bs, seed)
-    train_arrays, source = (images, labels), "the probe images"
-  if steps < 1:
-    raise ValueError(f"the training stream ({source}) has fewer images than one batch of {bs}")
-
-  decoys = None
-  if config.attack == "push-up":
-    if decoy_folder is not None:
-      if h != w:
-        raise ValueError(f"--decoy-folder needs square probe images, got {h}x{w}")
-      decoys = mdata.load_image_files(mdata.list_images(decoy_folder)[:num_decoys], h)
-    elif decoy_class is not None:
-      if embedded_train_dir is None and train_folder is None and tfds_name is None:
-        raise ValueError("--decoy-class takes decoys from the training stream; with the probe "
-                         "as the stream use --decoy-folder (or give --train-folder / --tfds)")
-      c = _resolve_class(str(decoy_class), stream_names)
-      if train_arrays is not None:
-        decoys = train_arrays[0][train_arrays[1] == c][:num_decoys]
-      elif train_folder is not None:
-        paths, ylab, _ = mdata.list_image_folder(train_folder)
-        decoys = mdata.load_image_files([p for p, y in zip(paths, ylab) if y == c][:num_decoys],
-                                        h)
-      else:
-        found = []
-        for xb, yb in batches(0):
-          found += list(xb[yb == c])
-          if len(found) >= num_decoys:
-            break
-        decoys = np.asarray(found[:num_decoys], np.uint8)
-      if len(decoys) == 0:
-        raise ValueError(f"no training image of decoy class {decoy_class!r}")
-    else:
-      raise ValueError("push-up needs decoy_class or decoy_folder")
-
-  groups = None
-  if config.attack == "fairwash":
-    if not group_concept:
-      raise ValueError("fairwash needs a group concept")
-    groups = concept_groups(probe, group_concept)
-
-  inputs = ExperimentInputs(
-      model=model, normalize=_normalizer(normalize), eval_images=images, eval_labels=labels,
-      train_batches=batches, steps_per_epoch=steps, class_names=class_names,
-      decoy_images=decoys, groups=groups, group_name=group_concept or "")
-  run_info = {"probe": str(Path(probe_dir).resolve()), "weights": str(Path(weights).resolve()),
-              "normalize": normalize, "train_stream": source,
-              "decoys": None if decoys is None else
-              f"{len(decoys)} images of {decoy_class if decoy_class is not None else decoy_folder}",
-              "group_concept": group_concept,
-              "accuracy": "scene labels" if class_names else "agreement with the original model"}
-  run_info["data_fingerprint"] = _fingerprint(run_info)
-  return inputs, run_info
-
-
 # ---------------------------------------------------------------------------- the experiment
 def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: str | os.PathLike,
                    *, run_info: Mapping[str, Any] | None = None, progress: bool = True,
@@ -1352,16 +779,16 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   model = inputs.model
-  layers = _canonical_layers(model, config.layers)
+  layers = canonical_layers(model, config.layers)
   cfg_json = {"config": config.to_json(), "run": dict(run_info or {}),
               "arch": model.arch, "num_classes": int(model.num_classes),
               "steps_per_epoch": int(inputs.steps_per_epoch),
               "num_eval_images": int(len(inputs.eval_images)),
               "num_decoys": 0 if inputs.decoy_images is None else int(len(inputs.decoy_images))}
-  fingerprint = _fingerprint({k: v for k, v in cfg_json.items() if k != "run"} |
-                             {"data": (run_info or {}).get("data_fingerprint")})
+  fingerprint = ckpt.fingerprint({k: v for k, v in cfg_json.items() if k != "run"} |
+                                 {"data": (run_info or {}).get("data_fingerprint")})
   ckpt_root = out / "checkpoints"
-  old = read_checkpoint_meta(ckpt_root) if ckpt_root.exists() else None
+  old = ckpt.read_checkpoint_meta(ckpt_root) if ckpt_root.exists() else None
   if old is not None and old.get("fingerprint") != fingerprint:
     raise ValueError(f"{out} holds a run of another configuration; use a new --out or delete it")
   write_json(out / "config.json", cfg_json | {"fingerprint": fingerprint})
@@ -1383,9 +810,9 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   rows, channel_rows, topk_after = attack_metrics(config, ref, result.after, result.accuracy)
   for r in rows:
     r["alpha"] = float(result.alpha)
-  table = format_table(rows, overlap_k=config.overlap_k)
-  atomic_write_text(out / "metrics.csv", csv_text(rows))
-  atomic_write_text(out / "channels.csv", csv_text(channel_rows))
+  table = report.format_table(rows, overlap_k=config.overlap_k)
+  atomic_write_text(out / "metrics.csv", report.csv_text(rows))
+  atomic_write_text(out / "channels.csv", report.csv_text(channel_rows))
   note = ("\n\n*CLIP-δ / CLIP-W computed with the original model's pooled "
           f"`{config.embed_layer}` features as the image embedding (stand-in for CLIP).* "
           f"Means over attacked channels; rankings over {ref.images.shape[0]} images; "
@@ -1393,7 +820,7 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   atomic_write_text(out / "metrics.md",
                     f"# {config.attack} fine-tuning attack ({model.arch})\n\n" + table + note)
   write_json(out / "history.json", result.history)
-  plot_topk(out / "topk_before_after.png", ref, topk_after, overlap_k=config.overlap_k,
+  report.plot_topk(out / "topk_before_after.png", ref, topk_after, overlap_k=config.overlap_k,
             class_names=inputs.class_names,
             title=f"{config.attack}: top-{config.overlap_k} images before / after fine-tuning")
   from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from nemjax import files
 from nemjax.models import registry
 
 __all__ = ["save", "load", "read_metadata", "FORMAT", "FORMAT_VERSION"]
@@ -74,21 +74,14 @@ def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, num_classe
   out = Path(out_dir).absolute()
   if out.exists() and not overwrite:
     raise FileExistsError(f"checkpoint directory already exists: {out} (pass overwrite=True to replace it)")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  tmp = files.new_temp_dir(out)
   try:
     pure = nnx.to_pure_dict(nnx.state(model))
     ckptr = _checkpointer()
     ckptr.save(tmp / _STATE, pure)
     ckptr.wait_until_finished()
     (tmp / _META).write_text(meta_text + "\n")
-    if out.exists():  # overwrite: move the old one aside, then swap
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-      os.replace(out, old / "ckpt")
-      os.replace(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
+    files.replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

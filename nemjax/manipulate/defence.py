@@ -1,0 +1,115 @@
+"""Pruning as a defence against feature-visualisation manipulation (Nanfack et al. 2024).
+
+:func:`run_prune_defence` prunes the original model (global unstructured L1 magnitude, or the
+attacked layer's most vulnerable channels), recovers it by distillation and attacks it again;
+:func:`nemjax.manipulate.report.plot_prune_defence` draws the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+from flax import nnx
+
+from nemjax import models
+from nemjax.manipulate import prune
+from nemjax.manipulate.experiment import (ExperimentInputs, ManipulateConfig, attack_metrics,
+                                          canonical_layers, finetune, make_evaluator,
+                                          make_reference)
+
+__all__ = ["channel_param_prefixes", "run_prune_defence"]
+
+
+def channel_param_prefixes(model: nnx.Module, layer: str) -> list[str]:
+  """Parameter path prefixes whose output channels are the channels of ``layer``: walking back
+  from ``layer`` in forward order, every parametrised module up to and including the first conv
+  / linear kernel (e.g. SmallCNN ``block4`` -> ``["features/13", "features/12"]``, its BatchNorm
+  and conv; ResNet ``layer4`` -> ``layer4/1/bn2``, ``layer4/1/conv2``; a residual block's
+  skip path is not pruned)."""
+  names = models.layer_names(model.arch)
+  idx = names.index(models.canonical_layer(model.arch, layer))
+  state = nnx.state(model)
+  owned: dict[str, list[str]] = {}
+  for path in prune.leaf_paths(state):
+    module, _, leaf = path.rpartition("/")
+    owned.setdefault(module.replace("/", "."), []).append(leaf)
+  out = []
+  for name in reversed(names[:idx + 1]):
+    if name in owned:
+      out.append(name.replace(".", "/"))
+      if "kernel" in owned[name]:
+        return out
+  raise ValueError(f"no conv / linear kernel feeds layer {layer!r} of {model.arch}")
+
+
+def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
+                      l1_rates: Sequence[float], vulnerability_rates: Sequence[float],
+                      recover_steps: int, progress: bool = True,
+                      log: Callable[[str], None] = print) -> list[dict]:
+  """Pruning as a defence (Nanfack et al. 2024): prune, recover by distillation, attack again.
+
+  1. attack the unpruned model (``config``) -> per-channel CLIP-δ (the vulnerability score);
+  2. for each L1 rate (global unstructured magnitude pruning of conv / linear kernels) and each
+     vulnerability rate (zero that fraction of the attacked layer's channels, highest CLIP-δ
+     first): prune the original weights, fine-tune ``recover_steps`` steps with distillation
+     only (teacher: the unpruned model, masks re-applied after every update), then run the same
+     attack on the pruned model (teacher: the pruned model) with the masks kept.
+
+  Returns:
+    One row per (method, rate): accuracy after pruning + recovery, accuracy after the attack,
+    top-n overlap, Kendall-τ, CLIP-δ (means over attacked, unpruned channels).
+  """
+  model = inputs.model
+  layers = canonical_layers(model, config.layers)
+  if not 1 <= recover_steps <= inputs.steps_per_epoch:
+    raise ValueError(f"recover_steps must be in [1, {inputs.steps_per_epoch}] (one epoch of the "
+                     f"training stream), got {recover_steps}")
+  if len(layers) != 1:
+    raise ValueError("the pruning defence attacks one layer at a time")
+  _, params = nnx.split(model)
+  evaluate = make_evaluator(model, inputs.normalize, layers, config.embed_layer,
+                            config.eval_batch_size)
+  ok = config.overlap_k
+  quiet = lambda s: None
+
+  def attack(p, masks, method, rate, acc_pruned):
+    # channels pruned to a constant are left out of the attack and the means by make_reference
+    ref = make_reference(config, inputs, evaluate, p, log=quiet)
+    res = finetune(config, inputs, ref, evaluate, p, masks=masks, progress=progress, log=quiet)
+    rows, chans, _ = attack_metrics(config, ref, res.after, res.accuracy)
+    r = rows[0]
+    row = {"method": method, "rate": float(rate),
+           "pruned_fraction": 0.0 if masks is None else prune.pruned_fraction(masks, p),
+           "acc_original": ref_original.accuracy, "acc_pruned": acc_pruned,
+           "acc_attacked": res.accuracy, "delta_acc": res.accuracy - acc_pruned,
+           f"top{ok}_overlap": r[f"top{ok}_overlap"], "kendall_tau": r["kendall_tau"],
+           "clip_delta": r["clip_delta"], "channels": r["channels"]}
+    log(f"{method} {rate:.3g}: accuracy {acc_pruned:.2f}% after pruning, "
+        f"{res.accuracy:.2f}% after the attack; CLIP-δ {r['clip_delta']:.3f}, "
+        f"top-{ok} overlap {r[f'top{ok}_overlap']:.2f}")
+    return row, chans
+
+  ref_original = make_reference(config, inputs, evaluate, params, log=quiet)
+  row, chans = attack(params, None, "none", 0.0, ref_original.accuracy)
+  results = [row]
+  width = ref_original.attacked[layers[0]].shape[0]
+  scores = np.full((width,), np.nan)
+  for c in chans:
+    scores[c["channel"]] = c["clip_delta"]
+  prefixes = channel_param_prefixes(model, layers[0])
+  recover_cfg = dataclasses.replace(config, epochs=1, eval_every=recover_steps)
+  recover_inputs = dataclasses.replace(inputs, steps_per_epoch=recover_steps)
+  for method, rates in (("l1", l1_rates), ("vulnerability", vulnerability_rates)):
+    for rate in rates:
+      if method == "l1":
+        masks = prune.l1_unstructured_masks(params, rate)
+      else:
+        masks = prune.vulnerability_masks(params, prefixes, scores, rate=rate)
+      pruned = prune.apply_masks(params, masks)
+      rec = finetune(recover_cfg, recover_inputs, ref_original, evaluate, pruned,
+                     teacher_params=params, masks=masks, attack=False, progress=progress,
+                     log=quiet)
+      row, _ = attack(rec.params, masks, method, rate, rec.accuracy)
+      results.append(row)
+  return results

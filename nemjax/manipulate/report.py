@@ -1,0 +1,160 @@
+"""Tables, CSV and figures of the fine-tuning attacks and the pruning defence."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from nemjax.dissect.report import atomic_write_bytes
+
+if TYPE_CHECKING:  # only for annotations: the experiment module imports this one
+  from nemjax.manipulate.experiment import Reference
+
+__all__ = ["format_table", "csv_text", "plot_topk", "plot_prune_defence"]
+
+
+def _pyplot():
+  """matplotlib's pyplot on the non-interactive Agg backend (imported only when plotting)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _save_png(fig, path: Path, dpi: int) -> None:
+  """Render ``fig`` to PNG bytes, close it, and write the file atomically."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  _pyplot().close(fig)
+  atomic_write_bytes(Path(path), buf.getvalue())
+
+
+_COLUMN_TITLES = {
+    "attack": "attack", "layer": "layer", "channels": "channels", "silenced": "silenced",
+    "alpha": "α (last)",
+    "kendall_tau": "Kendall-τ", "kendall_tau_w": "Kendall-τ-W", "clip_delta": "CLIP-δ*",
+    "clip_w": "CLIP-W*", "acc_before": "acc. before (%)", "acc_after": "acc. after (%)",
+    "delta_acc": "Δ acc.", "decoy_share_before": "decoys in top-k before",
+    "decoy_share_after": "decoys in top-k after", "ks_before": "KS before",
+    "ks_after": "KS after", "balance_before": "top-k balance before",
+    "balance_after": "top-k balance after", "method": "method", "rate": "rate",
+    "pruned_fraction": "pruned fraction", "acc_original": "acc. original (%)",
+    "acc_pruned": "acc. pruned + recovered (%)", "acc_attacked": "acc. after attack (%)",
+}
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    if math.isnan(v):
+      return "nan"
+    return f"{v:.3f}"
+  return str(v)
+
+
+def format_table(rows: Sequence[dict], *, overlap_k: int = 5) -> str:
+  """Markdown table (the papers' Table 1 layout) of :func:`attack_metrics` rows."""
+  if not rows:
+    return ""
+  cols = list(rows[0])
+  titles = [_COLUMN_TITLES.get(c, f"top-{overlap_k} overlap" if c.endswith("_overlap") else c)
+            for c in cols]
+  lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+  return "\n".join(lines)
+
+
+def csv_text(rows: Sequence[dict]) -> str:
+  """CSV of a list of flat dicts (floats with 6 significant digits)."""
+  if not rows:
+    return ""
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+  return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------- plot
+def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], *,
+              overlap_k: int = 5, max_channels: int = 6,
+              class_names: Sequence[str] | None = None, title: str = "") -> None:
+  """PNG grid: for up to ``max_channels`` attacked channels per layer, the top-``overlap_k``
+  images before (left) and after (right) the attack, captioned with their labels; images in
+  both sets are framed green, new ones red."""
+  plt = _pyplot()
+
+  chosen = []
+  for name in ref.layers:
+    att = np.flatnonzero(ref.attacked[name])
+    pick = att[np.linspace(0, att.size - 1, min(max_channels, att.size)).round().astype(int)]
+    chosen += [(name, int(j)) for j in np.unique(pick)]
+  k = overlap_k
+  fig, axes = plt.subplots(len(chosen), 2 * k, figsize=(1.35 * 2 * k + 0.6, 1.55 * len(chosen)),
+                           squeeze=False)
+
+  def caption(row: int) -> str:
+    if row >= ref.num_eval:
+      return "decoy"
+    y = int(ref.labels[row])
+    if y < 0:
+      return f"#{row}"
+    name = class_names[y] if class_names is not None and y < len(class_names) else str(y)
+    return f"{name} #{row}"
+
+  for r, (name, j) in enumerate(chosen):
+    before, after_ = ref.topk[name][j, :k], topk_after[name][j, :k]
+    for c in range(2 * k):
+      ax = axes[r, c]
+      row = int(before[c] if c < k else after_[c - k])
+      ax.imshow(ref.images[row])
+      ax.set_xticks([])
+      ax.set_yticks([])
+      color = "black"
+      if c >= k:
+        color = "green" if row in set(before.tolist()) else "red"
+        for side in ax.spines.values():
+          side.set_edgecolor(color)
+          side.set_linewidth(2.5)
+      ax.set_title(caption(row), fontsize=6, color=color)
+      if c == 0:
+        ax.set_ylabel(f"{name}\nch {j}", fontsize=7)
+  if chosen:
+    axes[0, 0].annotate(f"top-{k} before", (0, 1.35), xycoords="axes fraction", fontsize=9,
+                        weight="bold")
+    axes[0, k].annotate(f"top-{k} after (green: kept, red: new)", (0, 1.35),
+                        xycoords="axes fraction", fontsize=9, weight="bold")
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=1 - 0.9 / fig.get_figheight(),
+                      wspace=0.08, hspace=0.35)
+  _save_png(fig, path, dpi=90)
+
+
+def plot_prune_defence(path: Path, rows: Sequence[dict], *, title: str = "") -> None:
+  """Two panels vs pruning rate: accuracy (after pruning, after the attack) and CLIP-δ."""
+  plt = _pyplot()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  base = next(r for r in rows if r["method"] == "none")
+  for method, color in (("l1", "tab:blue"), ("vulnerability", "tab:red")):
+    rs = [base] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["rate"])
+    x = [r["rate"] for r in rs]
+    ax1.plot(x, [r["acc_pruned"] for r in rs], "o-", color=color, label=f"{method}: pruned")
+    ax1.plot(x, [r["acc_attacked"] for r in rs], "s--", color=color,
+             label=f"{method}: pruned + attacked")
+    ax2.plot(x, [r["clip_delta"] for r in rs], "o-", color=color, label=method)
+  ax1.set_xlabel("pruning rate")
+  ax1.set_ylabel("accuracy (%)")
+  ax1.legend(fontsize=7)
+  ax2.set_xlabel("pruning rate")
+  ax2.set_ylabel("CLIP-δ* (mean over attacked channels)")
+  ax2.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  _save_png(fig, path, dpi=100)
