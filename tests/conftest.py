@@ -12,6 +12,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def import_torch():
+  """``torch`` for the PyTorch parity tests.
+
+  Under ``run_tests.py`` (which installs the ``torch`` extra and sets ``NEMJAX_REQUIRE_TORCH=1``)
+  a missing torch is an error, so parity tests can never pass by being skipped; elsewhere
+  (a bare ``pytest`` in an environment without torch) they are skipped.
+  """
+  if os.environ.get("NEMJAX_REQUIRE_TORCH") == "1":
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch
+  return pytest.importorskip("torch")
+
+
 @pytest.fixture(scope="session")
 def tiny_probe_dir(tmp_path_factory) -> Path:
   """A 24-image synthetic Broden-format probe set (224 images, 112 label maps)."""

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
+import conftest  # noqa: E402  (tests/ is on sys.path)
+
+torch = conftest.import_torch()
 
 import torch_models as tm  # noqa: E402
 from nemjax import convert, models  # noqa: E402

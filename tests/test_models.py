@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
+import conftest  # noqa: E402  (tests/ is on sys.path)
+
+torch = conftest.import_torch()
 
 import torch_models as tm  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
 from nemjax import convert, models, preprocess  # noqa: E402
