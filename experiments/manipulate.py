@@ -12,6 +12,7 @@ needs ImageNet-length runs; 3e-4 is the largest rate at which fine-tuning alone
 them: top-5 overlap 0.81, Kendall-τ 0.90 after one epoch).
 
 Writes OUT/metrics.csv, metrics.md (Table-1 style), channels.csv, topk_before_after.png,
+featvis_before_after.png (activation maximisation of 4 attacked channels, original vs fine-tuned),
 config.json, history.json, summary.json, the fine-tuned model OUT/model (orbax, loadable with
 nemjax.models.checkpoint.load) and OUT/checkpoints/last (train state after every evaluation).
 Re-running the same command after an interruption resumes from the last checkpoint.
@@ -86,6 +87,11 @@ def parse_args(argv=None):
   p.add_argument("--tfds-dir", type=Path, help="TFDS data directory")
   p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"],
                  help="model input normalisation of 0..255 images (default netdissect)")
+  p.add_argument("--featvis-channels", type=int, default=4,
+                 help="attacked channels per layer visualised by activation maximisation "
+                      "before and after (default 4; 0 turns it off)")
+  p.add_argument("--featvis-steps", type=int, default=128,
+                 help="activation-maximisation steps per visualisation (default 128)")
   p.add_argument("--eval-batch-size", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=Path, default=Path("runs/manipulate"))
@@ -131,8 +137,10 @@ def main(argv=None) -> None:
     fail(f"--k must be >= 1, got {args.k}")
   if not 1 <= args.overlap_k <= args.k:
     fail(f"--overlap-k must be in [1, --k={args.k}], got {args.overlap_k}")
+  if args.featvis_channels < 0:
+    fail(f"--featvis-channels must be >= 0, got {args.featvis_channels}")
   for name in ("epochs", "batch_size", "attack_batch_size", "eval_every", "num_decoys",
-               "decoys_per_step", "eval_batch_size"):
+               "decoys_per_step", "eval_batch_size", "featvis_steps"):
     v = getattr(args, name)
     if v is not None and v < 1:
       fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -193,7 +201,8 @@ def main(argv=None) -> None:
       eval_every=eval_every, alpha_init=args.alpha_init, alpha_min=args.alpha_min,
       alpha_max=args.alpha_max, alpha_tolerance=args.alpha_tolerance,
       alpha_fixed=args.alpha_fixed, loss_scale=args.loss_scale, train_from=args.train_from,
-      embed_layer=args.embed_layer, eval_batch_size=args.eval_batch_size, seed=args.seed)
+      embed_layer=args.embed_layer, eval_batch_size=args.eval_batch_size,
+      featvis_channels=args.featvis_channels, featvis_steps=args.featvis_steps, seed=args.seed)
   try:
     config.validate()
   except ValueError as e:

@@ -30,13 +30,14 @@ from nemjax.models import checkpoint
 # the configuration shared by the in-process run and the script runs (same fingerprint)
 FLAGS = ["--layers", "block4", "--channels", "0,1,2,3,4,5,6,7,8,9,10,11", "--k", "4",
          "--overlap-k", "2", "--epochs", "2", "--batch-size", "4", "--attack-batch-size", "4",
-         "--eval-every", "3", "--lr", "1e-3", "--eval-batch-size", "24"]
+         "--eval-every", "3", "--lr", "1e-3", "--eval-batch-size", "24",
+         "--featvis-channels", "2", "--featvis-steps", "3"]
 
 
 def _config(**kw):
   base = dict(attack="push-down", layers=("block4",), channels={"block4": tuple(range(12))},
               k=4, overlap_k=2, epochs=2, learning_rate=1e-3, batch_size=4, attack_batch_size=4,
-              eval_every=3, eval_batch_size=24)
+              eval_every=3, eval_batch_size=24, featvis_channels=2, featvis_steps=3)
   base.update(kw)
   return X.ManipulateConfig(**base)
 
@@ -65,6 +66,7 @@ def _energies(model_dir, images, layer="block4"):
 def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir):
   out, summary, inputs = whole_run
   for name in ("metrics.csv", "metrics.md", "channels.csv", "topk_before_after.png",
+               "featvis_before_after.png",
                "config.json", "history.json", "summary.json", "model/metadata.json"):
     assert (out / name).exists(), name
   assert summary["steps"] == 12 and summary["resumed_from"] == 0   # 24 // 4 = 6 steps x 2
@@ -74,6 +76,8 @@ def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir)
   assert len(rows) == 1 and rows[0]["layer"] == "features.14"
   assert "| push-down | features.14 |" in (out / "metrics.md").read_text()
   Image.open(out / "topk_before_after.png").verify()
+  Image.open(out / "featvis_before_after.png").verify()
+  assert -1.0 <= float(rows[0]["featvis_corr"]) <= 1.0
   # the saved model is the one measured: recompute overlap and Kendall-τ from scratch
   from scipy import stats
   e0 = _energies(tiny_model_dir, inputs.eval_images)
@@ -301,3 +305,17 @@ def test_trainable_from():
   assert on == ["fc/bias", "fc/kernel", "features/12/bias", "features/12/kernel",
                 "features/13/bias", "features/13/scale"], on
   assert X.trainable_from("smallcnn", None) is None
+
+
+def test_feature_visualisations_same_start_for_both_models(tiny_model_dir):
+  model = checkpoint.load(tiny_model_dir)
+  params = nnx.state(model)
+  key = jax.random.key(5)
+  vis = lambda p: X.feature_visualisations(model, preprocess.netdissect_normalize, p, "block4",
+                                           [0, 3], key, size=32, steps=2)
+  a, b = vis(params), vis(params)
+  assert a.shape == (2, 32, 32, 3) and a.min() >= 0.0 and a.max() <= 1.0
+  np.testing.assert_array_equal(a, b)  # deterministic in the key
+  np.testing.assert_allclose(X._pixel_corr(a, b), 1.0, rtol=1e-6)
+  other = jax.tree.map(lambda v: v * 1.5 if jnp.issubdtype(v.dtype, jnp.floating) else v, params)
+  assert not np.array_equal(vis(other), a)  # another model, another visualisation

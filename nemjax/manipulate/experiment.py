@@ -18,7 +18,10 @@
 4. re-evaluates and reports, per attacked layer (means over attacked channels): overlap of the
    top-5 sets before/after, Kendall-τ and τ-W of the activation rankings, CLIP-δ and CLIP-W,
    accuracy before/after; writes ``metrics.csv``/``metrics.md``, ``channels.csv``,
-   ``topk_before_after.png`` (:mod:`nemjax.manipulate.report`), ``history.json``,
+   ``topk_before_after.png`` (:mod:`nemjax.manipulate.report`), and — as the thesis compares
+   them — activation-maximisation images of a few attacked channels for the original and the
+   fine-tuned model from the same random start (``featvis_before_after.png``, and their pixel
+   correlation in the table); then ``history.json``,
    ``summary.json`` and the fine-tuned model (``OUT/model``, a :mod:`nemjax.models.checkpoint`).
 
 The pruning defence built on the same pieces is :mod:`nemjax.manipulate.defence`.
@@ -71,6 +74,7 @@ from nemjax import models
 from nemjax.dissect.report import atomic_write_text, write_json
 from nemjax.manipulate import alpha as alpha_rule
 from nemjax.manipulate import checkpoints as ckpt
+from nemjax.manipulate import featvis
 from nemjax.manipulate import losses
 from nemjax.manipulate import report
 from nemjax.manipulate import train
@@ -91,6 +95,7 @@ __all__ = [
     "trainable_from",
     "finetune",
     "attack_metrics",
+    "feature_visualisations",
     "run_experiment",
 ]
 
@@ -124,6 +129,8 @@ class ManipulateConfig:
   train_from: str | None = None          # first module to train (None: all parameters)
   embed_layer: str = "avgpool"           # pooled features used as the CLIP stand-in
   eval_batch_size: int = 50
+  featvis_channels: int = 4              # channels per layer visualised before/after (0: off)
+  featvis_steps: int = 128               # activation-maximisation steps per visualisation
   seed: int = 0
 
   def validate(self) -> None:
@@ -140,6 +147,9 @@ class ManipulateConfig:
                  "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.featvis_channels < 0 or self.featvis_steps < 1:
+      raise ValueError(f"featvis_channels must be >= 0 and featvis_steps >= 1, got "
+                       f"{self.featvis_channels} and {self.featvis_steps}")
     if self.eval_every is not None and self.eval_every < 1:
       raise ValueError(f"eval_every must be >= 1 step, got {self.eval_every}")
     if not self.learning_rate > 0:
@@ -754,6 +764,36 @@ def _nanmean(x: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------- pruning defence
 # ------------------------------------------------------------------------------- data loading
+# ------------------------------------------------------------------- feature visualisation
+def feature_visualisations(model: nnx.Module, normalize: Callable, params: PyTree, layer: str,
+                           channels: Sequence[int], key: jax.Array, *, size: int,
+                           steps: int) -> np.ndarray:
+  """Activation-maximisation images (:func:`nemjax.manipulate.visualize_channels`) of
+  ``channels`` of ``layer`` for the model with variables ``params``.
+
+  The same ``key`` gives the same initial spectra and transforms, so visualisations of the
+  original and the fine-tuned model differ only by what the fine-tune changed.
+
+  Returns:
+    ``(len(channels), size, size, 3)`` float32 images in [0, 1].
+  """
+  apply_fn, _ = models.pure_apply(model, taps=(layer,), upto=layer)
+
+  def features_fn(img):  # (B, H, W, 3) in [0, 1] -> (B, h, w, C)
+    return apply_fn(params, normalize(img * 255.0))[1][layer]
+
+  return np.asarray(featvis.visualize_channels(features_fn, None, np.asarray(channels), key,
+                                               size=size, steps=steps))
+
+
+def _pixel_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """(n,) Pearson correlation of each pair of images ``a[i]``, ``b[i]`` (n, H, W, 3)."""
+  a = a.reshape(a.shape[0], -1) - a.reshape(a.shape[0], -1).mean(1, keepdims=True)
+  b = b.reshape(b.shape[0], -1) - b.reshape(b.shape[0], -1).mean(1, keepdims=True)
+  den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+  return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
 # ---------------------------------------------------------------------------- the experiment
 def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: str | os.PathLike,
                    *, run_info: Mapping[str, Any] | None = None, progress: bool = True,
@@ -785,7 +825,10 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
               "steps_per_epoch": int(inputs.steps_per_epoch),
               "num_eval_images": int(len(inputs.eval_images)),
               "num_decoys": 0 if inputs.decoy_images is None else int(len(inputs.decoy_images))}
+  # what the fine-tune depends on (the feature-visualisation settings only change the report)
+  trained = {k: v for k, v in cfg_json["config"].items() if not k.startswith("featvis_")}
   fingerprint = ckpt.fingerprint({k: v for k, v in cfg_json.items() if k != "run"} |
+                                 {"config": trained} |
                                  {"data": (run_info or {}).get("data_fingerprint")})
   ckpt_root = out / "checkpoints"
   old = ckpt.read_checkpoint_meta(ckpt_root) if ckpt_root.exists() else None
@@ -810,6 +853,19 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   rows, channel_rows, topk_after = attack_metrics(config, ref, result.after, result.accuracy)
   for r in rows:
     r["alpha"] = float(result.alpha)
+  if config.featvis_channels:
+    shown = report.shown_channels(ref.attacked, config.featvis_channels)
+    key = jax.random.key(config.seed)
+    vis = {side: {name: feature_visualisations(model, inputs.normalize, p, name, js, key,
+                                               size=ref.images.shape[1],
+                                               steps=config.featvis_steps)
+                  for name, js in shown.items()}
+           for side, p in (("before", params), ("after", result.params))}
+    corr = {name: _pixel_corr(vis["before"][name], vis["after"][name]) for name in shown}
+    for r in rows:
+      r["featvis_corr"] = _nanmean(corr[r["layer"]]) if r["layer"] in corr else float("nan")
+    report.plot_featvis(out / "featvis_before_after.png", vis["before"], vis["after"], shown,
+                        corr, title=f"{config.attack}: activation maximisation before / after")
   table = report.format_table(rows, overlap_k=config.overlap_k)
   atomic_write_text(out / "metrics.csv", report.csv_text(rows))
   atomic_write_text(out / "channels.csv", report.csv_text(channel_rows))

@@ -14,7 +14,8 @@ from nemjax.dissect.report import atomic_write_bytes
 if TYPE_CHECKING:  # only for annotations: the experiment module imports this one
   from nemjax.manipulate.experiment import Reference
 
-__all__ = ["format_table", "csv_text", "plot_topk", "plot_prune_defence"]
+__all__ = ["format_table", "csv_text", "shown_channels", "plot_topk", "plot_featvis",
+           "plot_prune_defence"]
 
 
 def _pyplot():
@@ -41,7 +42,8 @@ _COLUMN_TITLES = {
     "delta_acc": "Δ acc.", "decoy_share_before": "decoys in top-k before",
     "decoy_share_after": "decoys in top-k after", "ks_before": "KS before",
     "ks_after": "KS after", "balance_before": "top-k balance before",
-    "balance_after": "top-k balance after", "method": "method", "rate": "rate",
+    "balance_after": "top-k balance after", "featvis_corr": "feat. vis. r (before/after)",
+    "method": "method", "rate": "rate",
     "pruned_fraction": "pruned fraction", "acc_original": "acc. original (%)",
     "acc_pruned": "acc. pruned + recovered (%)", "acc_attacked": "acc. after attack (%)",
 }
@@ -81,6 +83,48 @@ def csv_text(rows: Sequence[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------- plot
+def shown_channels(attacked: Mapping[str, np.ndarray], max_channels: int
+                   ) -> dict[str, list[int]]:
+  """Up to ``max_channels`` attacked channels per layer, spread evenly over the attacked ones
+  (the channels the figures show)."""
+  out = {}
+  for name, mask in attacked.items():
+    att = np.flatnonzero(mask)
+    if att.size:
+      pick = att[np.linspace(0, att.size - 1, min(max_channels, att.size)).round().astype(int)]
+      out[name] = [int(j) for j in np.unique(pick)]
+  return out
+
+
+def plot_featvis(path: Path, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
+                 channels: Mapping[str, Sequence[int]], corr: Mapping[str, np.ndarray], *,
+                 title: str = "") -> None:
+  """PNG: one row per visualised channel, its activation-maximisation image for the original
+  model (left) and the fine-tuned one (right), titled with their pixel correlation.
+
+  Args:
+    before, after: ``{layer: (n, H, W, 3)}`` images in [0, 1].
+    channels: ``{layer: [channel, ...]}`` (n per layer).
+    corr: ``{layer: (n,)}`` Pearson correlation of each before/after pair.
+  """
+  plt = _pyplot()
+  rows = [(name, i, j) for name, js in channels.items() for i, j in enumerate(js)]
+  fig, axes = plt.subplots(len(rows), 2, figsize=(4.2, 2.1 * len(rows) + 0.4), squeeze=False)
+  for r, (name, i, j) in enumerate(rows):
+    for c, (imgs, side) in enumerate(((before, "original"), (after, "fine-tuned"))):
+      ax = axes[r, c]
+      ax.imshow(np.clip(imgs[name][i], 0.0, 1.0))
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(f"{side}" + (f"  (r = {corr[name][i]:.2f})" if c else ""), fontsize=7)
+      if c == 0:
+        ax.set_ylabel(f"{name}\nch {j}", fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  _save_png(fig, path, dpi=90)
+
+
 def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], *,
               overlap_k: int = 5, max_channels: int = 6,
               class_names: Sequence[str] | None = None, title: str = "") -> None:
@@ -89,11 +133,8 @@ def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], 
   both sets are framed green, new ones red."""
   plt = _pyplot()
 
-  chosen = []
-  for name in ref.layers:
-    att = np.flatnonzero(ref.attacked[name])
-    pick = att[np.linspace(0, att.size - 1, min(max_channels, att.size)).round().astype(int)]
-    chosen += [(name, int(j)) for j in np.unique(pick)]
+  chosen = [(name, j) for name, js in shown_channels(ref.attacked, max_channels).items()
+            for j in js]
   k = overlap_k
   fig, axes = plt.subplots(len(chosen), 2 * k, figsize=(1.35 * 2 * k + 0.6, 1.55 * len(chosen)),
                            squeeze=False)
