@@ -1,7 +1,8 @@
 """Network Dissection kernels vs the plain NumPy oracle: threshold + tally + IoU per layer.
 
-Run: ``.venv/bin/python benchmarks/dissect_kernels.py [--images 320] [--scales 1,4,16]``
-(about 3-4 minutes on 2 CPU cores, most of it the oracle; ``--quick`` for a smoke run).
+Run: ``.venv/bin/python benchmarks/dissect_kernels.py [--images 320] [--scales 1,4,16]
+[--out FILE.md]`` (about 3-4 minutes on 2 CPU cores, most of it the oracle; ``--quick`` for a
+smoke run). The tables are markdown; ``--out`` also writes them to a file.
 
 Inputs are synthetic but shaped like the real thing: ResNet18-like activations (ReLU of
 spatially correlated Gaussian fields with per-unit gain/bias, many exact zeros) at layer3
@@ -192,8 +193,16 @@ def main() -> None:
   ap.add_argument("--images", type=int, default=320)
   ap.add_argument("--scales", default="1,4,16", help="kernel-only image multiples")
   ap.add_argument("--quick", action="store_true", help="64 images, scales 1,2")
+  ap.add_argument("--out", type=Path, help="also write the markdown to this file")
   ap.add_argument("--scale-run", nargs=2, metavar=("LAYER", "IMAGES"), help=argparse.SUPPRESS)
   args = ap.parse_args()
+  lines: list[str] = []
+
+  def emit(text: str = "") -> None:
+    """Prints ``text`` and keeps it for ``--out``."""
+    print(text, flush=True)
+    lines.append(text)
+
   if args.scale_run:
     scale_run(args.scale_run[0], int(args.scale_run[1]), args.images)
     return
@@ -202,8 +211,8 @@ def main() -> None:
   rng = np.random.default_rng(0)
   n = args.images
   pix, scal, labelcat, _ = make_labels(rng, n)
-  print(f"{n} images, labels {pix.shape}, {NUM_LABELS} labels, {NUM_CATS} categories, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+  emit(f"{n} images, labels {pix.shape}, {NUM_LABELS} labels, {NUM_CATS} categories, "
+       f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
   rows, all_acts, all_thr = [], {}, {}
   for name, (size, units) in LAYERS.items():
     acts = make_acts(rng, n, size, units)
@@ -218,27 +227,27 @@ def main() -> None:
     all_acts[name], all_thr[name] = acts, kthr
   shared = min((run_shared_labels(all_acts, all_thr, pix, scal, labelcat) for _ in range(5)),
                key=lambda r: r[0] + sum(r[1].values()))
-  print("| layer | acts (N,h,w,U) | >thr | oracle thr | oracle tally+IoU | oracle total "
-        "| nemjax thr | nemjax tally+IoU | nemjax total | speed-up | exact |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  emit("| layer | acts (N,h,w,U) | >thr | oracle thr | oracle tally+IoU | oracle total "
+       "| nemjax thr | nemjax tally+IoU | nemjax total | speed-up | exact |")
+  emit("|---|---|---|---|---|---|---|---|---|---|---|")
   for name, shape, frac, ot, kt, same in rows:
-    print(f"| {name} | {shape} | {frac:.2%} | {ot[0]:.3f} s | {ot[1]:.3f} s | {sum(ot):.3f} s "
-          f"| {kt[0]:.3f} s | {kt[1]:.3f} s | {sum(kt):.3f} s | {sum(ot) / sum(kt):.1f}x "
-          f"| {same} |")
+    emit(f"| {name} | {shape} | {frac:.2%} | {ot[0]:.3f} s | {ot[1]:.3f} s | {sum(ot):.3f} s "
+         f"| {kt[0]:.3f} s | {kt[1]:.3f} s | {sum(kt):.3f} s | {sum(ot) / sum(kt):.1f}x "
+         f"| {same} |")
   t_lab, t_layer = shared
-  print(f"\nDriver-style: labels prepared once per batch for both layers ({t_lab:.3f} s, "
-        f"split evenly):\n")
-  print("| layer | nemjax thr | labels/2 | tally+IoU | total | speed-up vs oracle |")
-  print("|---|---|---|---|---|---|")
+  emit(f"\nDriver-style: labels prepared once per batch for both layers ({t_lab:.3f} s, "
+       f"split evenly):\n")
+  emit("| layer | nemjax thr | labels/2 | tally+IoU | total | speed-up vs oracle |")
+  emit("|---|---|---|---|---|---|")
   for name, shape, frac, ot, kt, same in rows:
     tot = kt[0] + t_lab / len(rows) + t_layer[name]
-    print(f"| {name} | {kt[0]:.3f} s | {t_lab / len(rows):.3f} s | {t_layer[name]:.3f} s "
-          f"| {tot:.3f} s | {sum(ot) / tot:.1f}x |")
+    emit(f"| {name} | {kt[0]:.3f} s | {t_lab / len(rows):.3f} s | {t_layer[name]:.3f} s "
+         f"| {tot:.3f} s | {sum(ot) / tot:.1f}x |")
   del all_acts
-  print("\nKernel only, more images (fresh process per run; activations generated per batch, "
-        "two passes; labels tiled):\n")
-  print("| layer | images | threshold | tally+IoU | total | per 1k images | peak RSS |")
-  print("|---|---|---|---|---|---|---|")
+  emit("\nKernel only, more images (fresh process per run; activations generated per batch, "
+       "two passes; labels tiled):\n")
+  emit("| layer | images | threshold | tally+IoU | total | per 1k images | peak RSS |")
+  emit("|---|---|---|---|---|---|---|")
   import json
   import subprocess
   for name in LAYERS:
@@ -247,8 +256,10 @@ def main() -> None:
                             str(n * sc)], capture_output=True, text=True, check=True)
       r = json.loads(out.stdout.strip().splitlines()[-1])
       tot = r["thr"] + r["tally"]
-      print(f"| {name} | {r['images']} | {r['thr']:.3f} s | {r['tally']:.3f} s | {tot:.3f} s "
-            f"| {tot / r['images'] * 1000:.3f} s | {r['rss']:.0f} MiB |")
+      emit(f"| {name} | {r['images']} | {r['thr']:.3f} s | {r['tally']:.3f} s | {tot:.3f} s "
+           f"| {tot / r['images'] * 1000:.3f} s | {r['rss']:.0f} MiB |")
+  if args.out:
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

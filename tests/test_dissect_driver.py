@@ -1,19 +1,27 @@
 """The dissection driver through a real model on the synthetic probe set: equals the NumPy
-oracle exactly, is identical on 1 and 4 devices, and writes NetDissect-Lite's files."""
+oracle exactly, streams (two passes, no stored activations) with bit-identical results, is
+identical on 1 and 4 devices, writes NetDissect-Lite's files, and its CLI fails cleanly."""
 import csv
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
+import nemjax.dissect
 import oracle_netdissect as oracle
 from conftest import REPO
 from nemjax.data import broden, loader
+from nemjax.dissect import driver
 from nemjax.dissect.driver import dissect
+from nemjax.dissect.html import write_layer_report
 from nemjax.dissect.outputs import write_layer_outputs
+from nemjax.dissect.topimages import top_images_from_acts
 from nemjax.models import checkpoint
 
 LAYERS = ["block3", "block4"]
@@ -45,6 +53,132 @@ def test_driver_equals_oracle_exactly(dissected):
     np.testing.assert_array_equal(res.category_scores, best["score"])
     np.testing.assert_array_equal(res.score, best["score"].max(axis=1))
     assert (res.best_label > 0).any(), "a random SmallCNN should label some units"
+
+
+def _assert_same_results(a, b, layers=LAYERS):
+  for layer in layers:
+    ra, rb = a[layer], b[layer]
+    np.testing.assert_array_equal(ra.thresholds, rb.thresholds, err_msg=layer)
+    for f in ("tally_both", "tally_labels", "tally_units_cat", "tally_units"):
+      np.testing.assert_array_equal(getattr(ra.tally, f), getattr(rb.tally, f), err_msg=f)
+    for f in ("iou", "category_labels", "category_scores", "best_category", "best_label", "score"):
+      np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f), err_msg=f"{layer} {f}")
+
+
+def test_public_streaming_dissect_is_bit_identical(dissected, monkeypatch):
+  """``nemjax.dissect.dissect`` streaming (two passes, no activation store) and within its RAM
+  budget (one pass) gives the results of the oracle-checked keep_activations path, and each
+  unit's top images."""
+  probe, model, kept, acts = dissected
+
+  def no_store(*args, **kwargs):
+    raise AssertionError("the streaming path must not store activations")
+
+  monkeypatch.setattr(driver, "_ActivationStore", no_store)
+  passes = []
+  real = driver.loader.iterate_batches
+  monkeypatch.setattr(driver.loader, "iterate_batches",
+                      lambda *a, **k: passes.append(1) or real(*a, **k))
+  streamed = nemjax.dissect.dissect(model, probe, LAYERS, batch_size=8, progress=False,
+                                    num_top_images=3, max_ram_bytes=0)
+  assert len(passes) == 2
+  _assert_same_results(kept, streamed)
+  for layer in LAYERS:
+    top = streamed[layer].top_images
+    ref = top_images_from_acts(acts[layer], 3)
+    for f in ("value", "row", "maps"):
+      np.testing.assert_array_equal(getattr(top, f), getattr(ref, f), err_msg=f)
+    peak = acts[layer].max(axis=(1, 2))  # (N, U)
+    for u in (0, 5, 63):
+      np.testing.assert_array_equal(top.row[u], np.argsort(-peak[:, u], kind="stable")[:3])
+      np.testing.assert_array_equal(top.maps[u], acts[layer][top.row[u], :, :, u])
+  # Given thresholds for every layer: one pass only, same tally as with the stored path.
+  thr = {layer: kept[layer].thresholds * 0.75 for layer in LAYERS}
+  passes.clear()
+  one = nemjax.dissect.dissect(model, probe, LAYERS, batch_size=8, progress=False,
+                               thresholds=thr, num_top_images=2)
+  assert len(passes) == 1 and one["block4"].top_images.row.shape == (128, 2)
+  monkeypatch.undo()
+  # Activations within the RAM budget (the default 1 GiB here): one pass, the same results.
+  passes.clear()
+  monkeypatch.setattr(driver.loader, "iterate_batches",
+                      lambda *a, **k: passes.append(1) or real(*a, **k))
+  cached = nemjax.dissect.dissect(model, probe, LAYERS, batch_size=8, progress=False)
+  assert len(passes) == 1
+  _assert_same_results(kept, cached)
+  monkeypatch.undo()
+  ref = dissect(model, probe, LAYERS, batch_size=8, progress=False, thresholds=thr,
+                keep_activations=True)[0]
+  _assert_same_results(ref, one)
+
+
+def test_streaming_with_image_overrides_and_odd_batch(dissected):
+  """Overridden images go through both passes; a batch size that does not divide N."""
+  probe, model, _, _ = dissected
+  rng = np.random.default_rng(0)
+  overrides = {r: rng.integers(0, 256, (224, 224, 3)).astype(np.uint8) for r in (1, 9, 23)}
+  kept, _ = dissect(model, probe, LAYERS, batch_size=7, progress=False, keep_activations=True,
+                    image_overrides=overrides)
+  streamed = dissect(model, probe, LAYERS, batch_size=7, progress=False,
+                     image_overrides=overrides, max_ram_bytes=0)
+  _assert_same_results(kept, streamed)
+
+
+def test_streaming_detects_a_nondeterministic_forward(dissected, monkeypatch):
+  probe, model, _, _ = dissected
+  real = driver.activation_fn
+  calls = []
+
+  def flaky(*args, **kwargs):
+    fn = real(*args, **kwargs)
+
+    def run(images):
+      calls.append(1)
+      out = fn(images)
+      return {k: v + (1e-3 if len(calls) > 3 else 0.0) for k, v in out.items()}  # 3 batches/pass
+    return run
+
+  monkeypatch.setattr(driver, "activation_fn", flaky)
+  with pytest.raises(RuntimeError, match="differ between the two passes"):
+    dissect(model, probe, LAYERS, batch_size=8, progress=False, max_ram_bytes=0)
+
+
+def test_dissect_validates_before_running(dissected):
+  probe, model, kept, _ = dissected
+  thr = kept["block4"].thresholds
+  cases = [
+      (dict(thresholds={"block4": thr[:5]}), r"thresholds of block4 must have shape \(128,\)"),
+      (dict(thresholds={"block4": np.where(np.arange(128) == 3, np.nan, thr)}), "finite"),
+      (dict(thresholds={"block9": thr}), "not dissected"),
+      (dict(quantile_method="bogus"), "quantile_method"),
+      (dict(quantile=1.5), "quantile"),
+      (dict(tally_method="fast"), "tally_method"),
+      (dict(num_top_images=-1), "num_top_images"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      dissect(model, probe, ["block4"], progress=False, **kwargs)
+  with pytest.raises(ValueError, match="nope"):
+    dissect(model, probe, ["nope"], progress=False)
+
+
+def test_report_from_top_images_and_stale_pngs(dissected, tmp_path):
+  probe, model, _, acts = dissected
+  res = dissect(model, probe, ["block4"], batch_size=8, progress=False, num_top_images=2)["block4"]
+  a, b = tmp_path / "a", tmp_path / "b"
+  write_layer_report(a, "block4", res, probe)
+  write_layer_report(b, "block4", res, probe, acts=acts["block4"], top=2)
+  pngs = sorted(p.name for p in (a / "block4_report").glob("unit*.png"))
+  assert len(pngs) == 128
+  for name in pngs[:8]:
+    assert (a / "block4_report" / name).read_bytes() == (b / "block4_report" / name).read_bytes()
+  assert (a / "block4_report.html").read_text() == (b / "block4_report.html").read_text()
+  (a / "block4_report" / "notes.txt").write_text("kept")
+  write_layer_report(a, "block4", res, probe, max_units=5, top=1)
+  left = sorted(p.name for p in (a / "block4_report").iterdir())
+  assert len(left) == 6 and "notes.txt" in left  # stale unit PNGs removed, other files kept
+  with pytest.raises(ValueError, match="top must lie"):
+    write_layer_report(a, "block4", res, probe, top=3)
 
 
 def test_layer_outputs_have_netdissect_format(dissected, tmp_path):
@@ -127,3 +261,82 @@ def test_dissect_cli_bad_input(tiny_probe_dir, tiny_model_dir, tmp_path, args, m
                      cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 2
   assert message in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- CLI errors
+@pytest.fixture(scope="module")
+def cli():
+  """experiments/dissect.py imported in-process (its venv bootstrap disabled)."""
+  sys.path.insert(0, str(REPO / "experiments"))
+  import _common
+  real, _common.bootstrap = _common.bootstrap, lambda: None
+  try:
+    spec = importlib.util.spec_from_file_location("dissect_cli", REPO / "experiments/dissect.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  finally:
+    _common.bootstrap = real
+  return mod
+
+
+def _cli_error(cli, capsys, argv) -> str:
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2, err
+  lines = err.strip().splitlines()  # progress bars may come first
+  assert "Traceback" not in err and lines[-1].startswith("error: "), err
+  assert sum(line.startswith("error") for line in lines) == 1, err
+  return lines[-1]
+
+
+def _thr_file(tmp_path, name, content):
+  path = tmp_path / name
+  if isinstance(content, bytes):
+    path.write_bytes(content)
+  else:
+    np.save(path, content)
+  return path
+
+
+@pytest.mark.parametrize("name, content, layers, message", [
+    ("missing.npy", None, ["block4"], "file not found"),
+    ("garbage.npy", b"this is not a npy file", ["block4"], "cannot load"),
+    ("matrix.npy", np.zeros((128, 1)), ["block4"], "must be 1-D with one threshold per unit (128,)"),
+    ("short.npy", np.zeros(100), ["block4"], "got shape (100,)"),
+    ("ints.npy", np.zeros(128, np.int64), ["block4"], "must hold a float array"),
+    ("nan.npy", np.full(128, np.nan), ["block4"], "NaN or inf"),
+    ("inf.npy", np.full(128, np.inf), ["block4"], "NaN or inf"),
+    ("other.npy", np.zeros(128), ["block3"], "is not among --layers"),
+])
+def test_dissect_cli_bad_thresholds(cli, capsys, tiny_probe_dir, tiny_model_dir, tmp_path,
+                                    name, content, layers, message):
+  path = tmp_path / name if content is None else _thr_file(tmp_path, name, content)
+  line = _cli_error(cli, capsys, [
+      "--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--layers", *layers,
+      "--out", str(tmp_path / "out"), "--thresholds", f"block4={path}"])
+  assert message in line
+  assert not (tmp_path / "out").exists()
+
+
+def test_dissect_cli_bad_options(cli, capsys, tiny_probe_dir, tiny_model_dir, tmp_path):
+  base = ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--layers", "block4",
+          "--out", str(tmp_path / "out")]
+  assert "LAYER=FILE.npy" in _cli_error(cli, capsys, base + ["--thresholds", "block4"])
+  line = _cli_error(cli, capsys, base + ["--quantile-method", "bogus"])
+  assert "--quantile-method 'bogus'" in line and "hazen" in line
+  assert "nope" in _cli_error(cli, capsys, [*base[:5], "nope", *base[6:]])
+  assert "not found" in _cli_error(cli, capsys, ["--probe", str(tmp_path), *base[2:]])
+
+
+def test_dissect_cli_wraps_errors_raised_during_dissection(cli, capsys, tiny_probe_dir,
+                                                           tiny_model_dir, tmp_path):
+  """A label PNG of the wrong size is found while the probe set streams: one-line error."""
+  probe_dir = tmp_path / "probe"
+  shutil.copytree(tiny_probe_dir, probe_dir)
+  bad = probe_dir / "images" / "synth" / "00017_object.png"
+  Image.new("RGB", (50, 50)).save(bad)
+  line = _cli_error(cli, capsys, [
+      "--probe", str(probe_dir), "--weights", str(tiny_model_dir), "--layers", "block4",
+      "--out", str(tmp_path / "out"), "--batch-size", "8", "--no-report"])
+  assert line.startswith("error: dissection failed:") and "00017_object.png" in line

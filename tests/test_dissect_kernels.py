@@ -15,6 +15,7 @@ from PIL import Image
 from nemjax import dissect
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect import tally as tally_lib
+from nemjax.dissect import topimages as topimages_lib
 from nemjax.dissect import upsample as upsample_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -272,6 +273,7 @@ TALLY_CASES = [  # (n, h, w, u, k, sh, sw)
     (4, 13, 13, 5, 3, 113, 113),
     (3, 28, 28, 5, 2, 112, 112),
     (3, 7, 13, 5, 3, 112, 113),
+    (2, 56, 56, 4, 2, 112, 112),
 ]
 
 
@@ -444,3 +446,66 @@ def test_tally_errors_name_the_argument():
     dissect.tally_update(st, np.zeros((2, 120, 120, 3), np.float32), thr, pix, scal, labelcat)
   with pytest.raises(ValueError, match="primary_category"):
     dissect.best_labels(np.zeros((3, nl)), np.zeros(nl - 1, int), c)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_refused(bad):
+  a, thr, pix, scal, labelcat, _ = _case(2, 3, 7, 7, 4, 2, 112, 112)
+  nl, c = labelcat.shape
+  a_bad = a.copy()
+  a_bad[1, 2, 3, 1] = bad
+  st = dissect.threshold_init(4, 3 * 49)
+  with pytest.raises(ValueError, match=r"acts .* must be finite.*index \(1, 2, 3, 1\)"):
+    dissect.threshold_update(st, a_bad)
+  with pytest.raises(ValueError, match="must be finite"):
+    dissect.threshold_update(st, a_bad.transpose(0, 3, 1, 2), layout="NCHW", impl="device")
+  with pytest.raises(ValueError, match="must be finite"):
+    dissect.quantile_thresholds(a_bad)
+  valid = np.array([True, False, True])  # a bad value in a padding row is ignored
+  st = dissect.threshold_update(st, a_bad, valid=valid)
+  assert st.count == 2 * 49
+  t = dissect.tally_init(4, nl, c)
+  for method in ("sparse", "dense"):
+    with pytest.raises(ValueError, match=r"acts .* must be finite"):
+      dissect.tally_update(t, a_bad, thr, pix, scal, labelcat, method=method)
+    thr_bad = thr.copy()
+    thr_bad[2] = bad
+    with pytest.raises(ValueError, match="thresholds must be finite"):
+      dissect.tally_update(t, a, thr_bad, pix, scal, labelcat, method=method)
+  ref = dissect.tally_update(t, a[[0, 2]], thr, pix[[0, 2]], scal[[0, 2]], labelcat)
+  got = dissect.tally_update(t, a_bad, thr, pix, scal, labelcat, valid=valid)
+  for f in TALLY_FIELDS:
+    assert np.array_equal(getattr(ref, f), getattr(got, f)), f
+  with pytest.raises(ValueError, match="finite"):
+    topimages_lib.top_images_update(topimages_lib.top_images_init(4, 2, (7, 7)), a_bad,
+                                    np.arange(3))
+
+
+def test_top_images_streaming_equals_stable_argsort():
+  rng = np.random.default_rng(5)
+  a = np.round(np.maximum(rng.standard_normal((23, 3, 4, 6)), 0) * 2).astype(np.float32) / 2
+  a[:, :, :, 0] = 0  # all tied: the lowest rows win
+  a[4, 0, 0, 1] = -0.0
+  peak = a.max(axis=(1, 2))
+  for k in (1, 3, 30):
+    st = topimages_lib.top_images_init(6, k, (3, 4))
+    order = rng.permutation(23)  # rows arrive in any order, in uneven batches
+    for s, e in ((0, 5), (5, 6), (6, 17), (17, 23)):
+      valid = np.ones(e - s, bool)
+      valid[0] = s != 6  # row order[6] comes later in a batch of its own
+      st = topimages_lib.top_images_update(st, a[order[s:e]], order[s:e], valid=valid)
+    st = topimages_lib.top_images_update(st, a[order[6:7]], order[6:7])
+    for u in range(6):
+      want = np.argsort(-peak[:, u], kind="stable")[:k]
+      n = len(want)
+      assert np.array_equal(st.row[u, :n], want), (k, u)
+      assert np.all(st.row[u, n:] == -1) and np.all(st.value[u, n:] == -np.inf)
+      assert np.array_equal(st.value[u, :n], peak[want, u])
+      assert np.array_equal(st.maps[u, :n], a[want, :, :, u])
+    one = topimages_lib.top_images_from_acts(a, k)
+    for f in ("value", "row", "maps"):
+      assert np.array_equal(getattr(one, f), getattr(st, f)), f
+  with pytest.raises(ValueError, match="acts must be"):
+    topimages_lib.top_images_update(st, a[..., :5], np.arange(23))
+  with pytest.raises(ValueError, match="rows"):
+    topimages_lib.top_images_update(st, a, np.arange(22))

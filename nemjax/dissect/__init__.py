@@ -14,9 +14,19 @@ Pure functions on host/JAX arrays, exact against NetDissect-Lite (see
   iou = dissect.compute_iou(t, labelcat)                          # (U, L+1) f64
   best = dissect.best_labels(iou, primary_category, C)
 
-The driver (``nemjax.dissect.driver``) runs a model over a probe set and calls these.
+The driver runs a model over a probe set and calls these, streaming (host memory does not
+grow with the probe set)::
+
+  results = dissect.dissect(model, probe, ["layer3", "layer4"])   # {layer: LayerDissection}
+  results["layer4"].best_label                                    # (U,) global label numbers
 """
+from nemjax.dissect.driver import (
+    LayerDissection,
+    dissect,
+    make_mesh,
+)
 from nemjax.dissect.quantile import (
+    DEFAULT_ETA,
     DEFAULT_Q,
     NETDISSECT_LITE_Q,
     QUANTILE_METHODS,
@@ -46,6 +56,10 @@ from nemjax.dissect.upsample import (
 )
 
 __all__ = [
+    "LayerDissection",
+    "dissect",
+    "make_mesh",
+    "DEFAULT_ETA",
     "DEFAULT_Q",
     "NETDISSECT_LITE_Q",
     "QUANTILE_METHODS",

@@ -1,16 +1,30 @@
 """Network Dissection of a model over a Broden-format probe set.
 
-One forward pass of the model serves every requested layer: activations are stored (in RAM,
-or in a float32 memmap when they would exceed ``max_ram_bytes``) while the exact streaming
-thresholds are updated; a second pass over the stored activations and the label maps runs
-the tally. The forward pass is data-parallel over ``jax.devices()`` (a 1-D ``Mesh`` with
-the batch sharded); every count is exact, so results do not depend on the device count.
+Each forward pass of the model serves every requested layer. By default the driver streams
+and holds no activations, so host memory does not grow with the probe set:
+
+1. pass 1: forward, exact streaming thresholds (a running top-k per unit, ``≈ η·N·h·w``
+   values each) and, optionally, each unit's top-activating images (a running top-k of the
+   per-image max, with their maps, for the HTML report);
+2. pass 2: forward again (the same compiled program on the same batches, so the same
+   activations; a per-batch checksum of pass 1 verifies it), decode the label maps and tally
+   each batch against the thresholds.
+
+When all activations fit in ``max_ram_bytes`` (default 1 GiB) pass 1 keeps them in RAM and
+the tally reads them from there instead of running the model again. Pass 1 is skipped when
+every layer's thresholds are given. ``keep_activations=True`` instead
+stores every activation (in RAM, or in a float32 memmap beyond ``max_ram_bytes``) during one
+forward pass and tallies the stored arrays; it returns them too (the sweeps re-dissect from
+them). Both paths give bit-identical results.
+
+The forward pass is data-parallel over ``jax.devices()`` (a 1-D ``Mesh`` with the batch
+sharded); every count is exact, so results do not depend on the device count.
 
 Example::
 
     probe = nemjax.data.broden.load_probe("broden1_224")
     model = nemjax.models.checkpoint.load("ckpt/resnet18_places365")
-    results = dissect(model, probe, ["layer3", "layer4"])
+    results = nemjax.dissect.dissect(model, probe, ["layer3", "layer4"])
     results["layer4"].best_label        # (U,) global label numbers
 """
 from __future__ import annotations
@@ -18,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +45,11 @@ from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect import tally as tally_lib
+from nemjax.dissect import topimages as topimages_lib
+from nemjax.dissect._checks import check_finite
 
-DEFAULT_QUANTILE = 0.005
+DEFAULT_QUANTILE = quantile_lib.DEFAULT_ETA
+"""η of :func:`dissect` (the same value as ``quantile.DEFAULT_ETA``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +67,7 @@ class LayerDissection:
   best_category: np.ndarray     # (U,) category index (last category wins ties, as NetDissect-Lite)
   best_label: np.ndarray        # (U,) global label number
   score: np.ndarray             # (U,) IoU of best_label
+  top_images: topimages_lib.TopImagesState | None = None  # (U, k) rows/maps, if requested
 
   @property
   def num_units(self) -> int:
@@ -96,6 +114,56 @@ def activation_fn(model, layers: Sequence[str], normalize: Callable = preprocess
   return fn
 
 
+def layer_shapes(model, layers: Sequence[str], image_size: tuple[int, int]
+                 ) -> dict[str, tuple[int, int, int]]:
+  """``{layer: (h, w, U)}`` of ``model``'s activations on (H, W) = ``image_size`` images.
+
+  Traced with ``jax.eval_shape`` (no computation); vector layers give ``(1, 1, U)``.
+  Unknown layer names raise ValueError listing the valid ones.
+  """
+  from nemjax import models as models_lib
+  taps = tuple(dict.fromkeys(layers))
+  upto = models_lib.last_layer(model.arch, taps)
+  apply_fn, state = models_lib.pure_apply(model, taps=taps, upto=upto)
+  x = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+  acts = jax.eval_shape(lambda s, x: apply_fn(s, x)[1], state, x)
+  return {k: (tuple(v.shape[1:]) if len(v.shape) == 4 else (1, 1, v.shape[-1]))
+          for k, v in acts.items()}
+
+
+def _forward_batches(fn, probe: ProbeSet, batch_size: int,
+                     image_overrides: Mapping[int, np.ndarray] | None,
+                     progress: bool | str) -> Iterator[tuple[loader.ProbeBatch,
+                                                             dict[str, np.ndarray]]]:
+  """Yields ``(batch, {layer: (B, h, w, U) float32 host array})`` over the whole probe set.
+
+  Batches are padded to ``batch_size`` (``batch.valid`` marks the real rows). The next
+  batch's forward pass is dispatched before the current one is handed out, so the device
+  computes while the caller works on the host.
+  """
+  def launch(batch):
+    images = batch.images
+    if image_overrides:
+      hit = [j for j, r in enumerate(batch.index) if int(r) in image_overrides]
+      if hit:
+        images = images.astype(np.float32)
+        for j in hit:
+          images[j] = image_overrides[int(batch.index[j])]
+    return batch, fn(images)
+
+  def to_host(acts):
+    acts = {k: np.asarray(v) for k, v in acts.items()}
+    return {k: v[:, None, None, :] if v.ndim == 2 else v for k, v in acts.items()}
+
+  pending = None
+  for batch in loader.iterate_batches(probe, batch_size, pad_last=True, progress=progress):
+    current, pending = pending, launch(batch)
+    if current is not None:
+      yield current[0], to_host(current[1])
+  if pending is not None:
+    yield pending[0], to_host(pending[1])
+
+
 class _ActivationStore:
   """(N, h, w, U) float32 per layer, in RAM or in a memmap under ``workdir``."""
 
@@ -122,56 +190,44 @@ class _ActivationStore:
       self._tmp.cleanup()
 
 
-def extract_activations(
-    model,
-    probe: ProbeSet,
-    layers: Sequence[str],
-    *,
-    batch_size: int = 32,
-    quantile: float = DEFAULT_QUANTILE,
-    mesh: Mesh | None = None,
-    normalize: Callable = preprocess.netdissect_normalize,
-    max_ram_bytes: int = 4 << 30,
-    workdir: Path | None = None,
-    progress: bool = True,
-    image_overrides: Mapping[int, np.ndarray] | None = None,
-):
-  """One model pass: returns ``(store, threshold_states)`` for every layer.
+@dataclasses.dataclass
+class _Streams:
+  """Per-layer streaming state of one pass (all optional, filled on the first batch)."""
+  quantile_q: float | None = None  # update thresholds of ``threshold_layers`` at this q
+  threshold_layers: tuple[str, ...] = ()
+  top_k: int = 0  # running top-k images per unit (0: none)
+  store: _ActivationStore | None = None
+  thresholds: dict[str, quantile_lib.ThresholdState] = dataclasses.field(default_factory=dict)
+  tops: dict[str, topimages_lib.TopImagesState] = dataclasses.field(default_factory=dict)
 
-  ``image_overrides`` maps probe rows to replacement images ((H,W,3), 0..255, uint8 or
-  float32) — a corrupted probe set without writing it to disk.
-
-  ``store.arrays[layer]`` is the (N, h, w, U) float32 activation array (NHWC) in probe row
-  order; vector layers are stored as (N, 1, 1, U).
-  """
-  mesh = make_mesh() if mesh is None else mesh
-  if batch_size % mesh.size:
-    batch_size += mesh.size - batch_size % mesh.size
-  fn = activation_fn(model, layers, normalize=normalize, mesh=mesh)
-  store = _ActivationStore(max_ram_bytes, workdir)
-  states: dict[str, quantile_lib.ThresholdState] = {}
-  n = probe.num_images
-  batches = loader.iterate_batches(probe, batch_size, pad_last=True,
-                                   progress="activations" if progress else False)
-  for batch in batches:
-    images = batch.images
-    if image_overrides:
-      hit = [j for j, r in enumerate(batch.index) if int(r) in image_overrides]
-      if hit:
-        images = images.astype(np.float32)
-        for j in hit:
-          images[j] = image_overrides[int(batch.index[j])]
-    acts = {k: np.asarray(v) for k, v in fn(images).items()}
-    acts = {k: v[:, None, None, :] if v.ndim == 2 else v for k, v in acts.items()}
-    if not store.arrays:
-      store.allocate({k: (n, *v.shape[1:]) for k, v in acts.items()})
-      states = {k: quantile_lib.threshold_init(v.shape[-1], n * v.shape[1] * v.shape[2],
-                                               1.0 - quantile) for k, v in acts.items()}
-    rows = batch.index[batch.valid]
+  def update(self, n: int, batch: loader.ProbeBatch, acts: Mapping[str, np.ndarray]) -> None:
+    """Adds one batch; ``n`` = probe-set size (for the first batch's initialisation)."""
+    valid = batch.valid
     for name, a in acts.items():
-      store.arrays[name][rows] = a[batch.valid]
-      states[name] = quantile_lib.threshold_update(states[name], a, valid=batch.valid)
-  return store, states
+      if name in self.threshold_layers:
+        if name not in self.thresholds:
+          self.thresholds[name] = quantile_lib.threshold_init(
+              a.shape[-1], n * a.shape[1] * a.shape[2], self.quantile_q)
+        self.thresholds[name] = quantile_lib.threshold_update(self.thresholds[name], a,
+                                                              valid=valid)
+      if self.top_k:
+        if name not in self.tops:
+          self.tops[name] = topimages_lib.top_images_init(a.shape[-1], self.top_k, a.shape[1:3])
+        self.tops[name] = topimages_lib.top_images_update(self.tops[name], a, batch.index,
+                                                          valid=valid)
+    if self.store is not None:
+      if not self.store.arrays:
+        self.store.allocate({k: (n, *v.shape[1:]) for k, v in acts.items()})
+      rows = batch.index[valid]
+      for name, a in acts.items():
+        self.store.arrays[name][rows] = a[valid]
+
+
+def _round_batch(batch_size: int, mesh: Mesh) -> int:
+  """``batch_size`` rounded up to a multiple of the mesh's device count."""
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  return int(batch_size) + (-int(batch_size)) % mesh.size
 
 
 def tally_layers(
@@ -228,11 +284,73 @@ def tally_layer(acts: np.ndarray, probe: ProbeSet, thresholds: np.ndarray, **kwa
 
 
 def finish_layer(layer: str, probe: ProbeSet, thresholds: np.ndarray,
-                 state: tally_lib.TallyState) -> LayerDissection:
+                 state: tally_lib.TallyState,
+                 top_images: topimages_lib.TopImagesState | None = None) -> LayerDissection:
+  """IoU and best labels of one tallied layer, as a :class:`LayerDissection`."""
   iou = tally_lib.compute_iou(state, probe.labelcat)
   b = tally_lib.best_labels(iou, probe.primary_category, probe.num_categories)
   return LayerDissection(layer, np.asarray(thresholds, np.float64), state, iou, b.label, b.score,
-                         b.best_category, b.best_label, b.best_score)
+                         b.best_category, b.best_label, b.best_score, top_images)
+
+
+def _check_thresholds(model, probe: ProbeSet, layers: Sequence[str],
+                      thresholds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Given thresholds as (U,) finite float64, checked against the layers' unit counts."""
+  unknown = [k for k in thresholds if k not in layers]
+  if unknown:
+    raise ValueError(f"thresholds given for layers not dissected: {sorted(unknown)} "
+                     f"(dissected: {list(layers)})")
+  if not thresholds:
+    return {}
+  shapes = layer_shapes(model, layers, probe.image_size)
+  out = {}
+  for layer, t in thresholds.items():
+    try:
+      arr = np.asarray(t, np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"thresholds of {layer} must be a numeric (U,) array, got "
+                       f"{type(t).__name__}") from None
+    units = shapes[layer][-1]
+    if arr.shape != (units,):
+      raise ValueError(f"thresholds of {layer} must have shape ({units},) (one per unit), got "
+                       f"{arr.shape}")
+    check_finite(arr, f"thresholds of {layer}")
+    out[layer] = arr
+  return out
+
+
+def _tally_pass(fn, probe: ProbeSet, batch_size: int, thresholds: Mapping[str, np.ndarray],
+                image_overrides, method: str, progress: bool, streams: _Streams,
+                fingerprints: list[float] | None):
+  """Forward pass + tally of every batch against ``thresholds``; feeds ``streams`` too.
+
+  ``fingerprints``: per-batch activation sums of pass 1 to check that this pass saw the same
+  activations (a nondeterministic forward pass would make the result inexact).
+  """
+  n = probe.num_images
+  states: dict[str, tally_lib.TallyState] = {}
+  for i, (batch, acts) in enumerate(_forward_batches(fn, probe, batch_size, image_overrides,
+                                                     "tally" if progress else False)):
+    if fingerprints is not None and _fingerprint(acts) != fingerprints[i]:
+      raise RuntimeError(
+          f"the model's activations on probe rows {batch.index[batch.valid][[0, -1]].tolist()} "
+          "differ between the two passes (a nondeterministic forward pass?), so thresholds and "
+          "tally would not match; use keep_activations=True or deterministic XLA flags")
+    lab = tally_lib.prepare_labels(batch.pixels, batch.scalars, probe.num_labels,
+                                   valid=batch.valid)
+    for name, a in acts.items():
+      if name not in states:
+        states[name] = tally_lib.tally_init(a.shape[-1], probe.num_labels, probe.num_categories)
+      states[name] = tally_lib.tally_update(states[name], a, thresholds[name],
+                                            labelcat=probe.labelcat, valid=batch.valid,
+                                            method=method, labels=lab)
+    streams.update(n, batch, acts)
+  return states
+
+
+def _fingerprint(acts: Mapping[str, np.ndarray]) -> float:
+  """A float64 sum of every activation of a batch (deterministic for equal inputs)."""
+  return float(sum(np.add.reduce(a, axis=None, dtype=np.float64) for a in acts.values()))
 
 
 def dissect(
@@ -247,22 +365,42 @@ def dissect(
     tally_method: str = "auto",
     mesh: Mesh | None = None,
     normalize: Callable = preprocess.netdissect_normalize,
-    max_ram_bytes: int = 4 << 30,
+    max_ram_bytes: int = 1 << 30,
     workdir: Path | None = None,
     progress: bool = True,
     keep_activations: bool = False,
     image_overrides: Mapping[int, np.ndarray] | None = None,
+    num_top_images: int = 0,
 ):
   """Dissects ``layers`` of ``model`` on ``probe``.
 
+  Activations within ``max_ram_bytes`` are kept for one pass; beyond it two streaming passes
+  (see the module docstring), so host memory stays bounded as the probe set grows (apart from
+  the exact thresholds' top-k, ≈ η of the activations).
+
   Args:
-    thresholds: optional ``{layer: (U,) float64}`` used instead of the computed quantiles
-      (to compare with another implementation fed the same thresholds).
+    model: a nemjax model (``model.arch`` names its architecture).
+    probe: from ``nemjax.data.broden.load_probe``.
+    layers: layer names (canonical or aliases), in any order; duplicates are dropped.
+    batch_size: images per forward batch (rounded up to a multiple of the device count).
     quantile: η; the threshold is the (1 − η) quantile of each unit's N·h·w values.
     quantile_method: ``numpy.quantile`` method reproduced exactly (default 'linear').
-    keep_activations: also return the ``{layer: (N,h,w,U)}`` activations (RAM or memmap).
-    image_overrides: ``{row: image (H,W,3) 0..255}`` replacing probe images (see
-      :func:`extract_activations`).
+    thresholds: optional ``{layer: (U,) float}`` used instead of the computed quantiles
+      (to compare with another implementation fed the same thresholds).
+    tally_method: 'auto', 'sparse' or 'dense' (see ``tally.tally_update``).
+    mesh: 1-D device mesh of the forward pass (default all local devices).
+    max_ram_bytes: RAM budget for activations. When all of them (N·Σ h·w·U float32) fit,
+      one forward pass keeps them in RAM and the tally reads them back; beyond it the tally
+      takes a second forward pass and nothing is stored (0: always stream).
+    workdir: ``keep_activations`` beyond ``max_ram_bytes``: the activations go to a float32
+      memmap in a temporary directory under ``workdir``.
+    keep_activations: one forward pass storing every activation, returned as
+      ``{layer: (N,h,w,U)}`` (RAM, or memmap beyond ``max_ram_bytes``); disk grows with the
+      probe set.
+    image_overrides: ``{row: image (H,W,3) 0..255, uint8 or float32}`` replacing probe images
+      in every pass — a corrupted probe set without writing it to disk.
+    num_top_images: keep each unit's ``k`` top-activating images (per-image max) with their
+      maps in ``LayerDissection.top_images`` (for the HTML report); 0 = none.
 
   Returns:
     ``{layer: LayerDissection}`` (and the activations dict if ``keep_activations``).
@@ -270,25 +408,61 @@ def dissect(
   layers = list(dict.fromkeys(layers))
   if not layers:
     raise ValueError("dissect: no layers given")
-  thresholds = dict(thresholds or {})
-  unknown = set(thresholds) - set(layers)
-  if unknown:
-    raise ValueError(f"thresholds given for layers not dissected: {sorted(unknown)}")
-  store, states = extract_activations(
-      model, probe, layers, batch_size=batch_size, quantile=quantile, mesh=mesh,
-      normalize=normalize, max_ram_bytes=max_ram_bytes, workdir=workdir, progress=progress,
-      image_overrides=image_overrides)
-  results = {}
+  if probe.num_images < 1:
+    raise ValueError(f"dissect: the probe set {probe.root} has no images")
+  if not 0.0 <= quantile <= 1.0:
+    raise ValueError(f"dissect: quantile (η) must lie in [0, 1], got {quantile}")
+  if quantile_method not in quantile_lib.QUANTILE_METHODS:
+    raise ValueError(f"dissect: quantile_method {quantile_method!r} is not one of "
+                     f"{', '.join(quantile_lib.QUANTILE_METHODS)}")
+  if tally_method not in ("auto", "sparse", "dense"):
+    raise ValueError(f"dissect: tally_method must be 'auto', 'sparse' or 'dense', got "
+                     f"{tally_method!r}")
+  if int(num_top_images) != num_top_images or num_top_images < 0:
+    raise ValueError(f"dissect: num_top_images must be an integer >= 0, got {num_top_images!r}")
+  mesh = make_mesh() if mesh is None else mesh
+  batch_size = _round_batch(batch_size, mesh)
+  fn = activation_fn(model, layers, normalize=normalize, mesh=mesh)  # validates layer names
+  given = _check_thresholds(model, probe, layers, dict(thresholds or {}))
+  computed = tuple(layer for layer in layers if layer not in given)
+  n = probe.num_images
+  # Activations that fit in max_ram_bytes are kept in RAM during one forward pass and tallied
+  # from there; larger ones take the second, streaming pass (memory stays at the budget).
+  total_bytes = 4 * n * sum(int(np.prod(s)) for s in
+                            layer_shapes(model, layers, probe.image_size).values())
+  store_acts = keep_activations or (bool(computed) and total_bytes <= max_ram_bytes)
+  # Pass 1 is needed for thresholds or to store activations; the top images go with the
+  # first pass that runs.
+  first = _Streams(quantile_q=1.0 - quantile, threshold_layers=computed,
+                   top_k=int(num_top_images),
+                   store=_ActivationStore(max_ram_bytes, workdir) if store_acts else None)
+  run_first = bool(computed) or keep_activations
+  fingerprints: list[float] | None = [] if run_first and not store_acts else None
   try:
-    thr = {layer: (np.asarray(thresholds[layer], np.float64) if layer in thresholds
-                   else quantile_lib.threshold_finalize(states[layer], method=quantile_method))
+    if run_first:
+      for batch, acts in _forward_batches(fn, probe, batch_size, image_overrides,
+                                          "activations" if progress else False):
+        first.update(n, batch, acts)
+        if fingerprints is not None:
+          fingerprints.append(_fingerprint(acts))
+    thr = {layer: (given[layer] if layer in given else
+                   quantile_lib.threshold_finalize(first.thresholds[layer],
+                                                   method=quantile_method))
            for layer in layers}
-    tallies = tally_layers({l: store.arrays[l] for l in layers}, probe, thr, method=tally_method,
-                           progress="tally" if progress else False)
-    for layer in layers:
-      results[layer] = finish_layer(layer, probe, thr[layer], tallies[layer])
+    if store_acts:
+      tallies = tally_layers({l: first.store.arrays[l] for l in layers}, probe, thr,
+                             method=tally_method, progress="tally" if progress else False)
+      tops = first.tops
+    else:
+      second = _Streams(top_k=0 if run_first else int(num_top_images))
+      tallies = _tally_pass(fn, probe, batch_size, thr, image_overrides, tally_method, progress,
+                            second, fingerprints)
+      tops = first.tops if run_first else second.tops
+    results = {layer: finish_layer(layer, probe, thr[layer], tallies[layer], tops.get(layer))
+               for layer in layers}
     if keep_activations:
-      return results, {k: np.asarray(v) for k, v in store.arrays.items()}
+      return results, {k: np.asarray(v) for k, v in first.store.arrays.items()}
     return results
   finally:
-    store.close()
+    if first.store is not None:
+      first.store.close()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from nemjax.data.broden import ProbeSet
-from nemjax.dissect.tally import best_labels
-from nemjax.dissect.report import atomic_save_npy, tally_csv_text, tally_rows, write_json, atomic_write_text
+from nemjax.dissect.report import atomic_save_npy, atomic_write_text, tally_csv_text, tally_rows, write_json
+from nemjax.dissect.tally import BestLabels
 
 
 def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | None = None) -> dict:
@@ -18,11 +18,12 @@ def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | No
   layer = result.layer
   t = result.tally
   units_cat_by_label = np.asarray(t.tally_units_cat, np.float64) @ probe.labelcat.T
+  best = BestLabels(result.category_labels, result.category_scores, result.best_category,
+                    result.best_label, result.score)
   rows = tally_rows(
-      best=best_labels(result.iou, probe.primary_category, probe.num_categories), iou=result.iou, tally_both=np.asarray(t.tally_both, np.float64),
+      best=best, iou=result.iou, tally_both=np.asarray(t.tally_both, np.float64),
       tally_labels=np.asarray(t.tally_labels, np.float64), units_cat_by_label=units_cat_by_label,
-      label_names=list(probe.label_names),
-      category_names=probe.category_names)
+      label_names=list(probe.label_names), category_names=probe.category_names)
   atomic_write_text(out_dir / f"{layer}_tally.csv", tally_csv_text(rows, probe.category_names))
   atomic_save_npy(out_dir / f"{layer}_thresholds.npy", result.thresholds)
   atomic_save_npy(out_dir / f"{layer}_iou.npy", result.iou)

@@ -43,7 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemjax.dissect._checks import check_finite
+
 __all__ = [
+    "DEFAULT_ETA",
     "DEFAULT_Q",
     "NETDISSECT_LITE_Q",
     "QUANTILE_METHODS",
@@ -55,8 +58,10 @@ __all__ = [
     "required_top_k",
 ]
 
-DEFAULT_Q = 1 - 0.005
-"""Top-0.5 % quantile of the Network Dissection paper."""
+DEFAULT_ETA = 0.005
+"""η, the top fraction of each unit's values above its threshold (the paper's 0.5 %)."""
+DEFAULT_Q = 1 - DEFAULT_ETA
+"""Top-0.5 % quantile of the Network Dissection paper (``1 - DEFAULT_ETA``)."""
 NETDISSECT_LITE_Q = 994 / 999
 """The quantile NetDissect-Lite's ``readout(1000)[:, 994]`` actually reads out."""
 
@@ -191,7 +196,10 @@ def _as_rows(acts, num_units: int, layout: str, valid) -> np.ndarray:
       raise ValueError(f"valid must have shape ({a.shape[0]},), got {valid.shape}")
     if not valid.all():
       a = a[valid]
-  return np.ascontiguousarray(a.reshape(-1, num_units), dtype=np.float32)
+  vals = np.ascontiguousarray(a.reshape(-1, num_units), dtype=np.float32)
+  check_finite(vals, "acts (NHWC, valid rows)", a.shape)
+  return vals
+
 
 
 def _top_k_merge(top: np.ndarray, pool: np.ndarray) -> np.ndarray:

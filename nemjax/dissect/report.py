@@ -10,9 +10,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from nemjax.dissect.tally import BestLabels
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

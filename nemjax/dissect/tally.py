@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nemjax.dissect._checks import check_finite
 from nemjax.dissect.upsample import PatchTaps, lerp2_f32, patch_taps, pillow_taps
 
 __all__ = [
@@ -652,6 +653,7 @@ def tally_update(state: TallyState, acts, thresholds, pixels=None, scalars=None,
   thr = np.asarray(thresholds, np.float64)
   if thr.shape != (u_n,):
     raise ValueError(f"thresholds must be ({u_n},), got {thr.shape}")
+  check_finite(thr, "thresholds")
   if a.shape[-1] != u_n:
     raise ValueError(f"acts {np.shape(acts)} ({layout}) has {a.shape[-1]} units, state has {u_n}")
   if labels is None:
@@ -670,6 +672,7 @@ def tally_update(state: TallyState, acts, thresholds, pixels=None, scalars=None,
       raise ValueError(f"valid must have shape ({a.shape[0]},), got {valid.shape}")
     if not valid.all():
       a = a[valid]
+  check_finite(a, "acts (NHWC, valid rows)")
   if labels.code.shape[0] != a.shape[0]:
     raise ValueError(f"labels hold {labels.code.shape[0]} valid images, acts "
                      f"{a.shape[0]}")
