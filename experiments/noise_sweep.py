@@ -3,7 +3,11 @@
     python experiments/noise_sweep.py            # embedded default
 
 % of units whose label changes for σ ∈ {0.01 … 0.05} × poisoned fraction {20 … 100 %} ×
-noise type (gaussian, uniform, bernoulli). Resumable: results.csv is appended as cells finish.
+noise type (gaussian, uniform, bernoulli). Resumable: results.csv is appended as cells finish,
+keyed by (layer, kind, σ, fraction, delivery, seed), so another --seed or --delivery adds rows
+to the same directory; other settings (probe, weights, quantile, batch size) are guarded by
+OUT/config.json. Writes OUT/summary.json and OUT/noise_sweep.png. Every flag is checked before
+any work starts (the embedded model is not trained for a bad flag).
 """
 from __future__ import annotations
 
@@ -14,61 +18,86 @@ import _common
 
 _common.bootstrap()
 
+# Imported after the bootstrap, which re-runs this script inside the project venv.
+from nemjax import embedded  # noqa: E402
+from nemjax.data import broden  # noqa: E402
+from nemjax.models import checkpoint  # noqa: E402
+from nemjax.sweep import checks  # noqa: E402
+from nemjax.sweep.noise_sweep import (  # noqa: E402
+    check_noise_args, check_noise_out_dir, format_noise_table, noise_record, run_noise_sweep)
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--probe", type=Path)
-  p.add_argument("--weights", type=Path)
-  p.add_argument("--arch")
-  p.add_argument("--layers", nargs="+")
+  p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
+  p.add_argument("--weights", type=Path, help="orbax checkpoint from `python -m nemjax.convert`")
+  p.add_argument("--arch", help="architecture check against the checkpoint's metadata")
+  p.add_argument("--layers", nargs="+", help="layers to dissect (default: embedded block3 block4)")
   p.add_argument("--sigmas", nargs="+", type=float, default=[0.01, 0.02, 0.03, 0.04, 0.05])
   p.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8, 1.0])
   p.add_argument("--kinds", nargs="+", default=["gaussian", "uniform", "bernoulli"])
   p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"])
+  p.add_argument("--jpeg-quality", type=int, default=90)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--quantile", type=float, default=0.005)
   p.add_argument("--out", type=Path, default=Path("runs/noise_sweep"))
-  p.add_argument("--cache", type=Path, default=Path("cache/embedded"))
+  p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  if any(s <= 0 for s in args.sigmas):
-    _common.fail(f"--sigmas must be > 0, got {args.sigmas}")
-  if any(not 0 < f <= 1 for f in args.fractions):
-    _common.fail(f"--fractions must lie in (0, 1], got {args.fractions}")
-  if (args.probe is None) != (args.weights is None):
-    _common.fail("give both --probe and --weights, or neither (embedded default)")
-  from nemjax import models
-  from nemjax.data import broden
-  from nemjax.models import checkpoint
-  from nemjax.sweep.noise_sweep import format_noise_table, run_noise_sweep
   progress = not args.no_progress
-  if args.probe is None:
-    from nemjax.embedded import build_embedded_default
-    d = build_embedded_default(args.cache, seed=args.seed, progress=progress)
-    probe_dir, weights, layers = d.probe_dir, d.checkpoint_dir, args.layers or list(d.layers)
-  else:
-    probe_dir, weights, layers = args.probe, args.weights, args.layers
-    if not layers:
-      _common.fail("--layers is required with --weights")
+  grid = dict(sigmas=args.sigmas, fractions=args.fractions, kinds=args.kinds,
+              delivery=args.delivery, jpeg_quality=args.jpeg_quality, seed=args.seed,
+              batch_size=args.batch_size, quantile=args.quantile)
   try:
-    probe = broden.load_probe(probe_dir)
-    model = checkpoint.load(weights, arch=args.arch)
-    for layer in layers:
-      models.canonical_layer(model.arch, layer)
-    rows = run_noise_sweep(model, probe, layers, args.out, sigmas=args.sigmas,
-                           fractions=args.fractions, kinds=args.kinds, delivery=args.delivery,
-                           seed=args.seed, batch_size=args.batch_size, progress=progress)
+    check_noise_args(**grid)
+    if (args.probe is None) != (args.weights is None):
+      raise ValueError("give both --probe and --weights, or neither (embedded default)")
+    if args.probe is None:
+      if args.arch not in (None, embedded.ARCH):
+        raise ValueError(f"--arch {args.arch}: the embedded default is {embedded.ARCH!r}")
+      paths = embedded.cache_paths(args.cache, args.seed)
+      probe_dir, weights = paths.probe_dir, paths.checkpoint_dir
+      layers = args.layers or list(embedded.LAYERS)
+      model, probe = embedded.abstract_model(), None
+      image_size = (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
+    else:
+      if not args.weights.exists():
+        raise ValueError(f"--weights: checkpoint directory not found: {args.weights}")
+      if not (args.probe / "index.csv").exists():
+        raise ValueError(f"--probe: no index.csv in {args.probe}")
+      if not args.layers:
+        raise ValueError("--layers is required with --weights")
+      probe_dir, weights, layers = args.probe, args.weights, args.layers
+      model, probe = checkpoint.load(weights, arch=args.arch), broden.load_probe(args.probe)
+      image_size = tuple(probe.image_size)
+    checks.spatial_widths(model, layers, image_size)
+    run_info = {"probe": str(Path(probe_dir).resolve()), "weights": str(Path(weights).resolve()),
+                "arch": model.arch}
+    check_noise_out_dir(args.out, noise_record(batch_size=args.batch_size, quantile=args.quantile,
+                                               jpeg_quality=args.jpeg_quality, run_info=run_info))
+  except (ValueError, FileNotFoundError) as e:
+    _common.fail(str(e))
+
+  try:
+    if args.probe is None:
+      embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
+      model = checkpoint.load(weights, arch=embedded.ARCH)
+      probe = broden.load_probe(probe_dir)
+    rows = run_noise_sweep(model, probe, layers, args.out, progress=progress, run_info=run_info,
+                           **grid)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
   for layer in layers:
     for kind in args.kinds:
-      print(f"\n% of {layer} units whose label changed, {kind} noise\n")
+      print(f"\n% of {layer} units whose label changed, {kind} noise "
+            f"({args.delivery} delivery, seed {args.seed})\n")
       print(format_noise_table(rows, layer, kind))
-  print(f"\nwrote {args.out}/results.csv")
+  print(f"\nwrote {args.out}/results.csv, summary.json, noise_sweep.png")
 
 
 if __name__ == "__main__":

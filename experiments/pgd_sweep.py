@@ -3,10 +3,12 @@
     python experiments/pgd_sweep.py                      # embedded default, < 10 min on 2 CPU cores
 
 With no arguments: a synthetic Broden-format probe set and a SmallCNN trained on it (cached in
-cache/embedded), layers block3 and block4, 8 labelled units each, ε ∈ {2,4,6}/255, modes U2
-and targeted. Results are appended to OUT/results.csv as they finish; re-running the same
-command resumes. Writes OUT/summary.json, OUT/pgd_sweep.png and the clean dissection in
-OUT/clean/.
+cache/embedded/seed<S>), layers block3 and block4, 8 labelled units each, ε ∈ {2,4,6}/255,
+modes U2 and targeted, plus the control `noise` (random ±ε sign noise on the images U2
+poisons). Results are appended to OUT/results.csv as they finish; re-running the same command
+resumes. Writes OUT/summary.json, OUT/pgd_sweep.png and the clean dissection in OUT/clean/.
+Every flag is checked before any work starts (the embedded model is not trained for a bad
+flag).
 """
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ from pathlib import Path
 import _common
 
 _common.bootstrap()
+
+# Imported after the bootstrap, which re-runs this script inside the project venv.
+from nemjax import embedded  # noqa: E402
+from nemjax.data import broden  # noqa: E402
+from nemjax.models import checkpoint  # noqa: E402
+from nemjax.sweep import checks, pgd_sweep  # noqa: E402
+from nemjax.sweep.store import ResultsStore  # noqa: E402
+from nemjax.sweep.verify import export_and_verify, export_delivery, verified  # noqa: E402
+
+DEFAULT_MODES = ["u2", "targeted", "noise"]
 
 
 def parse_args(argv=None):
@@ -30,11 +42,13 @@ def parse_args(argv=None):
   p.add_argument("--eps", nargs="+", type=float, default=[2, 4, 6], help="ε values in /255 units")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--step-size", type=float, help="in /255 units (default 2ε/steps)")
-  p.add_argument("--modes", nargs="+", default=["u2", "targeted"], help="u2, targeted, u1")
+  p.add_argument("--modes", nargs="+", default=DEFAULT_MODES,
+                 help=f"among {', '.join(pgd_sweep.MODES)} (noise: random ±ε control)")
   p.add_argument("--mask-source", default="labels", choices=["labels", "clean"],
                  help="concept masks from ground-truth labels or from the clean run (Eq. 8)")
   p.add_argument("--poison-fraction", type=float, default=0.1, help="cap on poisoned images / N")
-  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"])
+  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
+                 help="uint8/jpeg also measure the float result and report its survival")
   p.add_argument("--jpeg-quality", type=int, default=90)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=32)
@@ -51,63 +65,78 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def check_plain_flags(args) -> None:
+  """Checks that need nothing loaded; ValueError with the flag's name."""
+  if any(e <= 0 for e in args.eps):
+    raise ValueError(f"--eps values must be > 0 (in /255 units), got {args.eps}")
+  if args.steps < 1:
+    raise ValueError(f"--steps must be >= 1, got {args.steps}")
+  if args.step_size is not None and args.step_size <= 0:
+    raise ValueError(f"--step-size must be > 0, got {args.step_size}")
+  bad = [m for m in args.modes if m not in pgd_sweep.MODES]
+  if bad:
+    raise ValueError(f"--modes must be among {list(pgd_sweep.MODES)}, got {bad}")
+  if not 0 < args.poison_fraction <= 1:
+    raise ValueError(f"--poison-fraction must lie in (0, 1], got {args.poison_fraction}")
+  if not 0 < args.quantile < 1:
+    raise ValueError(f"--quantile must lie in (0, 1), got {args.quantile}")
+  if not 1 <= args.jpeg_quality <= 100:
+    raise ValueError(f"--jpeg-quality must lie in [1, 100], got {args.jpeg_quality}")
+  for flag in ("num_units", "batch_size", "units_per_call"):
+    if getattr(args, flag) < 1:
+      raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  if args.seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {args.seed}")
+  if (args.probe is None) != (args.weights is None):
+    raise ValueError("give both --probe and --weights, or neither (embedded default)")
+  if args.weights is not None and not args.weights.exists():
+    raise ValueError(f"--weights: checkpoint directory not found: {args.weights}")
+  if args.probe is not None and not (args.probe / "index.csv").exists():
+    raise ValueError(f"--probe: no index.csv in {args.probe}")
+  if args.probe is not None and not args.layers:
+    raise ValueError("--layers is required with --weights")
+  if args.probe is None and args.arch not in (None, embedded.ARCH):
+    raise ValueError(f"--arch {args.arch}: the embedded default is {embedded.ARCH!r} "
+                     "(give --probe and --weights for another model)")
+  if (args.export_unit is None) != (args.export_dir is None):
+    raise ValueError("--export-unit and --export-dir go together")
+  if args.export_unit is None:
+    for flag in ("export_eps", "export_mode"):
+      if getattr(args, flag) is not None:
+        raise ValueError(f"--{flag.replace('_', '-')} needs --export-unit and --export-dir")
+  else:
+    if args.export_mode is not None and args.export_mode not in args.modes:
+      raise ValueError(f"--export-mode {args.export_mode!r} must be one of --modes {args.modes}")
+    if args.export_eps is not None and args.export_eps <= 0:
+      raise ValueError(f"--export-eps must be > 0 (in /255 units), got {args.export_eps}")
+    if args.export_dir.exists() and not args.overwrite:
+      raise ValueError(f"--export-dir {args.export_dir} exists; pass --overwrite to replace it")
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
-  fail = _common.fail
-  # --- flag checks that need nothing loaded -------------------------------------------------
-  if any(e <= 0 for e in args.eps):
-    fail(f"--eps values must be > 0 (in /255 units), got {args.eps}")
-  if args.steps < 1:
-    fail(f"--steps must be >= 1, got {args.steps}")
-  if args.step_size is not None and args.step_size <= 0:
-    fail(f"--step-size must be > 0, got {args.step_size}")
-  if not 0 < args.poison_fraction <= 1:
-    fail(f"--poison-fraction must lie in (0, 1], got {args.poison_fraction}")
-  if not 0 < args.quantile < 1:
-    fail(f"--quantile must lie in (0, 1), got {args.quantile}")
-  if (args.probe is None) != (args.weights is None):
-    fail("give both --probe and --weights, or neither (embedded default)")
-  if args.weights is not None and not args.weights.exists():
-    fail(f"--weights: checkpoint directory not found: {args.weights}")
-  if args.probe is not None and not (args.probe / "index.csv").exists():
-    fail(f"--probe: no index.csv in {args.probe}")
-  if (args.export_unit is None) != (args.export_dir is None):
-    fail("--export-unit and --export-dir go together")
-  units = None
-  if args.units:
-    units = {}
-    for spec in args.units:
-      layer, sep, us = spec.partition(":")
-      try:
-        units[layer] = tuple(int(u) for u in us.split(",") if u)
-      except ValueError:
-        fail(f"--units entry {spec!r} must be LAYER:U1,U2,...")
-      if not sep or not units[layer]:
-        fail(f"--units entry {spec!r} must be LAYER:U1,U2,...")
-
-  from nemjax.data import broden
-  from nemjax import models
-  from nemjax.models import checkpoint
-  from nemjax.sweep import pgd_sweep
-
   progress = not args.no_progress
-  if args.probe is None:
-    from nemjax.embedded import build_embedded_default
-    default = build_embedded_default(args.cache, seed=args.seed, progress=progress)
-    probe_dir, weights, layers = default.probe_dir, default.checkpoint_dir, args.layers or list(default.layers)
-  else:
-    probe_dir, weights, layers = args.probe, args.weights, args.layers
-    if not layers:
-      fail("--layers is required with --weights")
   try:
-    probe = broden.load_probe(probe_dir)
-    model = checkpoint.load(weights, arch=args.arch)
-    for layer in layers:
-      models.canonical_layer(model.arch, layer)
+    check_plain_flags(args)
+    units = checks.parse_units(args.units) if args.units else None
+    export = checks.parse_layer_unit(args.export_unit) if args.export_unit else None
+    # What will be attacked, checked on a shape-only model: the embedded one is not trained
+    # (nor its probe set generated) until every flag has passed.
+    if args.probe is None:
+      paths = embedded.cache_paths(args.cache, args.seed)
+      probe_dir, weights = paths.probe_dir, paths.checkpoint_dir
+      layers = args.layers or list(embedded.LAYERS)
+      model, probe = embedded.abstract_model(), None
+      image_size = (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
+    else:
+      probe_dir, weights, layers = args.probe, args.weights, args.layers
+      model, probe = checkpoint.load(weights, arch=args.arch), broden.load_probe(args.probe)
+      image_size = tuple(probe.image_size)
+    widths = checks.spatial_widths(model, layers, image_size)
     if units:
-      unknown = set(units) - set(layers)
-      if unknown:
-        fail(f"--units names layers not in --layers: {sorted(unknown)}")
+      checks.check_units(units, widths)
+    if export:
+      checks.check_units({export[0]: (export[1],)}, widths, flag="--export-unit")
     config = pgd_sweep.PGDSweepConfig(
         layers=tuple(layers), units=units, num_units=args.num_units,
         eps=tuple(e / 255 for e in args.eps), steps=args.steps,
@@ -117,45 +146,54 @@ def main(argv=None) -> None:
         jpeg_quality=args.jpeg_quality, seed=args.seed, batch_size=args.batch_size,
         units_per_call=args.units_per_call, quantile=args.quantile)
     config.validate()
+    run_info = {"probe": str(Path(probe_dir).resolve()), "weights": str(Path(weights).resolve()),
+                "arch": model.arch}
+    pgd_sweep.check_out_dir(args.out, pgd_sweep.run_record(config, run_info))
   except (ValueError, FileNotFoundError) as e:
-    fail(str(e))
-  # unit ranges are checked against the layer width before any attack starts
-  import jax.numpy as jnp
-  import numpy as np
-  if units:
-    for layer, us in units.items():
-      fn = pgd_sweep.features_fn_for(model, layer)
-      import jax
-      width = jax.eval_shape(fn, jnp.zeros((1, *probe.image_size, 3), jnp.float32)).shape[-1]
-      bad = [u for u in us if not 0 <= u < width]
-      if bad:
-        fail(f"--units: {bad} out of range for layer {layer} with {width} units")
+    _common.fail(str(e))
 
-  run_info = {"probe": str(Path(probe_dir).resolve()), "weights": str(Path(weights).resolve()),
-              "arch": model.arch}
+  # --- work: build the embedded default if needed, load, sweep ---------------------------
   try:
+    if args.probe is None:
+      embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
+      model = checkpoint.load(weights, arch=embedded.ARCH)
+      probe = broden.load_probe(probe_dir)
     summary = pgd_sweep.run_pgd_sweep(model, probe, config, args.out, progress=progress,
                                       run_info=run_info)
-  except ValueError as e:
-    fail(str(e))
+  except (ValueError, FileNotFoundError) as e:
+    _common.fail(str(e))
   print("\n% of units manipulated (units attacked in parentheses); "
-        "untargeted = label changed, targeted = label became the target\n")
+        "untargeted = label changed, targeted = label became the target, "
+        "noise = label changed by random ±ε sign noise on the images U2 poisons\n")
   print(pgd_sweep.format_table(summary))
+  survival = pgd_sweep.format_survival_table(summary)
+  if survival:
+    print(f"\n{args.delivery} delivery: % manipulated as floats -> as delivered; survived = "
+          "float successes that still succeed once delivered\n")
+    print(survival)
   pgd_sweep.plot_summary(summary, args.out / "pgd_sweep.png")
   print(f"\nwrote {args.out}/results.csv, summary.json, pgd_sweep.png")
 
-  if args.export_unit:
-    from nemjax.sweep.verify import export_and_verify
-    layer, _, unit = args.export_unit.partition(":")
-    if layer not in layers or not unit.isdigit():
-      fail(f"--export-unit must be LAYER:UNIT with LAYER among {layers}")
-    eps = (args.export_eps if args.export_eps else max(args.eps)) / 255
+  if export:
+    layer, unit = export
+    eps = (args.export_eps if args.export_eps is not None else max(args.eps)) / 255
     mode = args.export_mode or args.modes[0]
-    rep = export_and_verify(model, probe, config, layer, int(unit), eps, mode, args.export_dir,
-                            overwrite=args.overwrite, progress=progress)
-    print(f"exported {rep['n_poisoned']} poisoned images to {rep['export_dir']}: claimed label "
-          f"{rep['claimed_label']!r}, re-dissected label {rep['measured_label']!r}, match={rep['match']}")
-    if not rep["match"]:
+    stored = ResultsStore(args.out / "results.csv", pgd_sweep.RESULT_FIELDS,
+                          pgd_sweep.KEY_FIELDS).get(layer=layer, unit=unit, eps=eps, mode=mode)
+    if export_delivery(args.delivery) != args.delivery:
+      print(f"\nnote: the sweep measured float images; the export writes them quantised to "
+            f"{export_delivery(args.delivery)} (image files hold 8-bit pixels)")
+    rep = export_and_verify(model, probe, config, layer, unit, eps, mode, args.export_dir,
+                            stored_row=stored, overwrite=args.overwrite, progress=progress)
+    print(f"exported {rep['n_poisoned']} poisoned images ({rep['export_delivery']}) to "
+          f"{rep['export_dir']}: claimed label {rep['claimed_label']!r}, re-dissected label "
+          f"{rep['measured_label']!r}, match={rep['match']}")
+    if stored is None:
+      print("no stored results row for this (layer, unit, ε, mode): compared with the re-run only")
+    else:
+      print(f"stored results row: label {rep['stored_label']!r}, reproduced by the re-run="
+            f"{rep['stored_consistent']}, found in the export={rep['stored_survives']}")
+    if not verified(rep):
       sys.exit(1)
 
 

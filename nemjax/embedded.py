@@ -1,22 +1,31 @@
 """The embedded default: a synthetic Broden-format probe set and a SmallCNN trained on it.
 
 Everything runs offline. Artefacts are cached in an explicit directory chosen by the caller
-(``experiments/`` scripts use ``./cache/embedded``), so a second run skips generation and
-training::
+(``experiments/`` scripts use ``./cache/embedded``), one sub-directory per seed, so a second
+run with the same seed skips generation and training and another seed never reuses them::
 
     default = build_embedded_default(Path("cache/embedded"), seed=0)
     model = nemjax.models.checkpoint.load(default.checkpoint_dir)
 
 Layout of the cache directory::
 
-    probe/       synthetic probe set (Broden format) that is dissected and attacked
-    train/       a second synthetic set (another seed) the classifier is trained on
-    smallcnn/    orbax checkpoint + metadata.json (includes train/probe accuracy)
+    seed<S>/spec.json  what the artefacts were built with (seed, sizes, training settings);
+                       a call with other settings is refused rather than silently served
+    seed<S>/probe/     synthetic probe set (Broden format) that is dissected and attacked
+    seed<S>/train/     a second synthetic set (seed S + 1000) the classifier is trained on
+    seed<S>/smallcnn/  orbax checkpoint + metadata.json (includes train/probe accuracy)
+
+Before building anything, :func:`cache_paths` gives the paths and :func:`abstract_model` a
+shape-only model (``jax.ShapeDtypeStruct`` leaves), enough to check layer names and unit
+ranges without training.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -27,11 +36,36 @@ from flax import nnx
 
 from nemjax import preprocess
 from nemjax.data import broden, loader, synthetic
-from nemjax.models import build, checkpoint
+from nemjax.dissect.report import write_json
+from nemjax.models import build, checkpoint, registry
 from nemjax.training import evaluate_accuracy, fit_classifier
 
 ARCH = "smallcnn"
 LAYERS = ("block3", "block4")
+IMAGE_SIZE = 224      # side of the synthetic images (pixels)
+NUM_SCENES = 4        # scene classes of the synthetic sets = the classifier's outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedPaths:
+  """Where the embedded default of one seed lives (nothing need exist yet)."""
+  root: Path            # <cache>/seed<S>
+  probe_dir: Path
+  train_dir: Path
+  checkpoint_dir: Path
+
+
+def cache_paths(cache_dir: Path, seed: int = 0) -> EmbeddedPaths:
+  """The paths :func:`build_embedded_default` uses for ``seed``; builds nothing."""
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"embedded default: seed must be an int >= 0, got {seed!r}")
+  root = Path(cache_dir) / f"seed{seed}"
+  return EmbeddedPaths(root, root / "probe", root / "train", root / ARCH)
+
+
+def abstract_model() -> nnx.Module:
+  """The embedded SmallCNN with ``jax.ShapeDtypeStruct`` leaves: no memory, no training."""
+  return registry.build_abstract(ARCH, NUM_SCENES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +92,36 @@ def _hflip(key: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
+def _check_spec(path: Path, spec: dict) -> None:
+  """Writes ``spec`` to ``path``, or checks that the one already there is the same."""
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old != spec:
+      diff = {k: (old.get(k), v) for k, v in spec.items() if old.get(k) != v}
+      raise ValueError(f"embedded cache {path.parent} was built with other settings "
+                       f"(cached, requested): {diff}; use another cache directory")
+  else:
+    write_json(path, spec)
+
+
+def _make_probe_set_atomic(out_dir: Path, **kwargs) -> None:
+  """Generates a synthetic probe set in a temporary sibling directory, then renames it."""
+  if (out_dir / "index.csv").exists():
+    return
+  if out_dir.exists():  # a partial set from an older, non-atomic writer
+    shutil.rmtree(out_dir)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    synthetic.make_probe_set(tmp, overwrite=True, **kwargs)
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:  # another process finished first: keep its (identical) set
+      if not (out_dir / "index.csv").exists():
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_embedded_default(
     cache_dir: Path,
     *,
@@ -69,18 +133,34 @@ def build_embedded_default(
     learning_rate: float = 2e-3,
     progress: bool = True,
 ) -> EmbeddedDefault:
-  """Generates (once) the probe and training sets and trains (once) the SmallCNN."""
-  cache_dir = Path(cache_dir)
-  probe_dir, train_dir, ckpt_dir = cache_dir / "probe", cache_dir / "train", cache_dir / ARCH
-  if not (probe_dir / "index.csv").exists():
-    synthetic.make_probe_set(probe_dir, num_images=num_probe_images, seed=seed, overwrite=True)
-  if not (train_dir / "index.csv").exists():
-    synthetic.make_probe_set(train_dir, num_images=num_train_images, seed=seed + 1000, overwrite=True)
+  """Generates (once) the probe and training sets and trains (once) the SmallCNN.
+
+  Args:
+    cache_dir: cache root; artefacts go to ``cache_dir/seed<seed>/`` (see the module docstring).
+    seed: seeds the probe set (``seed``), the training set (``seed + 1000``), the initial
+      weights and the training order.
+    num_probe_images, num_train_images, epochs, batch_size, learning_rate: recorded in
+      ``spec.json``; a cache built with other values raises ValueError.
+    progress: progress bars while training.
+
+  Returns:
+    The paths and the checkpoint's metadata.
+  """
+  paths = cache_paths(cache_dir, seed)
+  spec = {"arch": ARCH, "seed": seed, "image_size": IMAGE_SIZE, "num_scenes": NUM_SCENES,
+          "num_probe_images": num_probe_images, "num_train_images": num_train_images,
+          "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+  paths.root.mkdir(parents=True, exist_ok=True)
+  _check_spec(paths.root / "spec.json", spec)
+  probe_dir, train_dir, ckpt_dir = paths.probe_dir, paths.train_dir, paths.checkpoint_dir
+  _make_probe_set_atomic(probe_dir, num_images=num_probe_images, image_size=IMAGE_SIZE,
+                         num_scenes=NUM_SCENES, seed=seed)
+  _make_probe_set_atomic(train_dir, num_images=num_train_images, image_size=IMAGE_SIZE,
+                         num_scenes=NUM_SCENES, seed=seed + 1000)
   if not (ckpt_dir / "metadata.json").exists():
     x_train, y_train = _scene_dataset(train_dir, progress)
     x_probe, y_probe = _scene_dataset(probe_dir, progress)
-    num_classes = int(max(y_train.max(), y_probe.max()) + 1)
-    model = build(ARCH, num_classes=num_classes, rngs=nnx.Rngs(seed))
+    model = build(ARCH, num_classes=NUM_SCENES, rngs=nnx.Rngs(seed))
     model, history = fit_classifier(
         model, x_train, y_train, key=jax.random.key(seed), epochs=epochs, batch_size=batch_size,
         optimizer=optax.adam(learning_rate), augment=_hflip, progress=progress)
@@ -92,6 +172,10 @@ def build_embedded_default(
         "seed": seed,
         "task": "scene classification on the synthetic probe set",
     }
-    checkpoint.save(model, ckpt_dir, arch=ARCH, num_classes=num_classes, extra_meta=meta)
+    checkpoint.save(model, ckpt_dir, arch=ARCH, num_classes=NUM_SCENES, extra_meta=meta)
   metadata = json.loads((ckpt_dir / "metadata.json").read_text())
+  cached_seed = metadata.get("extra", {}).get("seed")
+  if cached_seed != seed:
+    raise ValueError(f"embedded cache {ckpt_dir} holds a model trained with seed {cached_seed}, "
+                     f"expected {seed}")
   return EmbeddedDefault(probe_dir, train_dir, ckpt_dir, ARCH, LAYERS, metadata)

@@ -320,6 +320,11 @@ def test_u2_random_targets_deterministic_and_never_source():
   assert set(t1.tolist()) == set(cands.tolist())        # every candidate is reachable
   with pytest.raises(ValueError, match="candidates"):
     P.random_targets(jax.random.key(0), [4], [4])
+  # Concept 0 (Broden's "no label") is never a target.
+  t0 = np.asarray(P.random_targets(jax.random.key(2), np.arange(0, 4), np.full(200, 1)))
+  assert set(t0.tolist()) == {2, 3}
+  with pytest.raises(ValueError, match="candidates"):
+    P.random_targets(jax.random.key(0), [0, 4], [4])
   # U2 runs as the targeted objective with the random target's masks.
   feats, x, units, src, tgt = _attack_problem(9)
   attack = P.make_act_avg_attack(feats, eps=4 / 255, steps=4, objective="u2")
@@ -363,6 +368,15 @@ def test_pgd_bad_args():
     attack(x, units[:3], src, tgt)
   with pytest.raises(ValueError, match="units"):
     P.targeted_loss(feats, x, units.at[0].set(6), src, tgt)
+  # The unit range is checked on the host, before anything is jitted, for every loop kind.
+  for loop in P.LOOPS:
+    a = P.make_act_avg_attack(feats, eps=0.01, steps=1, loop=loop)
+    with pytest.raises(ValueError, match=r"units must lie in \[0, 6\)"):
+      a(x, units.at[0].set(6), src, tgt)
+    with pytest.raises(ValueError, match="units must lie"):
+      a(x, units.at[1].set(-1), src, tgt)
+  with pytest.raises(ValueError, match="concrete"):
+    jax.jit(lambda u: P.check_unit_range(u, 6, "f") or u)(units)
   with pytest.raises(ValueError, match="features_fn"):
     P.untargeted_loss(lambda z: z[..., 0], x, units, src)
 

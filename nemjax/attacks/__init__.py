@@ -40,14 +40,17 @@ from nemjax.attacks.noise import (
   uniform_noise,
 )
 from nemjax.attacks.pgd import (
+  check_unit_range,
   init_adv,
   make_act_avg_attack,
+  objective_weights,
   pgd_step,
   project_linf,
   random_targets,
   sign_descent,
   targeted_loss,
   untargeted_loss,
+  weighted_loss,
 )
 
 __all__ = [
@@ -58,6 +61,7 @@ __all__ = [
   "NOISE_KINDS", "bernoulli_noise", "corrupt", "gaussian_noise", "select_fraction",
   "uniform_noise",
   "cpu_fast_grad",
-  "init_adv", "make_act_avg_attack", "pgd_step", "project_linf",
-  "random_targets", "sign_descent", "targeted_loss", "untargeted_loss",
+  "check_unit_range", "init_adv", "make_act_avg_attack", "objective_weights", "pgd_step",
+  "project_linf", "random_targets", "sign_descent", "targeted_loss", "untargeted_loss",
+  "weighted_loss",
 ]

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemjax.attacks._checks import check_images, is_number
+
 __all__ = ["NOISE_KINDS", "gaussian_noise", "uniform_noise", "bernoulli_noise",
            "select_fraction", "corrupt"]
 
@@ -37,23 +39,14 @@ NoiseKind = Literal["gaussian", "uniform", "bernoulli"]
 NOISE_KINDS = ("gaussian", "uniform", "bernoulli")
 
 
-def _check_images(x: jax.Array, fn: str) -> jax.Array:
-  x = jnp.asarray(x)
-  if x.ndim != 4:
-    raise ValueError(f"{fn}: x must be NHWC (N, H, W, C), got shape {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{fn}: x must be floating point in [0, 1], got dtype {x.dtype}")
-  return x
-
-
 def _check_sigma(sigma, fn: str) -> None:
-  if isinstance(sigma, (int, float, np.number)) and not sigma >= 0:
+  if is_number(sigma) and not sigma >= 0:
     raise ValueError(f"{fn}: sigma must be >= 0, got {sigma}")
 
 
 def gaussian_noise(key: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
   """``clip(x + σ·N(0, 1), 0, 1)``; x (N, H, W, C) -> same shape and dtype."""
-  x = _check_images(x, "gaussian_noise")
+  x = check_images(x, "gaussian_noise")
   _check_sigma(sigma, "gaussian_noise")
   eps = jax.random.normal(key, x.shape, x.dtype)
   return jnp.clip(x + sigma * eps, 0.0, 1.0)
@@ -64,7 +57,7 @@ def uniform_noise(key: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
 
   σ is the bound of the noise (its std is σ/√3), as in the paper's ``(2u − 1)·σ``.
   """
-  x = _check_images(x, "uniform_noise")
+  x = check_images(x, "uniform_noise")
   _check_sigma(sigma, "uniform_noise")
   eps = jax.random.uniform(key, x.shape, x.dtype, minval=-1.0, maxval=1.0)
   return jnp.clip(x + sigma * eps, 0.0, 1.0)
@@ -85,9 +78,9 @@ def bernoulli_noise(key: jax.Array, x: jax.Array, sigma: float, p: float = 0.5) 
   Returns:
     (N, H, W, C), dtype of x.
   """
-  x = _check_images(x, "bernoulli_noise")
+  x = check_images(x, "bernoulli_noise")
   _check_sigma(sigma, "bernoulli_noise")
-  if isinstance(p, (int, float, np.number)) and not 0.0 <= p <= 1.0:
+  if is_number(p) and not 0.0 <= p <= 1.0:
     raise ValueError(f"bernoulli_noise: p must be in [0, 1], got {p}")
   b = jax.random.bernoulli(key, p, x.shape)
   return jnp.clip(x + jnp.where(b, sigma, -sigma).astype(x.dtype), 0.0, 1.0)
@@ -130,7 +123,7 @@ def corrupt(key: jax.Array, x: jax.Array, kind: NoiseKind, sigma: float,
   Returns:
     (N, H, W, C): noisy and clipped where ``mask``, ``x`` unchanged elsewhere.
   """
-  x = _check_images(x, "corrupt")
+  x = check_images(x, "corrupt")
   fns = {"gaussian": gaussian_noise, "uniform": uniform_noise, "bernoulli": bernoulli_noise}
   if kind not in fns:
     raise ValueError(f"corrupt: kind must be one of {NOISE_KINDS}, got {kind!r}")

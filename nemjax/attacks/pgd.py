@@ -50,6 +50,7 @@ import numpy as np
 
 from nemjax.attacks import act_avg as aa
 from nemjax.attacks import fastgrad
+from nemjax.attacks._checks import check_images, is_number, is_traced
 
 __all__ = [
   "LossFn",
@@ -63,6 +64,9 @@ __all__ = [
   "pgd",
   "targeted_loss",
   "untargeted_loss",
+  "objective_weights",
+  "weighted_loss",
+  "check_unit_range",
   "random_targets",
   "make_act_avg_attack",
 ]
@@ -78,31 +82,18 @@ OBJECTIVES = ("targeted", "u1", "u2")
 # ---------------------------------------------------------------------------------------------
 # Argument checks (raise before anything reaches JAX).
 
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-
-
 def _check_hparams(eps, steps, step_size, fn: str) -> float:
   """Validates eps, steps, step_size; returns the step size (default 2·eps/steps)."""
-  if not _is_number(eps) or not eps > 0:
+  if not is_number(eps) or not eps > 0:
     raise ValueError(f"{fn}: eps must be a number > 0, got {eps!r}")
   if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
     raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
   if step_size is None:
     return 2.0 * float(eps) / int(steps)
-  if not _is_number(step_size) or not step_size > 0:
+  if not is_number(step_size) or not step_size > 0:
     raise ValueError(f"{fn}: step_size must be a number > 0 (or None for 2*eps/steps), "
                      f"got {step_size!r}")
   return float(step_size)
-
-
-def _check_images(x, fn: str) -> jax.Array:
-  x = jnp.asarray(x)
-  if x.ndim != 4:
-    raise ValueError(f"{fn}: x must be NHWC (N, H, W, C) in [0, 1], got shape {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{fn}: x must be floating point, got dtype {x.dtype}")
-  return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +177,7 @@ def pgd(loss_fn: LossFn, x: jax.Array, *, eps: float, steps: int,
     ``trajectory`` (steps + 1, N, H, W, C) holding the start point and each step's iterate
     (the scan loop is then used).
   """
-  x = _check_images(x, "pgd")
+  x = check_images(x, "pgd")
   alpha = _check_hparams(eps, steps, step_size, "pgd")
   if loop not in ("fori", "scan", "unroll"):
     raise ValueError(f"pgd: loop must be 'fori', 'scan' or 'unroll', got {loop!r}")
@@ -227,8 +218,9 @@ def _act_shape(features_fn: FeaturesFn, x: jax.Array, fn: str) -> tuple[int, int
   return tuple(out.shape[1:])  # (h, w, U)
 
 
-def _check_units_masks(x: jax.Array, units, masks, name: str, fn: str,
-                       n_units: int) -> tuple[jax.Array, jax.Array]:
+def _check_units_masks(x: jax.Array, units, masks, name: str, fn: str
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Shape and dtype checks of ``units`` (N,) int and ``masks`` (N, sh, sw) against x."""
   units, masks = jnp.asarray(units), jnp.asarray(masks)
   n = x.shape[0]
   if units.shape != (n,) or not jnp.issubdtype(units.dtype, jnp.integer):
@@ -237,13 +229,61 @@ def _check_units_masks(x: jax.Array, units, masks, name: str, fn: str,
   if masks.ndim != 3 or masks.shape[0] != n:
     raise ValueError(f"{fn}: {name} must be ({n}, sh, sw) to match x {x.shape}, "
                      f"got {masks.shape}")
-  try:  # concrete units: range check (skipped under tracing)
-    u = np.asarray(units)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    u = None
-  if u is not None and u.size and (u.min() < 0 or u.max() >= n_units):
-    raise ValueError(f"{fn}: units must lie in [0, {n_units}), got min {u.min()} max {u.max()}")
   return units, masks
+
+
+def check_unit_range(units, n_units: int, fn: str) -> None:
+  """Raises ValueError unless every entry of the concrete ``units`` lies in [0, n_units).
+
+  The range of a traced array cannot be read, so this refuses one: check on the host, before
+  ``jax.jit`` (out-of-range indices inside a jitted gather are clamped silently).
+  """
+  if is_traced(units):
+    raise ValueError(f"{fn}: units must be concrete to check their range against the layer's "
+                     f"{n_units} units; check them before jax.jit")
+  u = np.asarray(units)
+  if u.size and (u.min() < 0 or u.max() >= n_units):
+    raise ValueError(f"{fn}: units must lie in [0, {n_units}), got min {u.min()} max {u.max()}")
+
+
+def objective_weights(features_fn: FeaturesFn, objective: Objective, x: jax.Array, units,
+                      source_masks, target_masks=None, *, fn: str = "objective_weights"
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Validates the per-image inputs of an objective and projects its masks onto the
+  activation grid once: ``act_avg`` is linear in the weights, so
+  ``act_avg(src) − act_avg(tgt) = <a, w_src − w_tgt>``.
+
+  Args:
+    features_fn: ``x01 (N, H, W, C) -> acts (N, h, w, U)``.
+    objective: "targeted" / "u2" (``w_src − w_tgt``) or "u1" (``w_src``; ``target_masks``
+      ignored).
+    x: (N, H, W, C) images (only the shape is used).
+    units: (N,) int, each image's unit. Its range is checked when concrete; under tracing it
+      cannot be (use :func:`check_unit_range` before jit).
+    source_masks, target_masks: (N, sh, sw).
+
+  Returns:
+    ``(units (N,) int, weights (N, h, w) float32)``.
+  """
+  x = check_images(x, fn)
+  h, w, n_units = _act_shape(features_fn, x, fn)
+  units, source_masks = _check_units_masks(x, units, source_masks, "source_masks", fn)
+  if not is_traced(units):
+    check_unit_range(units, n_units, fn)
+  weights = aa.mask_weights(source_masks, (h, w))
+  if objective != "u1":
+    if target_masks is None:
+      raise ValueError(f"{fn}: objective {objective!r} needs target_masks")
+    _, target_masks = _check_units_masks(x, units, target_masks, "target_masks", fn)
+    weights = weights - aa.mask_weights(target_masks, (h, w))
+  return units, weights
+
+
+def weighted_loss(features_fn: FeaturesFn, units: jax.Array, weights: jax.Array) -> LossFn:
+  """``loss_fn(x_adv) -> (N,)``: ``<features_fn(x_adv)[n, :, :, units[n]], weights[n]>``."""
+  def loss_fn(x_adv: jax.Array) -> jax.Array:
+    return aa.act_avg_weighted(features_fn(x_adv), weights, units)
+  return loss_fn
 
 
 def targeted_loss(features_fn: FeaturesFn, x: jax.Array, units: jax.Array,
@@ -256,45 +296,31 @@ def targeted_loss(features_fn: FeaturesFn, x: jax.Array, units: jax.Array,
   Args:
     features_fn: ``x01 (N, H, W, C) -> acts (N, h, w, U)``.
     x: (N, H, W, C) clean images (only their shape is used, to find (h, w)).
-    units: (N,) int, each image's attacked unit.
+    units: (N,) int, each image's attacked unit (range checked when concrete).
     source_masks: (N, sh, sw) the unit's current concept's mask per image.
     target_masks: (N, sh, sw) the target concept's mask per image.
 
   Returns:
     ``loss_fn(x_adv) -> (N,)``.
   """
-  x = _check_images(x, "targeted_loss")
-  h, w, n_units = _act_shape(features_fn, x, "targeted_loss")
-  units, source_masks = _check_units_masks(x, units, source_masks, "source_masks",
-                                           "targeted_loss", n_units)
-  _, target_masks = _check_units_masks(x, units, target_masks, "target_masks",
-                                       "targeted_loss", n_units)
-  weights = aa.mask_weights(source_masks, (h, w)) - aa.mask_weights(target_masks, (h, w))
-
-  def loss_fn(x_adv: jax.Array) -> jax.Array:
-    # act_avg is linear in the weights: act_avg(src) − act_avg(tgt) = <a, w_src − w_tgt>.
-    return aa.act_avg_weighted(features_fn(x_adv), weights, units)
-  return loss_fn
+  units, weights = objective_weights(features_fn, "targeted", x, units, source_masks,
+                                     target_masks, fn="targeted_loss")
+  return weighted_loss(features_fn, units, weights)
 
 
 def untargeted_loss(features_fn: FeaturesFn, x: jax.Array, units: jax.Array,
                     source_masks: jax.Array) -> LossFn:
   """Eq. 10 (U1): ``loss_n = act_avg(source_n)``; arguments as :func:`targeted_loss`."""
-  x = _check_images(x, "untargeted_loss")
-  h, w, n_units = _act_shape(features_fn, x, "untargeted_loss")
-  units, source_masks = _check_units_masks(x, units, source_masks, "source_masks",
-                                           "untargeted_loss", n_units)
-  weights = aa.mask_weights(source_masks, (h, w))
-
-  def loss_fn(x_adv: jax.Array) -> jax.Array:
-    return aa.act_avg_weighted(features_fn(x_adv), weights, units)
-  return loss_fn
+  units, weights = objective_weights(features_fn, "u1", x, units, source_masks,
+                                     fn="untargeted_loss")
+  return weighted_loss(features_fn, units, weights)
 
 
 def random_targets(key: jax.Array, candidates: Sequence[int] | jax.Array,
                    exclude: Sequence[int] | jax.Array) -> jax.Array:
   """U2's random target concepts: one uniform draw from ``candidates`` per entry of ``exclude``,
-  never equal to that entry.
+  never equal to that entry and never concept 0 (Broden's "no label"). The one target picker
+  of nemjax; :mod:`nemjax.sweep` draws its targets with it.
 
   Args:
     key: PRNG key (same key, same targets).
@@ -302,22 +328,24 @@ def random_targets(key: jax.Array, candidates: Sequence[int] | jax.Array,
     exclude: (M,) int, e.g. each attacked unit's current (source) concept.
 
   Returns:
-    (M,) int32 targets with ``targets[m] != exclude[m]``.
+    (M,) int32 targets with ``targets[m] != exclude[m]`` and ``targets[m] != 0``. With
+    concrete inputs, an entry with no allowed candidate raises ValueError; under tracing it
+    cannot be detected (the draw is then ``candidates[0]``).
   """
   cand = jnp.asarray(candidates).reshape(-1)
   excl = jnp.asarray(exclude).reshape(-1)
   if cand.size == 0:
     raise ValueError("random_targets: candidates is empty")
-  try:
-    c_np, e_np = np.asarray(cand), np.asarray(excl)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    c_np = e_np = None
-  if c_np is not None:
-    bad = [int(e) for e in e_np if np.all(c_np == e)]
-    if bad:
-      raise ValueError(f"random_targets: no candidate differs from exclude value(s) {bad}; "
-                       f"candidates = {c_np.tolist()}")
-  allowed = cand[None, :] != excl[:, None]  # (M, C)
+  if not jnp.issubdtype(cand.dtype, jnp.integer) or not jnp.issubdtype(excl.dtype, jnp.integer):
+    raise ValueError(f"random_targets: candidates and exclude must be int concept ids, got "
+                     f"{cand.dtype} and {excl.dtype}")
+  allowed = (cand[None, :] != excl[:, None]) & (cand[None, :] != 0)  # (M, C)
+  if not (is_traced(cand) or is_traced(excl)):
+    none = np.flatnonzero(~np.asarray(allowed).any(axis=1))
+    if none.size:
+      bad = sorted({int(e) for e in np.asarray(excl)[none]})
+      raise ValueError(f"random_targets: no candidate other than 0 differs from exclude "
+                       f"value(s) {bad}; candidates = {np.asarray(cand).tolist()}")
   logits = jnp.where(allowed, 0.0, -jnp.inf)
   idx = jax.random.categorical(key, logits, axis=-1)
   return cand[idx].astype(jnp.int32)
@@ -348,7 +376,10 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
 
   Returns:
     ``attack(x (N, H, W, C), units (N,), source_masks (N, sh, sw), target_masks (N, sh, sw) |
-    None = None, key = None) -> x_adv (N, H, W, C)``. Recompiles only for new shapes.
+    None = None, key = None) -> x_adv (N, H, W, C)``. Every argument, the unit range included,
+    is checked on the host before anything is jitted, so ``attack`` is called outside
+    ``jax.jit`` (``attack.jitted`` is the jittable program of the non-Python loops; it does not
+    check the unit range). Recompiles only for new shapes.
   """
   alpha = _check_hparams(eps, steps, step_size, "make_act_avg_attack")
   if objective not in OBJECTIVES:
@@ -362,48 +393,48 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
   if fast_grad:
     features_fn = fastgrad.cpu_fast_grad(features_fn)
 
-  def build_loss(x, units, source_masks, target_masks) -> LossFn:
-    if objective == "u1":
-      return untargeted_loss(features_fn, x, units, source_masks)
-    if target_masks is None:
-      raise ValueError(f"make_act_avg_attack: objective {objective!r} needs target_masks")
-    return targeted_loss(features_fn, x, units, source_masks, target_masks)
-
-  def check_call(x, key):
-    _check_images(x, "attack")
+  def check_call(x, units, source_masks, target_masks, key) -> jax.Array:
+    """Host-side validation of one call (shapes, unit range, key); returns x as an array."""
+    x = check_images(x, "attack")
     if random_start and key is None:
       raise ValueError("attack: random_start=True needs key")
+    if objective != "u1" and target_masks is None:
+      raise ValueError(f"attack: objective {objective!r} needs target_masks")
+    _, _, n_units = _act_shape(features_fn, x, "attack")
+    units, _ = _check_units_masks(x, units, source_masks, "source_masks", "attack")
+    if objective != "u1":
+      _check_units_masks(x, units, target_masks, "target_masks", "attack")
+    check_unit_range(units, n_units, "attack")
+    return x
+
+  def weights_for(x, units, source_masks, target_masks):
+    return objective_weights(features_fn, objective, x, units, source_masks, target_masks,
+                             fn="attack")
 
   if loop != "python":
     @jax.jit
     def jitted(x, units, source_masks, target_masks, key):
-      loss_fn = build_loss(x, units, source_masks, target_masks)
-      return pgd(loss_fn, x, eps=eps, steps=steps, step_size=alpha, random_start=random_start,
-                 key=key, loop=loop)
+      units, weights = weights_for(x, units, source_masks, target_masks)
+      return pgd(weighted_loss(features_fn, units, weights), x, eps=eps, steps=steps,
+                 step_size=alpha, random_start=random_start, key=key, loop=loop)
 
     def attack(x, units, source_masks, target_masks=None, key=None):
-      check_call(x, key)
+      x = check_call(x, units, source_masks, target_masks, key)
       return jitted(x, units, source_masks, target_masks, key)
     attack.jitted = jitted
     return attack
 
   @jax.jit
   def prepare(x, units, source_masks, target_masks, key):
-    loss_fn = build_loss(x, units, source_masks, target_masks)  # validates shapes
-    del loss_fn
-    h, w, _ = _act_shape(features_fn, x, "attack")
-    weights = aa.mask_weights(jnp.asarray(source_masks), (h, w))
-    if objective != "u1":
-      weights = weights - aa.mask_weights(jnp.asarray(target_masks), (h, w))
+    _, weights = weights_for(x, units, source_masks, target_masks)
     return init_adv(x, eps, random_start, key), weights
 
   @functools.partial(jax.jit, donate_argnums=(1,))
   def step(x, x_adv, units, weights):
-    loss_fn = lambda xa: aa.act_avg_weighted(features_fn(xa), weights, units)
-    return pgd_step(loss_fn, x, x_adv, eps, alpha)
+    return pgd_step(weighted_loss(features_fn, units, weights), x, x_adv, eps, alpha)
 
   def attack(x, units, source_masks, target_masks=None, key=None):
-    check_call(x, key)
+    x = check_call(x, units, source_masks, target_masks, key)
     units = jnp.asarray(units)
     x_adv, weights = prepare(x, units, source_masks, target_masks, key)
     if not random_start:  # jit may forward x itself; never donate the caller's buffer

@@ -7,11 +7,55 @@ check this against ``dissect(..., image_overrides=...)`` and against an exported
 """
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 import numpy as np
 
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect.driver import LayerDissection, finish_layer, tally_layer
+
+
+def batched_activations(
+    act_fn: Callable[[np.ndarray], Mapping[str, object]],
+    images: np.ndarray,
+    shapes: Mapping[str, tuple[int, int, int]],
+    *,
+    batch_size: int,
+    num_devices: int = 1,
+) -> dict[str, np.ndarray]:
+  """Activations of (corrupted) images, batched exactly like the clean dissection.
+
+  Every batch holds ``batch_size`` rounded up to a multiple of ``num_devices`` images (the
+  last is zero-padded), so one compiled program serves all batches, whatever the number of
+  images, and each row's activations do not depend on how many images are re-run.
+
+  Args:
+    act_fn: ``fn(images (B, H, W, 3) float32 0..255) -> {layer: (B, h, w, U)}``, e.g.
+      :func:`nemjax.dissect.driver.activation_fn`.
+    images: (P, H, W, 3) on the 0..255 scale (float or uint8), P may be 0.
+    shapes: ``{layer: (h, w, U)}``; the layers to return (and their shape when P = 0).
+    batch_size: the dissection's batch size (>= 1).
+    num_devices: devices the batch is sharded over.
+
+  Returns:
+    ``{layer: (P, h, w, U) float32}``.
+  """
+  if batch_size < 1 or num_devices < 1:
+    raise ValueError(f"batch_size and num_devices must be >= 1, got {batch_size}, {num_devices}")
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must be (P, H, W, 3), got shape {images.shape}")
+  bs = batch_size + (-batch_size) % num_devices
+  out: dict[str, list[np.ndarray]] = {layer: [] for layer in shapes}
+  for s in range(0, len(images), bs):
+    chunk = images[s:s + bs].astype(np.float32)
+    pad = np.zeros((bs - len(chunk), *chunk.shape[1:]), np.float32)
+    acts = act_fn(np.concatenate([chunk, pad]))
+    for layer in shapes:
+      out[layer].append(np.asarray(acts[layer])[:len(chunk)])
+  return {layer: (np.concatenate(out[layer]) if out[layer]
+                  else np.zeros((0, *shapes[layer]), np.float32)) for layer in shapes}
 
 
 def redissect(

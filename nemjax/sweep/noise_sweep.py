@@ -1,12 +1,22 @@
 """Random-noise corruption sweep (Srivastava et al., Tables A.1/A.2): % of units whose
 Network-Dissection label changes when noise of std σ is added to a fraction of the probe set.
+
+Rows of ``results.csv`` are keyed by (layer, kind, σ, fraction, delivery, seed), so a re-run
+skips finished cells and a run with more σ values, another delivery or another seed appends
+to the same table. What changes results but is not in the key (probe set, weights, quantile,
+batch size, JPEG quality) is recorded in ``config.json`` and must match on re-runs.
+
+Noise is drawn per image from a key folded from (seed, kind, σ, fraction, row), so it does not
+depend on the batch size; the corrupted images are the same ``round(fraction·N)`` rows for
+every layer.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -16,73 +26,126 @@ from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import activation_fn, dissect, make_mesh
 from nemjax.dissect.report import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
-from nemjax.sweep.measure import redissect
-from nemjax.sweep.store import ResultsStore
+from nemjax.sweep.measure import batched_activations, redissect
+from nemjax.sweep.store import ResultsStore, check_record, claim_record
 
-FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "n_corrupted", "units",
+FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "seed", "n_corrupted", "units",
           "units_changed", "pct_changed", "mean_iou_before", "mean_iou_after"]
-KEYS = ["layer", "kind", "sigma", "fraction"]
+KEYS = ["layer", "kind", "sigma", "fraction", "delivery", "seed"]
+
+
+def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
+                     kinds: Sequence[str], delivery: str, jpeg_quality: int, seed: int,
+                     batch_size: int, quantile: float) -> None:
+  """ValueError naming the first bad argument (nothing is loaded or computed)."""
+  bad = [k for k in kinds if k not in NOISE_KINDS]
+  if bad or not kinds:
+    raise ValueError(f"unknown noise kinds {bad}; expected among {NOISE_KINDS}")
+  if not sigmas or any(s <= 0 for s in sigmas):
+    raise ValueError(f"σ values must be > 0, got {list(sigmas)}")
+  if not fractions or any(not 0 < f <= 1 for f in fractions):
+    raise ValueError(f"fractions must lie in (0, 1], got {list(fractions)}")
+  if delivery not in DELIVERY_MODES:
+    raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
+  if not 1 <= jpeg_quality <= 100:
+    raise ValueError(f"JPEG quality must lie in [1, 100], got {jpeg_quality}")
+  if seed < 0 or batch_size < 1:
+    raise ValueError(f"seed must be >= 0 and batch size >= 1, got {seed}, {batch_size}")
+  if not 0 < quantile < 1:
+    raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+
+
+def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int,
+                 run_info: Mapping[str, Any] | None = None) -> dict:
+  """What ``config.json`` holds: settings outside the row key, and the run's inputs."""
+  return {"batch_size": batch_size, "quantile": quantile, "quantile_method": "linear",
+          "jpeg_quality": jpeg_quality, **(run_info or {})}
+
+
+def check_noise_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
+  """ValueError if ``out_dir`` holds another configuration or other columns (reads only)."""
+  check_record(Path(out_dir) / "config.json", record)
+  ResultsStore(Path(out_dir) / "results.csv", FIELDS, KEYS)
+
+
+def _cell_key(seed: int, kind: str, sigma: float, fraction: float) -> jax.Array:
+  key = jax.random.key(seed)
+  for v in (NOISE_KINDS.index(kind), int(round(sigma * 1e6)), int(round(fraction * 1e6))):
+    key = jax.random.fold_in(key, v)
+  return key
+
+
+def noisy_images(key: jax.Array, rows: np.ndarray, x01: np.ndarray, kind: str, sigma: float
+                 ) -> np.ndarray:
+  """``kind`` noise on images ``x01`` (P, H, W, 3) in [0, 1] of probe ``rows`` (P,); image p
+  uses ``fold_in(key, rows[p])``, so the result does not depend on batching."""
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(rows, jnp.uint32))
+  one = lambda k, x: corrupt(k, x[None], kind, sigma)[0]
+  return np.asarray(jax.vmap(one)(keys, jnp.asarray(x01)))
 
 
 def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path, *,
                     sigmas: Sequence[float] = (0.01, 0.02, 0.03, 0.04, 0.05),
                     fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
                     kinds: Sequence[str] = NOISE_KINDS, delivery: str = "float",
-                    seed: int = 0, batch_size: int = 32, quantile: float = 0.005,
-                    progress: bool = True) -> list[dict]:
-  """Runs (or resumes) the sweep; returns the result rows (also in ``out_dir/results.csv``)."""
-  bad = [k for k in kinds if k not in NOISE_KINDS]
-  if bad:
-    raise ValueError(f"unknown noise kinds {bad}; expected among {NOISE_KINDS}")
-  if any(s <= 0 for s in sigmas):
-    raise ValueError(f"σ values must be > 0, got {list(sigmas)}")
-  if any(not 0 < f <= 1 for f in fractions):
-    raise ValueError(f"fractions must lie in (0, 1], got {list(fractions)}")
-  if delivery not in DELIVERY_MODES:
-    raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
+                    jpeg_quality: int = 90, seed: int = 0, batch_size: int = 32,
+                    quantile: float = 0.005, progress: bool = True,
+                    run_info: Mapping[str, Any] | None = None) -> list[dict]:
+  """Runs (or resumes) the sweep.
+
+  Writes ``out_dir/results.csv`` (all rows, of every run in that directory), ``config.json``,
+  ``summary.json`` (this grid's rows) and ``noise_sweep.png``.
+
+  Returns:
+    The rows of this grid (layers × kinds × σ × fractions at this delivery and seed), as
+    stored (strings).
+  """
+  check_noise_args(sigmas=sigmas, fractions=fractions, kinds=kinds, delivery=delivery,
+                   jpeg_quality=jpeg_quality, seed=seed, batch_size=batch_size, quantile=quantile)
   out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  record = noise_record(batch_size=batch_size, quantile=quantile, jpeg_quality=jpeg_quality,
+                        run_info=run_info)
+  check_noise_out_dir(out_dir, record)
+  claim_record(out_dir / "config.json", record)
   store = ResultsStore(out_dir / "results.csv", FIELDS, KEYS)
-  mesh = make_mesh()
-  clean, acts = dissect(model, probe, layers, batch_size=batch_size, quantile=quantile,
-                        mesh=mesh, progress=progress, keep_activations=True)
-  labels = loader.load_labels(probe, np.arange(probe.num_images))
-  fn = activation_fn(model, layers, mesh=mesh)
-  bs = batch_size + (-batch_size) % mesh.size
-  n = probe.num_images
+  cell = lambda l, k, s, f: dict(layer=l, kind=k, sigma=float(s), fraction=float(f),
+                                 delivery=delivery, seed=seed)
   grid = [(k, s, f) for k in kinds for s in sigmas for f in fractions
-          if not all(store.done(layer=l, kind=k, sigma=float(s), fraction=float(f)) for l in layers)]
-  base = jax.random.key(seed)
-  for gi, (kind, sigma, frac) in enumerate(tqdm(grid, desc="noise sweep", disable=not progress)):
-    key = jax.random.fold_in(jax.random.fold_in(base, NOISE_KINDS.index(kind)),
-                             int(round(sigma * 1e6)) * 1000 + int(round(frac * 1000)))
-    sel_key, noise_key = jax.random.split(key)
-    rows = np.flatnonzero(np.asarray(select_fraction(sel_key, n, frac)))
+          if not all(store.done(**cell(l, k, s, f)) for l in layers)]
+  if grid:
+    mesh = make_mesh()
+    clean, acts = dissect(model, probe, layers, batch_size=batch_size, quantile=quantile,
+                          mesh=mesh, progress=progress, keep_activations=True)
+    labels = loader.load_labels(probe, np.arange(probe.num_images))
+    fn = activation_fn(model, layers, mesh=mesh)
+    shapes = {l: acts[l].shape[1:] for l in layers}
+  for kind, sigma, frac in tqdm(grid, desc="noise sweep", disable=not progress):
+    sel_key, noise_key = jax.random.split(_cell_key(seed, kind, sigma, frac))
+    rows = np.flatnonzero(np.asarray(select_fraction(sel_key, probe.num_images, frac)))
     new = {l: [] for l in layers}
-    for s in range(0, len(rows), bs):
-      chunk = rows[s:s + bs]
+    for s in range(0, len(rows), batch_size):
+      chunk = rows[s:s + batch_size]
       x01 = loader.load_images(probe, chunk).astype(np.float32) / np.float32(255.0)
-      x01 = np.asarray(corrupt(jax.random.fold_in(noise_key, s), x01, kind, sigma,
-                               np.ones(len(chunk), bool)))
-      img = deliver(x01, delivery).astype(np.float32)
-      img = np.concatenate([img, np.zeros((bs - len(chunk), *img.shape[1:]), np.float32)])
-      out = fn(img)
-      for l in layers:
-        new[l].append(np.asarray(out[l])[:len(chunk)])
+      img = deliver(noisy_images(noise_key, chunk, x01, kind, sigma), delivery, jpeg_quality)
+      for l, a in batched_activations(fn, img, shapes, batch_size=batch_size,
+                                      num_devices=mesh.size).items():
+        new[l].append(a)
     results = []
     for l in layers:
-      after = redissect(acts[l], rows, np.concatenate(new[l]), probe, labels, layer=l,
-                        quantile=quantile)
+      new_l = np.concatenate(new[l]) if new[l] else np.zeros((0, *shapes[l]), np.float32)
+      after = redissect(acts[l], rows, new_l, probe, labels, layer=l, quantile=quantile)
       changed = after.best_label != clean[l].best_label
       results.append({
-          "layer": l, "kind": kind, "sigma": float(sigma), "fraction": float(frac),
-          "delivery": delivery, "n_corrupted": len(rows), "units": int(len(changed)),
+          **cell(l, kind, sigma, frac), "n_corrupted": len(rows), "units": int(len(changed)),
           "units_changed": int(changed.sum()), "pct_changed": 100.0 * float(changed.mean()),
           "mean_iou_before": float(clean[l].score.mean()), "mean_iou_after": float(after.score.mean()),
       })
     store.add(results)
-  write_json(out_dir / "summary.json", {"rows": store.rows})
-  return store.rows
+  rows_out = [store.get(**cell(l, k, s, f))
+              for l in layers for k in kinds for s in sigmas for f in fractions]
+  write_json(out_dir / "summary.json", {"delivery": delivery, "seed": seed, "rows": rows_out})
+  plot_noise_sweep(rows_out, out_dir / "noise_sweep.png")
+  return rows_out
 
 
 def format_noise_table(rows: Sequence[dict], layer: str, kind: str) -> str:
@@ -97,3 +160,37 @@ def format_noise_table(rows: Sequence[dict], layer: str, kind: str) -> str:
     lines.append(f"| {s:g} | " + " | ".join(
         f"{cell[(s, f)]:.1f}" if (s, f) in cell else "" for f in fracs) + " |")
   return "\n".join(lines)
+
+
+def plot_noise_sweep(rows: Sequence[Mapping[str, str]], path: Path) -> None:
+  """% of units changed vs σ: one panel per (layer, noise kind), one line per fraction."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  layers = list(dict.fromkeys(r["layer"] for r in rows))
+  kinds = [k for k in NOISE_KINDS if any(r["kind"] == k for r in rows)]
+  if not layers or not kinds:
+    return
+  fig, axes = plt.subplots(len(layers), len(kinds), figsize=(4 * len(kinds), 3.2 * len(layers)),
+                           squeeze=False)
+  fracs = sorted({float(r["fraction"]) for r in rows})
+  for i, layer in enumerate(layers):
+    for j, kind in enumerate(kinds):
+      ax = axes[i][j]
+      for f in fracs:
+        pts = sorted((float(r["sigma"]), float(r["pct_changed"])) for r in rows
+                     if r["layer"] == layer and r["kind"] == kind and float(r["fraction"]) == f)
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=f"{f:.0%} of images")
+      ax.set_title(f"{layer}, {kind} noise")
+      ax.set_xlabel("σ")
+      ax.set_ylabel("% units changed")
+      ax.set_ylim(-2, 102)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  tmp.replace(path)

@@ -4,6 +4,14 @@ and count the units whose Network-Dissection label changed (Srivastava et al., T
 Work is keyed by (layer, unit, ε, mode); each finished group of units is appended to
 ``results.csv`` atomically, so a re-run of the same command skips finished work and a SIGKILL
 loses at most the attack in flight.
+
+Modes: ``u2`` (Eq. 9 with a random target), ``targeted`` (Eq. 9, target from the source's
+category), ``u1`` (Eq. 10), and the control ``noise``: random ±ε sign noise (Bernoulli, p = ½)
+on the very images U2 poisons, which shows how much of U2's effect is more than chance.
+
+Delivery: with ``uint8`` or ``jpeg`` delivery every attack is measured twice in the same run,
+as delivered and as the attacker's exact floats (``*_float`` columns), and the summary reports
+the survival rate: float successes that still succeed after delivery / float successes.
 """
 from __future__ import annotations
 
@@ -11,28 +19,30 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from nemjax import preprocess
 from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
-from nemjax.attacks.pgd import make_act_avg_attack
+from nemjax.attacks.noise import bernoulli_noise
+from nemjax.attacks.pgd import make_act_avg_attack, random_targets
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import LayerDissection, activation_fn, dissect, make_mesh
 from nemjax.dissect.outputs import write_layer_outputs
 from nemjax.dissect.report import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
-from nemjax.sweep.measure import redissect
-from nemjax.sweep.poison import choose_poisoned, choose_target, poison_cap
-from nemjax.sweep.store import ResultsStore
+from nemjax.sweep.measure import batched_activations, redissect
+from nemjax.sweep.poison import choose_poisoned, poison_cap
+from nemjax.sweep.store import ResultsStore, check_record, claim_record
 
-MODES = ("u2", "targeted", "u1")
+MODES = ("u2", "targeted", "u1", "noise")
+MODE_TITLES = {"u2": "untargeted (U2)", "targeted": "targeted", "u1": "untargeted (U1)",
+               "noise": "control: random ±ε noise"}
 MASK_SOURCES = ("labels", "clean")
 RESULT_FIELDS = [
     "layer", "unit", "eps", "eps_255", "mode", "mask_source", "delivery",
@@ -41,7 +51,7 @@ RESULT_FIELDS = [
     "new_label", "new_name", "new_category", "new_iou",
     "source_iou_after", "target_iou_before", "target_iou_after",
     "threshold_before", "threshold_after", "n_candidates", "n_poisoned",
-    "changed", "success", "seconds",
+    "changed", "success", "new_label_float", "changed_float", "success_float", "seconds",
 ]
 KEY_FIELDS = ["layer", "unit", "eps", "mode"]
 
@@ -67,9 +77,10 @@ class PGDSweepConfig:
   quantile_method: str = "linear"
 
   def validate(self) -> None:
+    """ValueError naming the first bad field (nothing is loaded or computed)."""
     if not self.layers:
       raise ValueError("no layers to attack")
-    if any(e <= 0 for e in self.eps):
+    if any(e <= 0 for e in self.eps) or not self.eps:
       raise ValueError(f"every ε must be > 0, got {list(self.eps)}")
     if self.steps < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -82,9 +93,17 @@ class PGDSweepConfig:
       raise ValueError(f"mask source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
     if self.delivery not in DELIVERY_MODES:
       raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {self.delivery!r}")
+    if not 1 <= self.jpeg_quality <= 100:
+      raise ValueError(f"JPEG quality must lie in [1, 100], got {self.jpeg_quality}")
     poison_cap(10, self.poison_fraction)
+    if not 0 < self.quantile < 1:
+      raise ValueError(f"quantile must lie in (0, 1), got {self.quantile}")
     if self.num_units < 1 or self.units_per_call < 1 or self.batch_size < 1:
       raise ValueError("num_units, units_per_call and batch_size must be >= 1")
+    if self.units is not None:
+      extra = sorted(set(self.units) - set(self.layers))
+      if extra:
+        raise ValueError(f"units given for layers not attacked: {extra}")
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -115,8 +134,12 @@ def choose_units(result: LayerDissection, num_units: int, seed: int) -> tuple[in
   return tuple(int(u) for u in np.sort(pick))
 
 
-def _unit_rng(seed: int, layer_index: int, unit: int, mode: str) -> np.random.Generator:
-  return np.random.default_rng([seed, layer_index, unit, MODES.index(mode)])
+def _unit_key(seed: int, layer_index: int, unit: int, mode: str) -> jax.Array:
+  """The PRNG key of one (layer, unit, mode): its target draw and, for ``noise``, its noise."""
+  key = jax.random.key(seed)
+  for v in (layer_index, unit, MODES.index(mode)):
+    key = jax.random.fold_in(key, v)
+  return key
 
 
 class _LayerContext:
@@ -135,6 +158,7 @@ class _LayerContext:
     self.attacks: dict = {}
 
   def attack(self, eps: float, mode: str):
+    """The compiled PGD attack of (ε, mode), built on first use."""
     if (eps, mode) not in self.attacks:
       c = self.config
       self.attacks[(eps, mode)] = make_act_avg_attack(
@@ -143,8 +167,12 @@ class _LayerContext:
     return self.attacks[(eps, mode)]
 
   def target_for(self, unit: int, mode: str) -> int:
+    """The target concept of ``unit`` in ``mode`` (0: none). ``noise`` uses U2's target, so
+    it poisons the same images as U2."""
     if mode == "u1":
       return 0
+    if mode == "noise":
+      mode = "u2"
     src = int(self.clean.best_label[unit])
     cands = self.present
     if self.config.mask_source == "clean":
@@ -153,7 +181,11 @@ class _LayerContext:
       same = cands[self.probe.primary_category[cands] == self.probe.primary_category[src]]
       if np.any(same != src):
         cands = same
-    return choose_target(_unit_rng(self.config.seed, self.layer_index, unit, mode), src, cands)
+    cands = cands[(cands != src) & (cands != 0)]
+    if cands.size == 0:
+      return 0
+    key = _unit_key(self.config.seed, self.layer_index, unit, mode)
+    return int(random_targets(key, cands.astype(np.int32), np.array([src], np.int32))[0])
 
   def masks(self, concept: int, rows: np.ndarray) -> np.ndarray:
     """(len(rows), sh, sw) float32 mask of ``concept`` (zeros for concept 0)."""
@@ -184,24 +216,56 @@ class _LayerContext:
 
   def new_activations(self, images: np.ndarray) -> np.ndarray:
     """(P, h, w, U) activations of delivered images (0..255), batched like the dissection."""
-    bs = self.config.batch_size
-    bs += (-bs) % self.mesh.size
-    out = []
-    for s in range(0, len(images), bs):
-      chunk = images[s:s + bs]
-      pad = np.zeros((bs - len(chunk), *chunk.shape[1:]), np.float32)
-      acts = np.asarray(self.act_fn(np.concatenate([chunk.astype(np.float32), pad]))[self.layer])
-      out.append(acts[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, *self.acts.shape[1:]), np.float32)
+    return batched_activations(self.act_fn, images, {self.layer: self.acts.shape[1:]},
+                               batch_size=self.config.batch_size,
+                               num_devices=self.mesh.size)[self.layer]
 
 
 def _pad_rows(n: int, multiple: int) -> int:
   return n + (-n) % multiple
 
 
+class _Plan(NamedTuple):
+  """One unit's attack in a group."""
+  unit: int
+  source: int          # clean label
+  target: int          # target concept (0: none)
+  n_candidates: int    # images holding the source or target concept
+  rows: np.ndarray     # (P,) int64 poisoned probe rows, sorted
+
+
+def _perturb(ctx: _LayerContext, plans: Sequence[_Plan], x01: np.ndarray, eps: float,
+             mode: str) -> np.ndarray:
+  """(P, H, W, 3) poisoned images in [0, 1] of all ``plans``' rows (x01: their clean
+  images, (P, H, W, 3) in [0, 1]), in plan order."""
+  if mode == "noise":  # one key per unit: independent of how units are grouped into calls
+    out, offset = [], 0
+    for p in plans:
+      key = jax.random.fold_in(_unit_key(ctx.config.seed, ctx.layer_index, p.unit, mode),
+                               int(round(eps * 255 * 1000)))
+      out.append(np.asarray(bernoulli_noise(key, x01[offset:offset + len(p.rows)], eps)))
+      offset += len(p.rows)
+    return np.concatenate(out)
+  unit_ids = np.concatenate([np.full(len(p.rows), p.unit, np.int32) for p in plans])
+  src_m = np.concatenate([ctx.masks(p.source, p.rows) for p in plans])
+  tgt_m = np.concatenate([ctx.masks(p.target, p.rows) for p in plans])
+  n_real = len(x01)
+  n_pad = _pad_rows(n_real, 8 * ctx.mesh.size) - n_real
+  pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])
+  sharding = NamedSharding(ctx.mesh, PartitionSpec("data"))
+  put = lambda a: jax.device_put(pad(a), sharding)
+  x_adv = ctx.attack(eps, mode)(put(x01), put(unit_ids), put(src_m),
+                                None if mode == "u1" else put(tgt_m))
+  return np.asarray(x_adv)[:n_real]
+
+
 def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode: str,
                      return_images: bool = False):
   """Attacks ``units`` in one compiled call, re-dissects each, returns result rows.
+
+  With a ``uint8`` / ``jpeg`` delivery each unit is also re-dissected with the undelivered
+  floats (``new_label_float``, ``changed_float``, ``success_float``); with ``float`` delivery
+  those columns repeat the delivered ones.
 
   With ``return_images`` also returns ``{unit: (rows, x_adv (P,H,W,3) in [0,1])}``, the images
   before delivery (what :func:`nemjax.sweep.export.export_corrupted_probe` takes).
@@ -213,39 +277,31 @@ def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode:
     src, tgt = int(ctx.clean.best_label[u]), ctx.target_for(u, mode)
     cand = ctx.contains(src) | ctx.contains(tgt)
     rows = choose_poisoned(cand, ctx.per_image_max[:, u], ctx.cap)
-    plans.append((u, src, tgt, int(cand.sum()), rows))
-  all_rows = np.concatenate([p[4] for p in plans]) if plans else np.zeros(0, np.int64)
-  n_real = len(all_rows)
+    plans.append(_Plan(u, src, tgt, int(cand.sum()), rows))
+  all_rows = np.concatenate([p.rows for p in plans]) if plans else np.zeros(0, np.int64)
   x_adv = np.zeros((0, *probe.image_size, 3), np.float32)
-  new_acts_all = None
-  if n_real:
+  new_acts = new_acts_float = np.zeros((0, *ctx.acts.shape[1:]), np.float32)
+  if len(all_rows):
     x01 = loader.load_images(probe, all_rows).astype(np.float32) / np.float32(255.0)
-    unit_ids = np.concatenate([np.full(len(p[4]), p[0], np.int32) for p in plans])
-    src_m = np.concatenate([ctx.masks(p[1], p[4]) for p in plans])
-    tgt_m = np.concatenate([ctx.masks(p[2], p[4]) for p in plans])
-    n_pad = _pad_rows(n_real, 8 * ctx.mesh.size) - n_real
-    pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])
-    sharding = NamedSharding(ctx.mesh, PartitionSpec("data"))
-    put = lambda a: jax.device_put(pad(a), sharding)
-    x_adv = ctx.attack(eps, mode)(put(x01), put(unit_ids), put(src_m),
-                                  None if mode == "u1" else put(tgt_m))
-    x_adv = np.asarray(x_adv)[:n_real]
-    delivered_all = deliver(x_adv, c.delivery, c.jpeg_quality)
-    new_acts_all = ctx.new_activations(delivered_all)
+    x_adv = _perturb(ctx, plans, x01, eps, mode)
+    new_acts = ctx.new_activations(deliver(x_adv, c.delivery, c.jpeg_quality))
+    new_acts_float = (new_acts if c.delivery == "float"
+                      else ctx.new_activations(deliver(x_adv, "float")))
   out_rows, images = [], {}
   offset = 0
   seconds = (time.time() - t0) / max(len(units), 1)
   for u, src, tgt, n_cand, rows in plans:
-    new_unit = (new_acts_all[offset:offset + len(rows), ..., [u]] if len(rows)
-                else np.zeros((0, *ctx.acts.shape[1:3], 1), np.float32))
+    sl = slice(offset, offset + len(rows))
     if return_images:
-      images[u] = (rows, x_adv[offset:offset + len(rows)])
+      images[u] = (rows, x_adv[sl])
     offset += len(rows)
-    after = redissect(ctx.acts[..., [u]], rows, new_unit, probe, ctx.labels, layer=ctx.layer,
-                      quantile=c.quantile, quantile_method=c.quantile_method)
-    new_label = int(after.best_label[0])
-    changed = new_label != src
-    success = (new_label == tgt) if mode == "targeted" else changed
+    measure = lambda acts: redissect(ctx.acts[..., [u]], rows, acts[sl, ..., [u]], probe,
+                                     ctx.labels, layer=ctx.layer, quantile=c.quantile,
+                                     quantile_method=c.quantile_method)
+    after = measure(new_acts)
+    after_float = after if c.delivery == "float" else measure(new_acts_float)
+    new_label, new_label_float = int(after.best_label[0]), int(after_float.best_label[0])
+    success_of = lambda label: (label == tgt) if mode == "targeted" else (label != src)
     name = lambda l: str(probe.label_names[l])
     out_rows.append({
         "layer": ctx.layer, "unit": u, "eps": float(eps), "eps_255": round(eps * 255, 4),
@@ -263,7 +319,9 @@ def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode:
         "threshold_before": float(ctx.clean.thresholds[u]),
         "threshold_after": float(after.thresholds[0]),
         "n_candidates": n_cand, "n_poisoned": len(rows),
-        "changed": bool(changed), "success": bool(success), "seconds": round(seconds, 3),
+        "changed": new_label != src, "success": bool(success_of(new_label)),
+        "new_label_float": new_label_float, "changed_float": new_label_float != src,
+        "success_float": bool(success_of(new_label_float)), "seconds": round(seconds, 3),
     })
   return (out_rows, images) if return_images else out_rows
 
@@ -285,22 +343,27 @@ def prepare(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path | None
   return contexts
 
 
+def run_record(config: PGDSweepConfig, run_info: Mapping[str, Any] | None = None) -> dict:
+  """What ``config.json`` holds: the config and the run's inputs (probe, weights, arch)."""
+  return json.loads(json.dumps({"config": config.to_json(), **(run_info or {})}))
+
+
+def check_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
+  """ValueError if ``out_dir`` holds results of another configuration or another version's
+  columns (reads only)."""
+  check_record(Path(out_dir) / "config.json", record)
+  ResultsStore(Path(out_dir) / "results.csv", RESULT_FIELDS, KEY_FIELDS)  # checks the columns
+
+
 def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path, *,
                   mesh=None, progress: bool = True, run_info: dict | None = None) -> dict:
   """Runs (or resumes) the sweep; writes results.csv, summary.json, config.json, and the clean
   dissection under ``out_dir/clean``. Returns the summary."""
   config.validate()
   out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  cfg_json = {"config": config.to_json(), **(run_info or {})}
-  cfg_path = out_dir / "config.json"
-  if cfg_path.exists():
-    old = json.loads(cfg_path.read_text())
-    if old != json.loads(json.dumps(cfg_json)):
-      raise ValueError(f"{out_dir} holds results of another configuration (see {cfg_path}); "
-                       "use another --out or delete it")
-  else:
-    write_json(cfg_path, cfg_json)
+  record = run_record(config, run_info)
+  check_out_dir(out_dir, record)
+  claim_record(out_dir / "config.json", record)
   store = ResultsStore(out_dir / "results.csv", RESULT_FIELDS, KEY_FIELDS)
   contexts = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
   work = []
@@ -327,7 +390,12 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
 
 
 def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) -> dict:
-  """% of units manipulated per (layer, ε, mode), overall and per clean-label category."""
+  """% of units manipulated per (layer, ε, mode), overall and per clean-label category.
+
+  Each table entry also holds the undelivered (float) rate and, for uint8 / JPEG delivery,
+  ``survival_pct``: of the units the float attack manipulates, the % still manipulated after
+  delivery (None when the float attack manipulates none, or for float delivery).
+  """
   groups: dict = {}
   for r in rows:
     groups.setdefault((r["layer"], float(r["eps"]), r["mode"]), []).append(r)
@@ -338,17 +406,26 @@ def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) 
       groups.setdefault(("all layers", eps, mode), []).extend(rs)
   order = {l: i for i, l in enumerate(layers + ["all layers"])}
   for (layer, eps, mode), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], kv[0][1])):
-    succ = np.array([int(r["success"]) for r in rs])
+    succ = np.array([int(r["success"]) for r in rs], bool)
+    succ_f = np.array([int(r["success_float"]) for r in rs], bool)
     chg = np.array([int(r["changed"]) for r in rs])
+    deliveries = sorted({r["delivery"] for r in rs})
     per_cat = {}
     for cat in category_names:
       sel = [int(r["success"]) for r in rs if r["clean_category"] == cat]
       if sel:
         per_cat[cat] = {"units": len(sel), "pct_manipulated": 100.0 * float(np.mean(sel))}
+    delivered = deliveries != ["float"]
     table.append({
         "layer": layer, "eps": eps, "eps_255": round(eps * 255, 4), "mode": mode,
         "units": len(rs), "pct_manipulated": 100.0 * float(succ.mean()),
         "pct_label_changed": 100.0 * float(chg.mean()),
+        "delivery": "/".join(deliveries),
+        "pct_manipulated_float": 100.0 * float(succ_f.mean()),
+        "n_success_float": int(succ_f.sum()),
+        "n_survived": int((succ & succ_f).sum()),
+        "survival_pct": (100.0 * float((succ & succ_f).sum()) / int(succ_f.sum())
+                         if delivered and succ_f.any() else None),
         "mean_iou_before": float(np.mean([float(r["clean_iou"]) for r in rs])),
         "mean_source_iou_after": float(np.mean([float(r["source_iou_after"]) for r in rs])),
         "mean_poisoned": float(np.mean([int(r["n_poisoned"]) for r in rs])),
@@ -357,43 +434,71 @@ def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) 
   return {"table": table}
 
 
-def format_table(summary: dict) -> str:
-  """Markdown table in the paper's Table-2 layout: layers × (mode, ε)."""
+def _columns(summary: dict) -> tuple[list[tuple[str, float]], list[str], dict]:
   cols = sorted({(t["mode"], t["eps_255"]) for t in summary["table"]},
                 key=lambda c: (MODES.index(c[0]), c[1]))
   layers = list(dict.fromkeys(t["layer"] for t in summary["table"]))
   cell = {(t["layer"], t["mode"], t["eps_255"]): t for t in summary["table"]}
+  return cols, layers, cell
+
+
+def _grid(summary: dict, fmt: Callable[[dict], str]) -> str:
+  cols, layers, cell = _columns(summary)
   head = "| layer | " + " | ".join(f"{m} ε={e:g}/255" for m, e in cols) + " |"
   lines = [head, "|" + "---|" * (len(cols) + 1)]
   for layer in layers:
-    vals = []
-    for m, e in cols:
-      t = cell.get((layer, m, e))
-      vals.append("" if t is None else f"{t['pct_manipulated']:.1f} ({t['units']})")
+    vals = [fmt(cell[(layer, m, e)]) if (layer, m, e) in cell else "" for m, e in cols]
     lines.append(f"| {layer} | " + " | ".join(vals) + " |")
   return "\n".join(lines)
 
 
+def format_table(summary: dict) -> str:
+  """Markdown table in the paper's Table-2 layout: layers × (mode, ε), cells
+  ``% manipulated (units attacked)``."""
+  return _grid(summary, lambda t: f"{t['pct_manipulated']:.1f} ({t['units']})")
+
+
+def format_survival_table(summary: dict) -> str:
+  """For uint8 / JPEG delivery: cells ``float % -> delivered %, survived k/n`` (k of the n
+  float successes still succeed once delivered); '' for a float-delivery summary."""
+  if all(t.get("delivery", "float") == "float" for t in summary["table"]):
+    return ""
+
+  def fmt(t):
+    return (f"{t['pct_manipulated_float']:.1f} -> {t['pct_manipulated']:.1f}, survived "
+            f"{t['n_survived']}/{t['n_success_float']}")
+  return _grid(summary, fmt)
+
+
 def plot_summary(summary: dict, path: Path) -> None:
-  """% manipulated vs ε, one panel per mode, one line per layer."""
+  """% manipulated vs ε, one panel per attack mode, one line per layer; the ``noise`` control
+  is drawn dotted on the untargeted panels (its own panel if it is the only mode)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  modes = [m for m in MODES if any(t["mode"] == m for t in summary["table"])]
-  fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
-  for ax, mode in zip(axes[0], modes):
-    for layer in dict.fromkeys(t["layer"] for t in summary["table"]):
-      style = dict(color="black", linestyle="--") if layer == "all layers" else {}
-      pts = sorted((t["eps_255"], t["pct_manipulated"]) for t in summary["table"]
-                   if t["layer"] == layer and t["mode"] == mode)
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=layer, **style)
-    ax.set_title({"u2": "untargeted (U2)", "u1": "untargeted (U1)", "targeted": "targeted"}[mode])
+  present = [m for m in MODES if any(t["mode"] == m for t in summary["table"])]
+  panels = [m for m in present if m != "noise"] or present
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+  layers = list(dict.fromkeys(t["layer"] for t in summary["table"]))
+  colors = {l: ("black" if l == "all layers" else f"C{i}") for i, l in enumerate(layers)}
+
+  def points(layer, mode):
+    return sorted((t["eps_255"], t["pct_manipulated"]) for t in summary["table"]
+                  if t["layer"] == layer and t["mode"] == mode)
+  for ax, mode in zip(axes[0], panels):
+    for layer in layers:
+      style = dict(linestyle="--") if layer == "all layers" else {}
+      if pts := points(layer, mode):
+        ax.plot(*zip(*pts), marker="o", label=layer, color=colors[layer], **style)
+      if mode in ("u2", "u1") and "noise" in present and (pts := points(layer, "noise")):
+        ax.plot(*zip(*pts), marker="x", linestyle=":", color=colors[layer], alpha=0.7,
+                label=f"{layer}, ±ε noise")
+    ax.set_title(MODE_TITLES[mode])
     ax.set_xlabel("ε (/255)")
     ax.set_ylabel("% units manipulated")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
   fig.tight_layout()
   path = Path(path)
   tmp = path.with_name(f".{path.name}.tmp.png")

@@ -1,9 +1,12 @@
-"""Which probe images an attack poisons, and which target concept it aims at.
+"""Which probe images an attack poisons.
 
 Rule (documented in README / BUILD.md): the candidates are the images that contain the
 source concept or the target concept (a non-empty mask); at most ``cap`` are poisoned,
 those on which the attacked unit's clean activation peaks highest (they dominate both its
 threshold and its IoU). Indices are returned sorted.
+
+Target concepts are drawn with :func:`nemjax.attacks.pgd.random_targets` (never the source,
+never concept 0).
 """
 from __future__ import annotations
 
@@ -24,11 +27,3 @@ def choose_poisoned(contains: np.ndarray, priority: np.ndarray, cap: int) -> np.
   cand = np.flatnonzero(contains)
   order = cand[np.argsort(-np.asarray(priority)[cand], kind="stable")]
   return np.sort(order[:cap])
-
-
-def choose_target(rng: np.random.Generator, source: int, candidates: np.ndarray) -> int:
-  """A uniform draw from ``candidates`` other than ``source``; 0 if there is none."""
-  cands = np.asarray([c for c in np.asarray(candidates).tolist() if c != source and c != 0])
-  if cands.size == 0:
-    return 0
-  return int(rng.choice(cands))

@@ -6,10 +6,28 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from nemjax.dissect.report import atomic_write_text
+from nemjax.dissect.report import atomic_write_text, write_json
+
+
+def check_record(path: Path, record: Mapping[str, Any]) -> None:
+  """ValueError if ``path`` (a run's ``config.json``) exists and differs from ``record`` (a
+  JSON-able dict of what changes results but is not part of the rows' keys). Reads only."""
+  path = Path(path)
+  if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(dict(record))):
+    raise ValueError(f"{path.parent} holds results of another configuration (see {path}); "
+                     "use another --out or delete it")
+
+
+def claim_record(path: Path, record: Mapping[str, Any]) -> None:
+  """:func:`check_record`, then writes ``record`` to ``path`` if it is not there yet."""
+  check_record(path, record)
+  if not Path(path).exists():
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(path), dict(record))
 
 
 class ResultsStore:
@@ -28,19 +46,24 @@ class ResultsStore:
               f"{self.path}: existing results have columns {reader.fieldnames}, expected "
               f"{self.fields}; use another output directory")
         self.rows = list(reader)
-    self._done = {self._key(r) for r in self.rows}
+    self._by_key = {self._key(r): r for r in self.rows}
 
   def _key(self, row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(_fmt(row[k]) for k in self.key_fields)
 
   def done(self, **key: Any) -> bool:
-    return tuple(_fmt(key[k]) for k in self.key_fields) in self._done
+    """Whether the row of ``key`` (every key field, as values or their CSV strings) exists."""
+    return tuple(_fmt(key[k]) for k in self.key_fields) in self._by_key
+
+  def get(self, **key: Any) -> dict[str, str] | None:
+    """The stored row (strings) of ``key``, or None."""
+    return self._by_key.get(tuple(_fmt(key[k]) for k in self.key_fields))
 
   def add(self, rows: Iterable[dict[str, Any]]) -> None:
     """Appends rows and rewrites the file atomically."""
     new = [{k: _fmt(r[k]) for k in self.fields} for r in rows]
     self.rows.extend(new)
-    self._done.update(self._key(r) for r in new)
+    self._by_key.update((self._key(r), r) for r in new)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, self.fields, lineterminator="\n")
     writer.writeheader()
