@@ -47,12 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--min-seconds", type=float, default=4.0, help="per side and arch")
   p.add_argument("--min-reps", type=int, default=5)
   p.add_argument("--check-steps", type=int, default=3)
+  p.add_argument("--xla-flags", default=None, help="value for XLA_FLAGS (set before importing jax)")
   p.add_argument("--out", default=None, help="also write the markdown table to this file")
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.xla_flags is not None:
+    os.environ["XLA_FLAGS"] = args.xla_flags
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   import jax.numpy as jnp
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
   header = [
       f"Push-down fine-tuning step on CPU ({os.cpu_count()} cores visible; torch threads "
-      f"{args.threads}; α={ALPHA}, Adam lr {LR}; jax {jax.__version__}, torch {torch.__version__})",
+      f"{args.threads}; α={ALPHA}, Adam lr {LR}; jax {jax.__version__}, torch {torch.__version__}; "
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'})",
       "",
       "| arch | attacked layer | input | batch | JAX img/s | PyTorch img/s | JAX/PyTorch "
       f"| JAX compile s | loss rel. diff, first {args.check_steps} steps |",

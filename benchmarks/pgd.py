@@ -48,6 +48,8 @@ CONFIGS = {
   # Gradient rewrites (nemjax.attacks.fastgrad).
   "python + fast max-pool grad": dict(loop="python", fast="pool"),
   "python + fast max-pool + polyphase stem grad (default)": dict(loop="python", fast="pool+stem"),
+  "python + fast max-pool + polyphase every strided conv": dict(loop="python",
+                                                                fast="pool+allstrided"),
   "unrolled + fast max-pool + polyphase stem": dict(loop="unroll", fast="pool+stem"),
   "fori_loop + fast max-pool + polyphase stem": dict(loop="fori", fast="pool+stem"),
   # Objective, network cut, batch size.
@@ -192,7 +194,8 @@ def jax_run(args, cfg: dict) -> dict:
   if fast:
     features_fn = fastgrad.cpu_fast_grad(
       features_fn, fast_max_pool="pool" in fast,
-      polyphase_max_in_channels=4 if "stem" in fast else 0)
+      polyphase_max_in_channels=(1 << 30 if "allstrided" in fast else
+                                 4 if "stem" in fast else 0))
 
   x_np, units_np, src_np, tgt_np = make_problem(args.images)
   x, units = jnp.asarray(x_np), jnp.asarray(units_np)

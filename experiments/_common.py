@@ -1,7 +1,9 @@
-"""Shared start-up for the experiment scripts: venv bootstrap, error reporting."""
+"""Shared start-up for the experiment scripts: venv bootstrap, XLA:CPU flags, error reporting."""
 from __future__ import annotations
 
+import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -11,9 +13,31 @@ if str(REPO) not in sys.path:
 from tools.bootstrap import ensure_env  # noqa: E402
 
 
+# XLA:CPU's (experimental) YNNPACK fusions make these CNNs' convolutions slower on x86: turning
+# them off gave the forward pass 1.05-1.46x and act-avg PGD +12 % (BENCHMARKS.md). Set only for
+# the jaxlib releases it was measured with (an unknown flag would abort XLA), and only when the
+# user has not set XLA_FLAGS; NEMJAX_XLA_TUNING=0 turns it off.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+_TUNED_JAXLIB = ("0.10.",)
+
+
+def set_cpu_xla_flags() -> None:
+  """Puts :data:`CPU_XLA_FLAGS` in ``XLA_FLAGS`` (before JAX starts) where it is known to help."""
+  if "XLA_FLAGS" in os.environ or os.environ.get("NEMJAX_XLA_TUNING", "1") == "0":
+    return
+  try:
+    version = metadata.version("jaxlib")
+  except metadata.PackageNotFoundError:
+    return
+  if version.startswith(_TUNED_JAXLIB):
+    os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
+
+
 def bootstrap() -> None:
-  """Re-runs the calling script inside the project venv (created on first use)."""
+  """Re-runs the calling script inside the project venv (created on first use), then sets the
+  XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
   ensure_env(extras=("experiments",))
+  set_cpu_xla_flags()
 
 
 def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nemjax.attacks import fastgrad
 from nemjax.manipulate import losses
 from nemjax.manipulate import prune
 
@@ -164,7 +165,8 @@ def _logits_of(out: Any) -> jax.Array:
 def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Array], Any] | None,
                     attack_loss_fn: losses.AttackLossFn,
                     optimizer: optax.GradientTransformation | None = None, *,
-                    trainable: TrainableFn | None = None, donate: bool = True):
+                    trainable: TrainableFn | None = None, donate: bool = True,
+                    fast_grad: bool | None = None):
   r"""Build the jitted fine-tuning step.
 
   For a batch with images ``x`` (and optional decoys ``x*``):
@@ -188,6 +190,9 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
     optimizer: the optax transformation used in :func:`train_init` (default Adam lr 1e-5).
     trainable: the filter used in :func:`train_init`.
     donate: donate the train state's buffers (default ``True``).
+    fast_grad: run ``apply_fn`` through :func:`nemjax.attacks.fastgrad.cpu_fast_grad` (same
+      forward values; max-pool and strided-stem gradients without XLA:CPU's slow paths).
+      Default: on when JAX's default backend is the CPU.
 
   Returns:
     ``step(train_state, batch, alpha) -> (train_state, metrics)`` where ``batch`` is a mapping
@@ -201,6 +206,10 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
   optimizer = default_optimizer() if optimizer is None else optimizer
   if frozen_apply_fn is None:
     frozen_apply_fn = apply_fn
+  if fast_grad is None:
+    fast_grad = jax.default_backend() == "cpu"
+  if fast_grad:  # only the differentiated model; the frozen teacher runs forward only
+    apply_fn = fastgrad.cpu_fast_grad(apply_fn)
 
   def _update(state: TrainState, batch: Mapping[str, Any], alpha: jax.Array):
     if "image" not in batch:
