@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     torch_s = float(np.min(times["torch"]))
     rows.append((arch, size, batch, batch / jax_s, batch / torch_s, torch_s / jax_s, compile_s))
     print(f"{arch}: jax {batch / jax_s:.1f} img/s, torch {batch / torch_s:.1f} img/s", file=sys.stderr, flush=True)
-    del tmodel, model, state, fwd
 
   header = [
     f"Forward throughput on CPU ({os.cpu_count()} cores visible; torch threads {args.threads}; "

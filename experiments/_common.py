@@ -44,3 +44,14 @@ def bootstrap() -> None:
 def fail(message: str, code: int = 2) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
+
+
+def check_probe_and_weights(probe: Path | None, weights: Path | None) -> None:
+  """Fails (one line, exit 2) unless both or neither of --probe / --weights are given and
+  the given ones exist (neither: the embedded default)."""
+  if (probe is None) != (weights is None):
+    fail("give both --probe and --weights, or neither (embedded default)")
+  if weights is not None and not weights.exists():
+    fail(f"--weights: checkpoint directory not found: {weights}")
+  if probe is not None and not (probe / "index.csv").exists():
+    fail(f"--probe: no index.csv in {probe}")

@@ -127,12 +127,7 @@ def main(argv=None) -> None:
   fail = _common.fail
   # --- flag checks that need nothing loaded -------------------------------------------------
   embedded = args.probe is None
-  if (args.probe is None) != (args.weights is None):
-    fail("give both --probe and --weights, or neither (embedded default)")
-  if args.weights is not None and not args.weights.exists():
-    fail(f"--weights: checkpoint directory not found: {args.weights}")
-  if args.probe is not None and not (args.probe / "index.csv").exists():
-    fail(f"--probe: no index.csv in {args.probe}")
+  _common.check_probe_and_weights(args.probe, args.weights)
   if args.k < 1:
     fail(f"--k must be >= 1, got {args.k}")
   if not 1 <= args.overlap_k <= args.k:

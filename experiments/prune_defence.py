@@ -55,12 +55,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   fail = _common.fail
   embedded = args.probe is None
-  if (args.probe is None) != (args.weights is None):
-    fail("give both --probe and --weights, or neither (embedded default)")
-  if args.weights is not None and not args.weights.exists():
-    fail(f"--weights: checkpoint directory not found: {args.weights}")
-  if args.probe is not None and not (args.probe / "index.csv").exists():
-    fail(f"--probe: no index.csv in {args.probe}")
+  _common.check_probe_and_weights(args.probe, args.weights)
   for name in ("l1_rates", "vulnerability_rates"):
     bad = [r for r in getattr(args, name) if not 0 < r < 1]
     if bad:

@@ -42,6 +42,10 @@ def _config(**kw):
   return X.ManipulateConfig(**base)
 
 
+# the scripts' XLA:CPU tuning flags would change float rounding against the in-process run
+SCRIPT_ENV = dict(os.environ, NEMJAX_XLA_TUNING="0")
+
+
 def _script(probe, weights, out, extra=()):
   return [sys.executable, str(REPO / "experiments" / "manipulate.py"), "--probe", str(probe),
           "--weights", str(weights), "--out", str(out), "--no-progress", *FLAGS, *extra]
@@ -127,7 +131,7 @@ def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir
   out = tmp_path / "killed"
   proc = subprocess.Popen(_script(tiny_probe_dir, tiny_model_dir, out), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+                          start_new_session=True, env=SCRIPT_ENV)
   meta = out / "checkpoints" / "last" / "meta.json"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None and not meta.exists():
@@ -139,7 +143,7 @@ def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir
   assert 3 <= step < 12
   assert not (out / "metrics.csv").exists()
   r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, out), cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
+                     capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming from the checkpoint at step {step}/12" in r.stdout
   summary = json.loads((out / "summary.json").read_text())

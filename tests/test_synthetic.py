@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from nemjax.data import broden, loader, synthetic
+from nemjax.data import loader, synthetic
 from nemjax.data.broden import load_probe
 
 

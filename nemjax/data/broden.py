@@ -24,7 +24,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

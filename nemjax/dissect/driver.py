@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -116,19 +115,13 @@ def activation_fn(model, layers: Sequence[str], normalize: Callable = preprocess
 
 def layer_shapes(model, layers: Sequence[str], image_size: tuple[int, int]
                  ) -> dict[str, tuple[int, int, int]]:
-  """``{layer: (h, w, U)}`` of ``model``'s activations on (H, W) = ``image_size`` images.
-
-  Traced with ``jax.eval_shape`` (no computation); vector layers give ``(1, 1, U)``.
-  Unknown layer names raise ValueError listing the valid ones.
+  """``{layer: (h, w, U)}`` of ``model``'s activations on (H, W) = ``image_size`` images
+  (:func:`nemjax.models.activation_shapes`; vector layers give ``(1, 1, U)``, as the tally
+  sees them). Unknown layer names raise ValueError listing the valid ones.
   """
   from nemjax import models as models_lib
-  taps = tuple(dict.fromkeys(layers))
-  upto = models_lib.last_layer(model.arch, taps)
-  apply_fn, state = models_lib.pure_apply(model, taps=taps, upto=upto)
-  x = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
-  acts = jax.eval_shape(lambda s, x: apply_fn(s, x)[1], state, x)
-  return {k: (tuple(v.shape[1:]) if len(v.shape) == 4 else (1, 1, v.shape[-1]))
-          for k, v in acts.items()}
+  shapes = models_lib.activation_shapes(model, layers, image_size)
+  return {k: (v if len(v) == 3 else (1, 1, v[-1])) for k, v in shapes.items()}
 
 
 def _forward_batches(fn, probe: ProbeSet, batch_size: int,

@@ -290,15 +290,6 @@ def canonical_layers(model: nnx.Module, layers: Sequence[str]) -> tuple[str, ...
   return tuple(models.canonical_layer(model.arch, name) for name in layers)
 
 
-def layer_shapes(model: nnx.Module, layers: Sequence[str], image_shape: Sequence[int]
-                 ) -> dict[str, tuple[int, ...]]:
-  """Output shape ``(1, h, w, C)`` or ``(1, C)`` of each layer (shape inference only)."""
-  apply_fn, state = models.pure_apply(model, taps=tuple(layers))
-  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  _, acts = jax.eval_shape(apply_fn, state, x)
-  return {name: tuple(int(d) for d in acts[name].shape) for name in layers}
-
-
 def _channel_masks(config: ManipulateConfig, model: nnx.Module, layers: tuple[str, ...],
                    widths: Mapping[str, int]) -> dict[str, np.ndarray]:
   given = {}
@@ -348,9 +339,9 @@ def make_reference(config: ManipulateConfig, inputs: ExperimentInputs, evaluate,
     groups = g
   if images.shape[0] <= config.k:
     raise ValueError(f"the ranking set has {images.shape[0]} images; need more than k={config.k}")
-  shapes = layer_shapes(model, layers, images.shape[1:])
+  shapes = models.activation_shapes(model, layers, images.shape[1:])  # per image
   widths = {name: shp[-1] for name, shp in shapes.items()}
-  spatial = {name: float(np.prod(shp[1:-1])) for name, shp in shapes.items()}
+  spatial = {name: float(np.prod(shp[:-1])) for name, shp in shapes.items()}
   attacked = _channel_masks(config, model, layers, widths)
   t0 = time.time()
   before = evaluate(params, images)

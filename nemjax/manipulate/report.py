@@ -9,29 +9,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from nemjax.dissect.report import atomic_write_bytes
+from nemjax import figures
 
 if TYPE_CHECKING:  # only for annotations: the experiment module imports this one
   from nemjax.manipulate.experiment import Reference
 
 __all__ = ["format_table", "csv_text", "shown_channels", "plot_topk", "plot_featvis",
            "plot_prune_defence"]
-
-
-def _pyplot():
-  """matplotlib's pyplot on the non-interactive Agg backend (imported only when plotting)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
-def _save_png(fig, path: Path, dpi: int) -> None:
-  """Render ``fig`` to PNG bytes, close it, and write the file atomically."""
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi)
-  _pyplot().close(fig)
-  atomic_write_bytes(Path(path), buf.getvalue())
 
 
 _COLUMN_TITLES = {
@@ -107,7 +91,7 @@ def plot_featvis(path: Path, before: Mapping[str, np.ndarray], after: Mapping[st
     channels: ``{layer: [channel, ...]}`` (n per layer).
     corr: ``{layer: (n,)}`` Pearson correlation of each before/after pair.
   """
-  plt = _pyplot()
+  plt = figures.pyplot()
   rows = [(name, i, j) for name, js in channels.items() for i, j in enumerate(js)]
   fig, axes = plt.subplots(len(rows), 2, figsize=(4.2, 2.1 * len(rows) + 0.4), squeeze=False)
   for r, (name, i, j) in enumerate(rows):
@@ -122,7 +106,7 @@ def plot_featvis(path: Path, before: Mapping[str, np.ndarray], after: Mapping[st
   if title:
     fig.suptitle(title, fontsize=8)
   fig.tight_layout()
-  _save_png(fig, path, dpi=90)
+  figures.save_png(fig, path, dpi=90)
 
 
 def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], *,
@@ -131,7 +115,7 @@ def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], 
   """PNG grid: for up to ``max_channels`` attacked channels per layer, the top-``overlap_k``
   images before (left) and after (right) the attack, captioned with their labels; images in
   both sets are framed green, new ones red."""
-  plt = _pyplot()
+  plt = figures.pyplot()
 
   chosen = [(name, j) for name, js in shown_channels(ref.attacked, max_channels).items()
             for j in js]
@@ -174,12 +158,12 @@ def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], 
     fig.suptitle(title, fontsize=9)
   fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=1 - 0.9 / fig.get_figheight(),
                       wspace=0.08, hspace=0.35)
-  _save_png(fig, path, dpi=90)
+  figures.save_png(fig, path, dpi=90)
 
 
 def plot_prune_defence(path: Path, rows: Sequence[dict], *, title: str = "") -> None:
   """Two panels vs pruning rate: accuracy (after pruning, after the attack) and CLIP-δ."""
-  plt = _pyplot()
+  plt = figures.pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
   base = next(r for r in rows if r["method"] == "none")
   for method, color in (("l1", "tab:blue"), ("vulnerability", "tab:red")):
@@ -198,4 +182,4 @@ def plot_prune_defence(path: Path, rows: Sequence[dict], *, title: str = "") -> 
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  _save_png(fig, path, dpi=100)
+  figures.save_png(fig, path, dpi=100)

@@ -13,7 +13,7 @@ Architectures are exactly torchvision's (NHWC, inference-mode BatchNorm, dropout
 layer names are torchvision module names (see ``layer_names``). Checkpoints: ``from
 nemjax.models import checkpoint`` (orbax; imported on demand because orbax is slow to import).
 """
-from nemjax.models.apply import pure_apply
+from nemjax.models.apply import activation_shapes, pure_apply
 from nemjax.models.registry import ARCHS, build, build_abstract, canonical_layer, last_layer, layer_aliases, layer_names
 
-__all__ = ["ARCHS", "build", "build_abstract", "canonical_layer", "last_layer", "layer_aliases", "layer_names", "pure_apply"]
+__all__ = ["ARCHS", "activation_shapes", "build", "build_abstract", "canonical_layer", "last_layer", "layer_aliases", "layer_names", "pure_apply"]

@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from nemjax.models import layers as L
 from nemjax.models import registry
 
-__all__ = ["pure_apply"]
+__all__ = ["pure_apply", "activation_shapes"]
 
 ApplyFn = Callable[[nnx.State, jax.Array], tuple[jax.Array | None, dict[str, jax.Array]]]
 
@@ -51,3 +52,26 @@ def pure_apply(model: nnx.Module, taps: Sequence[str] = (), upto: str | None = N
     return nnx.merge(graphdef, state)(x, taps=taps, upto=upto)
 
   return apply_fn, state
+
+
+def activation_shapes(model: nnx.Module, layers: Sequence[str], image_size: Sequence[int]
+                      ) -> dict[str, tuple[int, ...]]:
+  """Per-image activation shape of each of ``layers`` for ``(H, W)`` images, without computing.
+
+  Traced with ``jax.eval_shape``, so an abstract model (``registry.build_abstract``) is enough.
+
+  Args:
+    model: a nemjax model, concrete or abstract.
+    layers: canonical names or aliases (unknown names raise ValueError listing the valid ones).
+    image_size: ``(H, W)`` (a trailing channel count, as in ``images.shape[1:]``, is ignored).
+
+  Returns:
+    ``{layer: (h, w, C)}`` for convolutional layers and ``{layer: (C,)}`` for dense ones, keyed
+    by the names as given (duplicates dropped).
+  """
+  taps = tuple(dict.fromkeys(layers))
+  arch = getattr(model, "arch", None)
+  apply_fn, state = pure_apply(model, taps=taps, upto=registry.last_layer(arch, taps))
+  x = jax.ShapeDtypeStruct((1, *tuple(image_size)[:2], 3), jnp.float32)
+  _, acts = jax.eval_shape(apply_fn, state, x)
+  return {name: tuple(int(d) for d in acts[name].shape[1:]) for name in taps}

@@ -14,38 +14,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
-
 from nemjax import models
-
-
-def layer_shapes(model, layers: Sequence[str], image_size: tuple[int, int]
-                 ) -> dict[str, tuple[int, ...]]:
-  """Per-image activation shape of each of ``layers`` for ``(H, W)`` inputs.
-
-  Args:
-    model: a nemjax model, concrete or abstract.
-    layers: layer names or aliases (unknown names raise ValueError listing the valid ones).
-    image_size: ``(H, W)`` of the probe images.
-
-  Returns:
-    ``{layer: (h, w, U)}`` for spatial layers, ``{layer: (U,)}`` for flat ones.
-  """
-  arch = getattr(model, "arch", None)
-  for layer in layers:
-    models.canonical_layer(arch, layer)
-  taps = tuple(dict.fromkeys(layers))
-  apply_fn, state = models.pure_apply(model, taps=taps, upto=models.last_layer(arch, taps))
-  x = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
-  _, acts = jax.eval_shape(apply_fn, state, x)
-  return {layer: tuple(acts[layer].shape[1:]) for layer in taps}
 
 
 def spatial_widths(model, layers: Sequence[str], image_size: tuple[int, int]) -> dict[str, int]:
   """``{layer: number of units}``; ValueError if a layer has no (h, w, U) activation map
   (act-avg and the dissection's masks need one)."""
-  shapes = layer_shapes(model, layers, image_size)
+  shapes = models.activation_shapes(model, layers, image_size)
   flat = {layer: s for layer, s in shapes.items() if len(s) != 3}
   if flat:
     raise ValueError(f"layers without a spatial activation map (per-image shapes {flat}); "

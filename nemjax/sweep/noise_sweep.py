@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from nemjax import figures
 from nemjax.attacks.noise import NOISE_KINDS, corrupt, select_fraction
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
@@ -164,9 +165,7 @@ def format_noise_table(rows: Sequence[dict], layer: str, kind: str) -> str:
 
 def plot_noise_sweep(rows: Sequence[Mapping[str, str]], path: Path) -> None:
   """% of units changed vs σ: one panel per (layer, noise kind), one line per fraction."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   layers = list(dict.fromkeys(r["layer"] for r in rows))
   kinds = [k for k in NOISE_KINDS if any(r["kind"] == k for r in rows)]
   if not layers or not kinds:
@@ -189,8 +188,4 @@ def plot_noise_sweep(rows: Sequence[Mapping[str, str]], path: Path) -> None:
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
   fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  tmp.replace(path)
+  figures.save_png(fig, path, dpi=110)

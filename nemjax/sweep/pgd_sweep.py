@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from nemjax import preprocess
+from nemjax import figures, preprocess
 from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
 from nemjax.attacks.noise import bernoulli_noise
 from nemjax.attacks.pgd import make_act_avg_attack, random_targets
@@ -473,9 +473,7 @@ def format_survival_table(summary: dict) -> str:
 def plot_summary(summary: dict, path: Path) -> None:
   """% manipulated vs ε, one panel per attack mode, one line per layer; the ``noise`` control
   is drawn dotted on the untargeted panels (its own panel if it is the only mode)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   present = [m for m in MODES if any(t["mode"] == m for t in summary["table"])]
   panels = [m for m in present if m != "noise"] or present
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
@@ -500,8 +498,4 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  tmp.replace(path)
+  figures.save_png(fig, path, dpi=110)

@@ -1,0 +1,34 @@
+"""matplotlib on the non-interactive Agg backend, and atomic PNG writes, for every report figure.
+
+matplotlib is imported only when a figure is drawn (it is an optional ``experiments`` extra)::
+
+  plt = figures.pyplot()
+  fig, ax = plt.subplots()
+  ...
+  figures.save_png(fig, out_dir / "plot.png", dpi=110)
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from nemjax.dissect.report import atomic_write_bytes
+
+__all__ = ["pyplot", "save_png"]
+
+
+def pyplot() -> Any:
+  """``matplotlib.pyplot`` with the Agg backend selected (no display needed)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def save_png(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
+  """Render ``fig`` to PNG, close it, and write ``path`` atomically (temp file + rename)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  pyplot().close(fig)
+  atomic_write_bytes(path, buf.getvalue())
