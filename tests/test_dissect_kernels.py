@@ -349,6 +349,23 @@ def test_tally_batch_split_invariance_and_shared_labels():
     assert np.array_equal(getattr(one, f), getattr(three, f)), f
 
 
+def test_tally_batches_from_arrays_or_an_iterator_in_either_layout():
+  n, h, w, u, k, sh, sw = 9, 14, 14, 6, 3, 112, 112
+  a, thr, pix, scal, labelcat, _ = _case(12, n, h, w, u, k, sh, sw)
+  nl, c = labelcat.shape
+  ref = dissect.tally_update(dissect.tally_init(u, nl, c), a, thr, pix, scal, labelcat)
+  nchw = np.ascontiguousarray(np.moveaxis(a, 3, 1))
+  gen = ((nchw[s:s + 4], pix[s:s + 4], scal[s:s + 4]) for s in range(0, n, 4))
+  for got in (dissect.tally_batches((a, pix, scal), thr, labelcat, batch_size=2),
+              dissect.tally_batches(gen, thr, labelcat, layout="NCHW")):
+    for f in TALLY_FIELDS:
+      assert np.array_equal(getattr(ref, f), getattr(got, f)), f
+  with pytest.raises(ValueError, match="no batches"):
+    dissect.tally_batches(iter(()), thr, labelcat)
+  with pytest.raises(ValueError, match="same number of rows"):
+    dissect.tally_batches((a, pix[:3], scal), thr, labelcat)
+
+
 def test_tally_sparse_call_splitting(monkeypatch):
   """Many sparse calls (pairs never split across calls) give the same counts."""
   n, h, w, u, k, sh, sw = 6, 14, 14, 8, 2, 112, 112

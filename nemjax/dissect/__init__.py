@@ -14,6 +14,9 @@ Pure functions on host/JAX arrays, exact against NetDissect-Lite (see
   iou = dissect.compute_iou(t, labelcat)                          # (U, L+1) f64
   best = dissect.best_labels(iou, primary_category, C)
 
+  # or in one call, from arrays or any iterable of (acts, pixels, scalars) batches:
+  t = dissect.tally_batches(batches, thr, labelcat, layout="NCHW")
+
 The driver runs a model over a probe set and calls these, streaming (host memory does not
 grow with the probe set)::
 
@@ -45,6 +48,7 @@ from nemjax.dissect.tally import (
     compute_iou,
     floor_to_float32,
     prepare_labels,
+    tally_batches,
     tally_init,
     tally_update,
 )
@@ -76,6 +80,7 @@ __all__ = [
     "compute_iou",
     "floor_to_float32",
     "prepare_labels",
+    "tally_batches",
     "tally_init",
     "tally_update",
     "PillowTaps",

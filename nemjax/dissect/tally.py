@@ -745,6 +745,47 @@ def _accumulate(both, units_cat, units, pb, pu, size, cnt, labels: LabelBatch,
   np.add.at(units_cat, pu, size[:, None] * present)
 
 
+def tally_batches(batches, thresholds, labelcat, *, layout: str = "NHWC", method: str = "auto",
+                  batch_size: int = 64) -> TallyState:
+  """The whole tally of activations from any source, against given thresholds.
+
+  Args:
+    batches: an iterable of ``(acts, pixels, scalars)`` batches — acts ``(B, h, w, U)``
+      (``layout='NHWC'``) or ``(B, U, h, w)`` (``'NCHW'``), pixels ``(B, K, sh, sw)``, scalars
+      ``(B, S)`` — or one such triple of whole arrays (``(N, ...)``, NumPy arrays or memmaps),
+      which is cut into ``batch_size`` rows at a time.
+    thresholds: (U,) float64, e.g. another implementation's, to compare tallies exactly.
+    labelcat: (L+1, C) primary category of each label.
+    layout, method: as in :func:`tally_update`.
+    batch_size: rows per update when whole arrays are given.
+
+  Returns:
+    The :class:`TallyState` of every batch (:func:`compute_iou` gives the IoU).
+  """
+  if isinstance(batches, tuple) and len(batches) == 3 and all(
+      hasattr(x, "shape") for x in batches):
+    whole = batches
+    n = np.shape(whole[0])[0]
+    if any(np.shape(x)[0] != n for x in whole):
+      raise ValueError(f"acts, pixels and scalars must have the same number of rows, got "
+                       f"{[np.shape(x) for x in whole]}")
+    batches = (tuple(x[s:s + batch_size] for x in whole) for s in range(0, n, batch_size))
+  labelcat = np.asarray(labelcat, np.float64)
+  state = None
+  for i, batch in enumerate(batches):
+    if len(batch) != 3:
+      raise ValueError(f"batch {i}: expected (acts, pixels, scalars), got {len(batch)} items")
+    acts, pixels, scalars = batch
+    if state is None:
+      units = _check_acts(acts, layout).shape[-1]
+      state = tally_init(units, labelcat.shape[0], labelcat.shape[1])
+    state = tally_update(state, acts, thresholds, pixels, scalars, labelcat, layout=layout,
+                         method=method)
+  if state is None:
+    raise ValueError("tally_batches: no batches")
+  return state
+
+
 def compute_iou(state: TallyState, labelcat) -> np.ndarray:
   """IoU (U, L+1) float64, in NetDissect-Lite's operation order."""
   labelcat = np.asarray(labelcat, np.float64)
