@@ -1,11 +1,12 @@
 """Shared start-up for the experiment scripts: venv bootstrap, XLA:CPU flags, error reporting."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -55,3 +56,59 @@ def check_probe_and_weights(probe: Path | None, weights: Path | None) -> None:
     fail(f"--weights: checkpoint directory not found: {weights}")
   if probe is not None and not (probe / "index.csv").exists():
     fail(f"--probe: no index.csv in {probe}")
+
+
+def check_model_flags(args) -> None:
+  """ValueError for inconsistent --probe / --weights / --layers / --arch (nothing loaded)."""
+  from nemjax import embedded  # pylint: disable=import-outside-toplevel
+  if (args.probe is None) != (args.weights is None):
+    raise ValueError("give both --probe and --weights, or neither (embedded default)")
+  if args.weights is not None and not args.weights.exists():
+    raise ValueError(f"--weights: checkpoint directory not found: {args.weights}")
+  if args.probe is not None and not (args.probe / "index.csv").exists():
+    raise ValueError(f"--probe: no index.csv in {args.probe}")
+  if args.probe is not None and not args.layers:
+    raise ValueError("--layers is required with --weights")
+  if args.probe is None and args.arch not in (None, embedded.ARCH):
+    raise ValueError(f"--arch {args.arch}: the embedded default is {embedded.ARCH!r} "
+                     "(give --probe and --weights for another model)")
+
+
+@dataclasses.dataclass
+class SweepTarget:
+  """What a sweep script attacks, known before any work: for the embedded default the model is
+  shape-only (not trained, its probe set not generated), otherwise the loaded checkpoint."""
+  probe_dir: Path
+  weights: Path
+  layers: list[str]
+  model: Any                 # abstract (embedded) or loaded model
+  probe: Any                 # the ProbeSet, or None for the embedded default
+  image_size: tuple[int, int]
+
+
+def sweep_target(args) -> SweepTarget:
+  """Resolves --probe / --weights / --layers / --arch (or the embedded default) for checks."""
+  from nemjax import embedded  # pylint: disable=import-outside-toplevel
+  from nemjax.data import broden  # pylint: disable=import-outside-toplevel
+  from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
+  check_model_flags(args)
+  if args.probe is None:
+    paths = embedded.cache_paths(args.cache, args.seed)
+    return SweepTarget(paths.probe_dir, paths.checkpoint_dir,
+                       list(args.layers or embedded.LAYERS), embedded.abstract_model(), None,
+                       (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE))
+  probe = broden.load_probe(args.probe)
+  return SweepTarget(args.probe, args.weights, list(args.layers),
+                     checkpoint.load(args.weights, arch=args.arch), probe,
+                     tuple(probe.image_size))
+
+
+def load_sweep_target(args, target: SweepTarget, progress: bool) -> tuple[Any, Any]:
+  """``(model, probe)`` to run on: builds (once, cached) and loads the embedded default."""
+  if args.probe is not None:
+    return target.model, target.probe
+  from nemjax import embedded  # pylint: disable=import-outside-toplevel
+  from nemjax.data import broden  # pylint: disable=import-outside-toplevel
+  from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
+  embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
+  return checkpoint.load(target.weights, arch=embedded.ARCH), broden.load_probe(target.probe_dir)

@@ -19,9 +19,6 @@ import _common
 _common.bootstrap()
 
 # Imported after the bootstrap, which re-runs this script inside the project venv.
-from nemjax import embedded  # noqa: E402
-from nemjax.data import broden  # noqa: E402
-from nemjax.models import checkpoint  # noqa: E402
 from nemjax.sweep import checks  # noqa: E402
 from nemjax.sweep.noise_sweep import (  # noqa: E402
     check_noise_args, check_noise_out_dir, format_noise_table, noise_record, run_noise_sweep)
@@ -55,39 +52,18 @@ def main(argv=None) -> None:
               batch_size=args.batch_size, quantile=args.quantile)
   try:
     check_noise_args(**grid)
-    if (args.probe is None) != (args.weights is None):
-      raise ValueError("give both --probe and --weights, or neither (embedded default)")
-    if args.probe is None:
-      if args.arch not in (None, embedded.ARCH):
-        raise ValueError(f"--arch {args.arch}: the embedded default is {embedded.ARCH!r}")
-      paths = embedded.cache_paths(args.cache, args.seed)
-      probe_dir, weights = paths.probe_dir, paths.checkpoint_dir
-      layers = args.layers or list(embedded.LAYERS)
-      model, probe = embedded.abstract_model(), None
-      image_size = (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
-    else:
-      if not args.weights.exists():
-        raise ValueError(f"--weights: checkpoint directory not found: {args.weights}")
-      if not (args.probe / "index.csv").exists():
-        raise ValueError(f"--probe: no index.csv in {args.probe}")
-      if not args.layers:
-        raise ValueError("--layers is required with --weights")
-      probe_dir, weights, layers = args.probe, args.weights, args.layers
-      model, probe = checkpoint.load(weights, arch=args.arch), broden.load_probe(args.probe)
-      image_size = tuple(probe.image_size)
-    checks.spatial_widths(model, layers, image_size)
-    run_info = {"probe": str(Path(probe_dir).resolve()), "weights": str(Path(weights).resolve()),
-                "arch": model.arch}
+    target = _common.sweep_target(args)
+    layers = target.layers
+    checks.spatial_widths(target.model, layers, target.image_size)
+    run_info = {"probe": str(Path(target.probe_dir).resolve()),
+                "weights": str(Path(target.weights).resolve()), "arch": target.model.arch}
     check_noise_out_dir(args.out, noise_record(batch_size=args.batch_size, quantile=args.quantile,
                                                jpeg_quality=args.jpeg_quality, run_info=run_info))
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
 
   try:
-    if args.probe is None:
-      embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
-      model = checkpoint.load(weights, arch=embedded.ARCH)
-      probe = broden.load_probe(probe_dir)
+    model, probe = _common.load_sweep_target(args, target, progress)
     rows = run_noise_sweep(model, probe, layers, args.out, progress=progress, run_info=run_info,
                            **grid)
   except (ValueError, FileNotFoundError) as e:

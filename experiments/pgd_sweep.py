@@ -21,9 +21,6 @@ import _common
 _common.bootstrap()
 
 # Imported after the bootstrap, which re-runs this script inside the project venv.
-from nemjax import embedded  # noqa: E402
-from nemjax.data import broden  # noqa: E402
-from nemjax.models import checkpoint  # noqa: E402
 from nemjax.sweep import checks, pgd_sweep  # noqa: E402
 from nemjax.sweep.store import ResultsStore  # noqa: E402
 from nemjax.sweep.verify import export_and_verify, export_delivery, verified  # noqa: E402
@@ -87,17 +84,7 @@ def check_plain_flags(args) -> None:
       raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   if args.seed < 0:
     raise ValueError(f"--seed must be >= 0, got {args.seed}")
-  if (args.probe is None) != (args.weights is None):
-    raise ValueError("give both --probe and --weights, or neither (embedded default)")
-  if args.weights is not None and not args.weights.exists():
-    raise ValueError(f"--weights: checkpoint directory not found: {args.weights}")
-  if args.probe is not None and not (args.probe / "index.csv").exists():
-    raise ValueError(f"--probe: no index.csv in {args.probe}")
-  if args.probe is not None and not args.layers:
-    raise ValueError("--layers is required with --weights")
-  if args.probe is None and args.arch not in (None, embedded.ARCH):
-    raise ValueError(f"--arch {args.arch}: the embedded default is {embedded.ARCH!r} "
-                     "(give --probe and --weights for another model)")
+  _common.check_model_flags(args)
   if (args.export_unit is None) != (args.export_dir is None):
     raise ValueError("--export-unit and --export-dir go together")
   if args.export_unit is None:
@@ -122,17 +109,9 @@ def main(argv=None) -> None:
     export = checks.parse_layer_unit(args.export_unit) if args.export_unit else None
     # What will be attacked, checked on a shape-only model: the embedded one is not trained
     # (nor its probe set generated) until every flag has passed.
-    if args.probe is None:
-      paths = embedded.cache_paths(args.cache, args.seed)
-      probe_dir, weights = paths.probe_dir, paths.checkpoint_dir
-      layers = args.layers or list(embedded.LAYERS)
-      model, probe = embedded.abstract_model(), None
-      image_size = (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
-    else:
-      probe_dir, weights, layers = args.probe, args.weights, args.layers
-      model, probe = checkpoint.load(weights, arch=args.arch), broden.load_probe(args.probe)
-      image_size = tuple(probe.image_size)
-    widths = checks.spatial_widths(model, layers, image_size)
+    target = _common.sweep_target(args)
+    layers = target.layers
+    widths = checks.spatial_widths(target.model, layers, target.image_size)
     if units:
       checks.check_units(units, widths)
     if export:
@@ -146,18 +125,15 @@ def main(argv=None) -> None:
         jpeg_quality=args.jpeg_quality, seed=args.seed, batch_size=args.batch_size,
         units_per_call=args.units_per_call, quantile=args.quantile)
     config.validate()
-    run_info = {"probe": str(Path(probe_dir).resolve()), "weights": str(Path(weights).resolve()),
-                "arch": model.arch}
+    run_info = {"probe": str(Path(target.probe_dir).resolve()),
+                "weights": str(Path(target.weights).resolve()), "arch": target.model.arch}
     pgd_sweep.check_out_dir(args.out, pgd_sweep.run_record(config, run_info))
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
 
   # --- work: build the embedded default if needed, load, sweep ---------------------------
   try:
-    if args.probe is None:
-      embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
-      model = checkpoint.load(weights, arch=embedded.ARCH)
-      probe = broden.load_probe(probe_dir)
+    model, probe = _common.load_sweep_target(args, target, progress)
     summary = pgd_sweep.run_pgd_sweep(model, probe, config, args.out, progress=progress,
                                       run_info=run_info)
   except (ValueError, FileNotFoundError) as e:
