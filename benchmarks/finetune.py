@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import _sidebyside as sbs  # benchmarks/ is on sys.path when a script in it runs
+
 # arch -> (input size, batch, attacked layer: torchvision module name)
 SETUPS = {
     "alexnet": (227, 16, "features.11"),   # conv5 after its ReLU, the papers' AlexNet layer
@@ -43,20 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default=",".join(SETUPS))
   p.add_argument("--batch", type=int, default=None, help="override every arch's batch size")
-  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-  p.add_argument("--min-seconds", type=float, default=4.0, help="per side and arch")
-  p.add_argument("--min-reps", type=int, default=5)
   p.add_argument("--check-steps", type=int, default=3)
-  p.add_argument("--xla-flags", default=None, help="value for XLA_FLAGS (set before importing jax)")
-  p.add_argument("--out", default=None, help="also write the markdown table to this file")
+  sbs.add_common_args(p, min_seconds=4.0)
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  if args.xla_flags is not None:
-    os.environ["XLA_FLAGS"] = args.xla_flags
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sbs.set_up(args)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -64,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
   import torch
   import torch.nn.functional as F
 
-  repo = Path(__file__).resolve().parents[1]
-  sys.path.insert(0, str(repo / "tests"))
   import torch_models as tm  # the torchvision-layout PyTorch twins
   from nemjax import convert, manipulate, models
 
-  torch.set_num_threads(args.threads)
-  torch.set_flush_denormal(True)
   archs = [a.strip() for a in args.archs.split(",") if a.strip()]
   unknown = [a for a in archs if a not in SETUPS]
   if unknown:
@@ -148,12 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     l_j, l_t = np.asarray(jax_losses), np.asarray(torch_losses)
     rel = float(np.max(np.abs(l_j - l_t) / np.maximum(np.abs(l_t), 1e-12)))
 
-    times: dict[str, list[float]] = {"jax": [], "torch": []}
-    while (min(len(v) for v in times.values()) < args.min_reps
-           or min(sum(v) for v in times.values()) < args.min_seconds):
-      times["jax"].append(run_jax())
-      times["torch"].append(run_torch())
-    jax_s, torch_s = float(np.min(times["jax"])), float(np.min(times["torch"]))
+    best = sbs.interleaved_best({"jax": run_jax, "torch": run_torch}, args.min_reps,
+                                args.min_seconds)
+    jax_s, torch_s = best["jax"], best["torch"]
     rows.append((arch, layer, size, batch, batch / jax_s, batch / torch_s, torch_s / jax_s,
                  compile_s, rel))
     print(f"{arch}: jax {batch / jax_s:.1f} img/s, torch {batch / torch_s:.1f} img/s, "

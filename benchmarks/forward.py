@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import _sidebyside as sbs  # benchmarks/ is on sys.path when a script in it runs
+
 DEFAULT_BATCH = {"alexnet": 8, "vgg16": 2, "resnet18": 8, "resnet50": 4, "smallcnn": 8}
 SIZE = {"alexnet": 227}
 
@@ -32,35 +34,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default="alexnet,vgg16,resnet18,resnet50,smallcnn")
   p.add_argument("--batch", type=int, default=None, help="override every arch's batch size")
-  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-  p.add_argument("--min-seconds", type=float, default=3.0, help="per side and arch")
-  p.add_argument("--min-reps", type=int, default=5)
   p.add_argument("--torch-denormals", action="store_true",
                  help="leave PyTorch's denormal handling on (default: flush to zero, as XLA:CPU does)")
-  p.add_argument("--xla-flags", default=None, help="value for XLA_FLAGS (set before importing jax)")
-  p.add_argument("--out", default=None, help="also write the markdown table to this file")
+  sbs.add_common_args(p, min_seconds=3.0)
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  if args.xla_flags is not None:
-    os.environ["XLA_FLAGS"] = args.xla_flags
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sbs.set_up(args, flush_denormal=not args.torch_denormals)
   import jax
   import jax.numpy as jnp
   import numpy as np
   import torch
 
-  repo = Path(__file__).resolve().parents[1]
-  sys.path.insert(0, str(repo / "tests"))
   import torch_models as tm  # the torchvision-layout PyTorch twins
   from nemjax import convert, models
 
-  torch.set_num_threads(args.threads)
-  # XLA:CPU runs with flush-to-zero / denormals-are-zero; without the same, PyTorch's random-weight
-  # forward hits denormals and runs about 2x slower, which would flatter JAX.
-  torch.set_flush_denormal(not args.torch_denormals)
   archs = [a.strip() for a in args.archs.split(",") if a.strip()]
   unknown = [a for a in archs if a not in models.ARCHS]
   if unknown:
@@ -87,24 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
       tmodel(xt)  # warm-up
 
-    def run_jax() -> float:
-      t = time.perf_counter()
+    def jax_call():
       fwd(state, xj).block_until_ready()
-      return time.perf_counter() - t
 
-    def run_torch() -> float:
-      t = time.perf_counter()
+    def torch_call():
       with torch.inference_mode():
         tmodel(xt)
-      return time.perf_counter() - t
 
-    times: dict[str, list[float]] = {"jax": [], "torch": []}
-    while (min(len(v) for v in times.values()) < args.min_reps
-           or min(sum(v) for v in times.values()) < args.min_seconds):
-      times["jax"].append(run_jax())
-      times["torch"].append(run_torch())
-    jax_s = float(np.min(times["jax"]))
-    torch_s = float(np.min(times["torch"]))
+    best = sbs.interleaved_best({"jax": sbs.timed(jax_call), "torch": sbs.timed(torch_call)},
+                                args.min_reps, args.min_seconds)
+    jax_s, torch_s = best["jax"], best["torch"]
     rows.append((arch, size, batch, batch / jax_s, batch / torch_s, torch_s / jax_s, compile_s))
     print(f"{arch}: jax {batch / jax_s:.1f} img/s, torch {batch / torch_s:.1f} img/s", file=sys.stderr, flush=True)
 
