@@ -55,3 +55,11 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
     fn()
     return time.perf_counter() - t
   return run
+
+
+def emit(lines: list[str], out: str | None) -> None:
+  """Prints the markdown table and, with ``out``, writes it there too."""
+  table = "\n".join(lines)
+  print(table)
+  if out:
+    Path(out).write_text(table + "\n")

@@ -27,7 +27,6 @@ import copy
 import os
 import sys
 import time
-from pathlib import Path
 
 import _sidebyside as sbs  # benchmarks/ is on sys.path when a script in it runs
 
@@ -159,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
   ]
   lines = header + [f"| {a} | {l} | {s}x{s} | {b} | {j:.1f} | {t:.1f} | {r:.2f} | {c:.1f} "
                     f"| {d:.1e} |" for a, l, s, b, j, t, r, c, d in rows]
-  table = "\n".join(lines)
-  print(table)
-  if args.out:
-    Path(args.out).write_text(table + "\n")
+  sbs.emit(lines, args.out)
   return 0
 
 

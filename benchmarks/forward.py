@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import _sidebyside as sbs  # benchmarks/ is on sys.path when a script in it runs
 
@@ -98,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     "|---|---|---|---|---|---|---|",
   ]
   lines = header + [f"| {a} | {s}x{s} | {b} | {j:.1f} | {t:.1f} | {r:.2f} | {c:.1f} |" for a, s, b, j, t, r, c in rows]
-  table = "\n".join(lines)
-  print(table)
-  if args.out:
-    Path(args.out).write_text(table + "\n")
+  sbs.emit(lines, args.out)
   return 0
 
 
