@@ -74,7 +74,7 @@ def main(argv=None) -> None:
   except ValueError as e:
     fail(str(e))
 
-  from nemjax.dissect.report import atomic_write_text, write_json
+  from nemjax.files import atomic_write_text, write_json
   from nemjax.manipulate import experiment as X
   from nemjax.manipulate import defence
   from nemjax.manipulate import inputs as minputs

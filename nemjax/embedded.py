@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -34,9 +33,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemjax import preprocess
+from nemjax import files, preprocess
 from nemjax.data import broden, loader, synthetic
-from nemjax.dissect.report import write_json
 from nemjax.models import build, checkpoint, registry
 from nemjax.training import evaluate_accuracy, fit_classifier
 
@@ -92,25 +90,13 @@ def _hflip(key: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
-def _check_spec(path: Path, spec: dict) -> None:
-  """Writes ``spec`` to ``path``, or checks that the one already there is the same."""
-  if path.exists():
-    old = json.loads(path.read_text())
-    if old != spec:
-      diff = {k: (old.get(k), v) for k, v in spec.items() if old.get(k) != v}
-      raise ValueError(f"embedded cache {path.parent} was built with other settings "
-                       f"(cached, requested): {diff}; use another cache directory")
-  else:
-    write_json(path, spec)
-
-
 def _make_probe_set_atomic(out_dir: Path, **kwargs) -> None:
   """Generates a synthetic probe set in a temporary sibling directory, then renames it."""
   if (out_dir / "index.csv").exists():
     return
   if out_dir.exists():  # a partial set from an older, non-atomic writer
     shutil.rmtree(out_dir)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  tmp = files.new_temp_dir(out_dir)
   try:
     synthetic.make_probe_set(tmp, overwrite=True, **kwargs)
     try:
@@ -151,7 +137,8 @@ def build_embedded_default(
           "num_probe_images": num_probe_images, "num_train_images": num_train_images,
           "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
   paths.root.mkdir(parents=True, exist_ok=True)
-  _check_spec(paths.root / "spec.json", spec)
+  files.claim_record(paths.root / "spec.json", spec, what="an embedded default",
+                     remedy="use another cache directory")
   probe_dir, train_dir, ckpt_dir = paths.probe_dir, paths.train_dir, paths.checkpoint_dir
   _make_probe_set_atomic(probe_dir, num_images=num_probe_images, image_size=IMAGE_SIZE,
                          num_scenes=NUM_SCENES, seed=seed)

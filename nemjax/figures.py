@@ -13,7 +13,7 @@ import io
 import os
 from typing import Any
 
-from nemjax.dissect.report import atomic_write_bytes
+from nemjax.files import atomic_write_bytes
 
 __all__ = ["pyplot", "save_png"]
 

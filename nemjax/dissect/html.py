@@ -20,7 +20,7 @@ from PIL import Image
 
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
-from nemjax.dissect.report import atomic_write_text
+from nemjax.files import atomic_write_text
 from nemjax.dissect.topimages import TopImagesState, top_images_from_acts
 from nemjax.dissect.upsample import upsample_bilinear_pillow
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from nemjax.data.broden import ProbeSet
-from nemjax.dissect.report import atomic_save_npy, atomic_write_text, tally_csv_text, tally_rows, write_json
+from nemjax.dissect.report import atomic_save_npy, tally_csv_text, tally_rows
+from nemjax.files import atomic_write_text, write_json
 from nemjax.dissect.tally import BestLabels
 
 

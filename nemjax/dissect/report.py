@@ -6,36 +6,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from nemjax.files import atomic_write_bytes
+
 if TYPE_CHECKING:
   from nemjax.dissect.tally import BestLabels
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-  atomic_write_bytes(path, text.encode())
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -97,15 +76,3 @@ def tally_csv_text(rows: list[dict[str, Any]], category_names: Sequence[str]) ->
   return buf.getvalue()
 
 
-def write_json(path: Path, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  if isinstance(o, Path):
-    return str(o)
-  raise TypeError(f"not JSON serialisable: {type(o)}")

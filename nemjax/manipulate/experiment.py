@@ -71,7 +71,7 @@ from flax import nnx
 
 from nemjax import metrics as nm
 from nemjax import models
-from nemjax.dissect.report import atomic_write_text, write_json
+from nemjax.files import atomic_write_text, write_json
 from nemjax.manipulate import alpha as alpha_rule
 from nemjax.manipulate import checkpoints as ckpt
 from nemjax.manipulate import featvis

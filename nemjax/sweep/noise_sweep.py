@@ -25,10 +25,10 @@ from nemjax.attacks.noise import NOISE_KINDS, corrupt, select_fraction
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import activation_fn, dissect, make_mesh
-from nemjax.dissect.report import write_json
+from nemjax.files import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
 from nemjax.sweep.measure import batched_activations, redissect
-from nemjax.sweep.store import ResultsStore, check_record, claim_record
+from nemjax.sweep import store as store_lib
 
 FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "seed", "n_corrupted", "units",
           "units_changed", "pct_changed", "mean_iou_before", "mean_iou_after"]
@@ -65,8 +65,7 @@ def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int,
 
 def check_noise_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
   """ValueError if ``out_dir`` holds another configuration or other columns (reads only)."""
-  check_record(Path(out_dir) / "config.json", record)
-  ResultsStore(Path(out_dir) / "results.csv", FIELDS, KEYS)
+  store_lib.check_out_dir(out_dir, record, FIELDS, KEYS)
 
 
 def _cell_key(seed: int, kind: str, sigma: float, fraction: float) -> jax.Array:
@@ -106,9 +105,7 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
   out_dir = Path(out_dir)
   record = noise_record(batch_size=batch_size, quantile=quantile, jpeg_quality=jpeg_quality,
                         run_info=run_info)
-  check_noise_out_dir(out_dir, record)
-  claim_record(out_dir / "config.json", record)
-  store = ResultsStore(out_dir / "results.csv", FIELDS, KEYS)
+  store = store_lib.open_out_dir(out_dir, record, FIELDS, KEYS)
   cell = lambda l, k, s, f: dict(layer=l, kind=k, sigma=float(s), fraction=float(f),
                                  delivery=delivery, seed=seed)
   grid = [(k, s, f) for k in kinds for s in sigmas for f in fractions

@@ -34,11 +34,11 @@ from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import LayerDissection, activation_fn, dissect, make_mesh
 from nemjax.dissect.outputs import write_layer_outputs
-from nemjax.dissect.report import write_json
+from nemjax.files import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
 from nemjax.sweep.measure import batched_activations, redissect
 from nemjax.sweep.poison import choose_poisoned, poison_cap
-from nemjax.sweep.store import ResultsStore, check_record, claim_record
+from nemjax.sweep import store as store_lib
 
 MODES = ("u2", "targeted", "u1", "noise")
 MODE_TITLES = {"u2": "untargeted (U2)", "targeted": "targeted", "u1": "untargeted (U1)",
@@ -351,8 +351,7 @@ def run_record(config: PGDSweepConfig, run_info: Mapping[str, Any] | None = None
 def check_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
   """ValueError if ``out_dir`` holds results of another configuration or another version's
   columns (reads only)."""
-  check_record(Path(out_dir) / "config.json", record)
-  ResultsStore(Path(out_dir) / "results.csv", RESULT_FIELDS, KEY_FIELDS)  # checks the columns
+  store_lib.check_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS)
 
 
 def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path, *,
@@ -362,9 +361,7 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
   config.validate()
   out_dir = Path(out_dir)
   record = run_record(config, run_info)
-  check_out_dir(out_dir, record)
-  claim_record(out_dir / "config.json", record)
-  store = ResultsStore(out_dir / "results.csv", RESULT_FIELDS, KEY_FIELDS)
+  store = store_lib.open_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS)
   contexts = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
   work = []
   for layer, ctx in contexts.items():

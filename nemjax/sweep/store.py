@@ -6,28 +6,27 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from nemjax.dissect.report import atomic_write_text, write_json
+from nemjax.files import atomic_write_text, check_record, claim_record
 
 
-def check_record(path: Path, record: Mapping[str, Any]) -> None:
-  """ValueError if ``path`` (a run's ``config.json``) exists and differs from ``record`` (a
-  JSON-able dict of what changes results but is not part of the rows' keys). Reads only."""
-  path = Path(path)
-  if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(dict(record))):
-    raise ValueError(f"{path.parent} holds results of another configuration (see {path}); "
-                     "use another --out or delete it")
+def check_out_dir(out_dir: Path, record: Mapping[str, Any], fields: Sequence[str],
+                  key_fields: Sequence[str]) -> None:
+  """ValueError if ``out_dir`` holds results of another configuration (``config.json``) or
+  with other columns (``results.csv``). Reads only."""
+  check_record(Path(out_dir) / "config.json", record)
+  ResultsStore(Path(out_dir) / "results.csv", fields, key_fields)
 
 
-def claim_record(path: Path, record: Mapping[str, Any]) -> None:
-  """:func:`check_record`, then writes ``record`` to ``path`` if it is not there yet."""
-  check_record(path, record)
-  if not Path(path).exists():
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(Path(path), dict(record))
+def open_out_dir(out_dir: Path, record: Mapping[str, Any], fields: Sequence[str],
+                 key_fields: Sequence[str]) -> "ResultsStore":
+  """The run's :class:`ResultsStore` in ``out_dir``, once its columns and ``config.json`` are
+  checked; ``config.json`` is written if the directory is new."""
+  store = ResultsStore(Path(out_dir) / "results.csv", fields, key_fields)  # checks columns
+  claim_record(Path(out_dir) / "config.json", record)
+  return store
 
 
 class ResultsStore:
@@ -53,7 +52,7 @@ class ResultsStore:
 
   def done(self, **key: Any) -> bool:
     """Whether the row of ``key`` (every key field, as values or their CSV strings) exists."""
-    return tuple(_fmt(key[k]) for k in self.key_fields) in self._by_key
+    return self.get(**key) is not None
 
   def get(self, **key: Any) -> dict[str, str] | None:
     """The stored row (strings) of ``key``, or None."""

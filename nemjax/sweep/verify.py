@@ -22,7 +22,7 @@ import numpy as np
 
 from nemjax.data import broden
 from nemjax.dissect.driver import dissect
-from nemjax.dissect.report import write_json
+from nemjax.files import write_json
 from nemjax.sweep.export import export_corrupted_probe
 from nemjax.sweep.pgd_sweep import PGDSweepConfig, prepare, run_attack_group
 
