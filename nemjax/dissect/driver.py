@@ -286,16 +286,17 @@ def finish_layer(layer: str, probe: ProbeSet, thresholds: np.ndarray,
                          b.best_category, b.best_label, b.best_score, top_images)
 
 
-def _check_thresholds(model, probe: ProbeSet, layers: Sequence[str],
+def _check_thresholds(shapes: Mapping[str, tuple[int, int, int]],
                       thresholds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Given thresholds as (U,) finite float64, checked against the layers' unit counts."""
+  """Given thresholds as (U,) finite float64, checked against the layers' unit counts
+  (``shapes``: :func:`layer_shapes` of the dissected layers)."""
+  layers = list(shapes)
   unknown = [k for k in thresholds if k not in layers]
   if unknown:
     raise ValueError(f"thresholds given for layers not dissected: {sorted(unknown)} "
                      f"(dissected: {list(layers)})")
   if not thresholds:
     return {}
-  shapes = layer_shapes(model, layers, probe.image_size)
   out = {}
   for layer, t in thresholds.items():
     try:
@@ -416,13 +417,13 @@ def dissect(
   mesh = make_mesh() if mesh is None else mesh
   batch_size = _round_batch(batch_size, mesh)
   fn = activation_fn(model, layers, normalize=normalize, mesh=mesh)  # validates layer names
-  given = _check_thresholds(model, probe, layers, dict(thresholds or {}))
+  shapes = layer_shapes(model, layers, probe.image_size)
+  given = _check_thresholds(shapes, dict(thresholds or {}))
   computed = tuple(layer for layer in layers if layer not in given)
   n = probe.num_images
   # Activations that fit in max_ram_bytes are kept in RAM during one forward pass and tallied
   # from there; larger ones take the second, streaming pass (memory stays at the budget).
-  total_bytes = 4 * n * sum(int(np.prod(s)) for s in
-                            layer_shapes(model, layers, probe.image_size).values())
+  total_bytes = 4 * n * sum(int(np.prod(s)) for s in shapes.values())
   store_acts = keep_activations or (bool(computed) and total_bytes <= max_ram_bytes)
   # Pass 1 is needed for thresholds or to store activations; the top images go with the
   # first pass that runs.
