@@ -13,6 +13,8 @@ Layout of the cache directory::
                        a call with other settings is refused rather than silently served
     seed<S>/probe/     synthetic probe set (Broden format) that is dissected and attacked
     seed<S>/train/     a second synthetic set (seed S + 1000) the classifier is trained on
+    seed<S>/heldout/   a third synthetic set (seed S + 2000) that no training, fine-tuning,
+                       distillation or top-k reference ever sees: every accuracy is measured here
     seed<S>/smallcnn/  orbax checkpoint + metadata.json (includes train/probe accuracy)
 
 Before building anything, :func:`cache_paths` gives the paths and :func:`abstract_model` a
@@ -50,6 +52,7 @@ class EmbeddedPaths:
   root: Path            # <cache>/seed<S>
   probe_dir: Path
   train_dir: Path
+  heldout_dir: Path
   checkpoint_dir: Path
 
 
@@ -58,7 +61,7 @@ def cache_paths(cache_dir: Path, seed: int = 0) -> EmbeddedPaths:
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"embedded default: seed must be an int >= 0, got {seed!r}")
   root = Path(cache_dir) / f"seed{seed}"
-  return EmbeddedPaths(root, root / "probe", root / "train", root / ARCH)
+  return EmbeddedPaths(root, root / "probe", root / "train", root / "heldout", root / ARCH)
 
 
 def abstract_model() -> nnx.Module:
@@ -70,6 +73,7 @@ def abstract_model() -> nnx.Module:
 class EmbeddedDefault:
   probe_dir: Path
   train_dir: Path
+  heldout_dir: Path       # images never trained, fine-tuned or ranked on: accuracy lives here
   checkpoint_dir: Path
   arch: str
   layers: tuple[str, ...]
@@ -114,6 +118,7 @@ def build_embedded_default(
     seed: int = 0,
     num_probe_images: int = 200,
     num_train_images: int = 480,
+    num_heldout_images: int = 200,
     epochs: int = 4,
     batch_size: int = 32,
     learning_rate: float = 2e-3,
@@ -123,9 +128,10 @@ def build_embedded_default(
 
   Args:
     cache_dir: cache root; artefacts go to ``cache_dir/seed<seed>/`` (see the module docstring).
-    seed: seeds the probe set (``seed``), the training set (``seed + 1000``), the initial
+    seed: seeds the probe set (``seed``), the training set (``seed + 1000``), the held-out
+      set (``seed + 2000``), the initial
       weights and the training order.
-    num_probe_images, num_train_images, epochs, batch_size, learning_rate: recorded in
+    num_probe_images, num_train_images, num_heldout_images, epochs, batch_size, learning_rate: recorded in
       ``spec.json``; a cache built with other values raises ValueError.
     progress: progress bars while training.
 
@@ -135,18 +141,23 @@ def build_embedded_default(
   paths = cache_paths(cache_dir, seed)
   spec = {"arch": ARCH, "seed": seed, "image_size": IMAGE_SIZE, "num_scenes": NUM_SCENES,
           "num_probe_images": num_probe_images, "num_train_images": num_train_images,
+          "num_heldout_images": num_heldout_images,
           "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
   paths.root.mkdir(parents=True, exist_ok=True)
   files.claim_record(paths.root / "spec.json", spec, what="an embedded default",
                      remedy="use another cache directory")
   probe_dir, train_dir, ckpt_dir = paths.probe_dir, paths.train_dir, paths.checkpoint_dir
+  heldout_dir = paths.heldout_dir
   _make_probe_set_atomic(probe_dir, num_images=num_probe_images, image_size=IMAGE_SIZE,
                          num_scenes=NUM_SCENES, seed=seed)
   _make_probe_set_atomic(train_dir, num_images=num_train_images, image_size=IMAGE_SIZE,
                          num_scenes=NUM_SCENES, seed=seed + 1000)
+  _make_probe_set_atomic(heldout_dir, num_images=num_heldout_images, image_size=IMAGE_SIZE,
+                         num_scenes=NUM_SCENES, seed=seed + 2000)
   if not (ckpt_dir / "metadata.json").exists():
     x_train, y_train = _scene_dataset(train_dir, progress)
     x_probe, y_probe = _scene_dataset(probe_dir, progress)
+    x_held, y_held = _scene_dataset(heldout_dir, progress)
     model = build(ARCH, num_classes=NUM_SCENES, rngs=nnx.Rngs(seed))
     model, history = fit_classifier(
         model, x_train, y_train, key=jax.random.key(seed), epochs=epochs, batch_size=batch_size,
@@ -156,6 +167,7 @@ def build_embedded_default(
         "train_loss": history,
         "train_accuracy": evaluate_accuracy(model, batches(x_train, y_train)),
         "probe_accuracy": evaluate_accuracy(model, batches(x_probe, y_probe)),
+        "heldout_accuracy": evaluate_accuracy(model, batches(x_held, y_held)),
         "seed": seed,
         "task": "scene classification on the synthetic probe set",
     }
@@ -165,4 +177,4 @@ def build_embedded_default(
   if cached_seed != seed:
     raise ValueError(f"embedded cache {ckpt_dir} holds a model trained with seed {cached_seed}, "
                      f"expected {seed}")
-  return EmbeddedDefault(probe_dir, train_dir, ckpt_dir, ARCH, LAYERS, metadata)
+  return EmbeddedDefault(probe_dir, train_dir, heldout_dir, ckpt_dir, ARCH, LAYERS, metadata)
