@@ -124,7 +124,7 @@ def test_embedded_cache_is_keyed_by_seed_and_settings(tmp_path, tiny_model_dir):
   a, b = embedded.cache_paths(tmp_path, 0), embedded.cache_paths(tmp_path, 1)
   assert a.checkpoint_dir != b.checkpoint_dir and a.probe_dir != b.probe_dir
   assert a.root == tmp_path / "seed0"
-  small = dict(num_probe_images=4, num_train_images=4, progress=False)
+  small = dict(num_probe_images=4, num_train_images=4, num_heldout_images=4, progress=False)
   # A checkpoint that was not trained with this seed is refused, not silently reused.
   paths = embedded.cache_paths(tmp_path, 2)
   paths.root.mkdir(parents=True)
