@@ -35,10 +35,10 @@ def set_cpu_xla_flags() -> None:
     os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
 
 
-def bootstrap() -> None:
-  """Re-runs the calling script inside the project venv (created on first use), then sets the
-  XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
-  ensure_env(extras=("experiments",))
+def bootstrap(extras: tuple[str, ...] = ("experiments",)) -> None:
+  """Re-runs the calling script inside the project venv (created on first use, with
+  ``nemjax[extras]``), then sets the XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
+  ensure_env(extras=extras)
   set_cpu_xla_flags()
 
 

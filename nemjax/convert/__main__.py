@@ -12,8 +12,9 @@ import sys
 from nemjax.models.registry import ARCHS
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m nemjax.convert", description=__doc__.split("\n\n")[1])
+def main(argv: list[str] | None = None, prog: str = "python -m nemjax.convert") -> int:
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--arch", required=True, choices=ARCHS, help="architecture of the state dict")
   parser.add_argument("--num-classes", type=int, default=None,
                       help="number of output classes (checked against the file; inferred if omitted)")

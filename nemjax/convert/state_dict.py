@@ -76,25 +76,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       with np.load(p, allow_pickle=False) as z:
         return {k: np.asarray(z[k]) for k in z.files}
     except Exception as e:
-      raise ValueError(f"cannot read {p} as .npz: {_first_line(e)}") from None
+      raise ValueError(f"cannot read {p} as .npz: {_first_line(e)}") from e
   if name.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file
-    except ImportError:
-      raise ImportError("reading .safetensors needs the safetensors package: pip install 'nemjax[safetensors]'") from None
+    except ImportError as err:
+      raise ImportError("reading .safetensors needs the safetensors package: pip install 'nemjax[safetensors]'") from err
     try:
       return dict(load_file(str(p)))
     except Exception as e:
-      raise ValueError(f"cannot read {p} as .safetensors: {_first_line(e)}") from None
+      raise ValueError(f"cannot read {p} as .safetensors: {_first_line(e)}") from e
   try:
     import torch
-  except ImportError:
+  except ImportError as err:
     raise ImportError(f"reading the PyTorch checkpoint {p} needs PyTorch: pip install 'nemjax[torch]' "
-                      "(or convert it to .npz / .safetensors elsewhere)") from None
+                      "(or convert it to .npz / .safetensors elsewhere)") from err
   try:
     obj = torch.load(p, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise ValueError(f"cannot read {p} as a PyTorch state dict (torch.load with weights_only=True): {_first_line(e)}") from None
+    raise ValueError(f"cannot read {p} as a PyTorch state dict (torch.load with weights_only=True): {_first_line(e)}") from e
   if isinstance(obj, Mapping):
     for wrapper in ("state_dict", "model"):
       if isinstance(obj.get(wrapper), Mapping):

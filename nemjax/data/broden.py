@@ -136,10 +136,10 @@ class ProbeSet:
     """Index of a kept category in ``category_names``; ValueError naming the kept ones."""
     try:
       return self.category_names.index(name)
-    except ValueError:
+    except ValueError as err:
       raise ValueError(
           f"category {name!r} is not kept in this probe set; kept: "
-          f"{', '.join(self.category_names)}") from None
+          f"{', '.join(self.category_names)}") from err
 
   def labels_of_category(self, category: str | int) -> np.ndarray:
     """int64 (n,) label numbers whose primary category is ``category``."""
@@ -179,10 +179,10 @@ def _read_csv(
     reader = csv.reader(f)
     try:
       header = [h.strip() for h in next(reader)]
-    except StopIteration:
-      raise BrodenFormatError(path, 1, f"empty file; expected the header {expected}") from None
+    except StopIteration as err:
+      raise BrodenFormatError(path, 1, f"empty file; expected the header {expected}") from err
     except csv.Error as e:
-      raise BrodenFormatError(path, reader.line_num, f"CSV syntax error: {e}") from None
+      raise BrodenFormatError(path, reader.line_num, f"CSV syntax error: {e}") from e
     got = ",".join(header)
     if prefix:
       bad = tuple(header[:len(required)]) != tuple(required)
@@ -207,7 +207,7 @@ def _read_csv(
               f"expected {len(header)} columns ({got}), got {len(fields)}")
         rows.append((reader.line_num, fields))
     except csv.Error as e:
-      raise BrodenFormatError(path, reader.line_num, f"CSV syntax error: {e}") from None
+      raise BrodenFormatError(path, reader.line_num, f"CSV syntax error: {e}") from e
   return header, rows
 
 
@@ -558,7 +558,7 @@ def _image_header_size(path: Path, index_path: Path, line: int) -> tuple[int, in
     with Image.open(path) as im:
       w, h = im.size
   except (UnidentifiedImageError, OSError) as e:
-    raise BrodenFormatError(path, None, f"cannot read image (index.csv line {line}): {e}") from None
+    raise BrodenFormatError(path, None, f"cannot read image (index.csv line {line}): {e}") from e
   return h, w
 
 
@@ -596,10 +596,10 @@ def decode_label_png(
         raise BrodenFormatError(
             path, None, f"label PNG has mode {im.mode}; expected RGB (label = R + 256*G)")
       rgb = np.asarray(im)
-  except FileNotFoundError:
-    raise BrodenMissingFileError(path, None, "label PNG not found") from None
+  except FileNotFoundError as err:
+    raise BrodenMissingFileError(path, None, "label PNG not found") from err
   except (UnidentifiedImageError, OSError) as e:
-    raise BrodenFormatError(path, None, f"cannot decode label PNG: {e}") from None
+    raise BrodenFormatError(path, None, f"cannot decode label PNG: {e}") from e
   labels = rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
   if label_defined is not None:
     size = label_defined.shape[0]
@@ -634,8 +634,8 @@ def decode_image(path: str | os.PathLike, image_size: int | tuple[int, int]) -> 
       if im.mode != "RGB":
         im = im.convert("RGB")
       rgb = np.asarray(im, dtype=np.uint8)
-  except FileNotFoundError:
-    raise BrodenMissingFileError(path, None, "image not found") from None
+  except FileNotFoundError as err:
+    raise BrodenMissingFileError(path, None, "image not found") from err
   except (UnidentifiedImageError, OSError) as e:
-    raise BrodenFormatError(path, None, f"cannot decode image: {e}") from None
+    raise BrodenFormatError(path, None, f"cannot decode image: {e}") from e
   return rgb

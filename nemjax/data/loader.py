@@ -68,7 +68,7 @@ def _row_image(probe: ProbeSet, row: int,
   try:
     image = decode_image(probe.image_paths[row], probe.image_size)
   except BrodenFormatError as e:
-    raise _with_row_context(probe, row, e) from None
+    raise _with_row_context(probe, row, e) from e
   if image_transform is not None:
     image = np.asarray(image_transform(image))
   return image
@@ -81,7 +81,7 @@ def _row_labels(probe: ProbeSet, row: int, out_pixels: np.ndarray, out_scalars: 
     try:
       out_pixels[k] = decode_label_png(path, probe.seg_size, probe.label_defined)
     except BrodenFormatError as e:
-      raise _with_row_context(probe, row, e) from None
+      raise _with_row_context(probe, row, e) from e
   nums = probe.scalars[row]
   out_scalars[:len(nums)] = nums
 

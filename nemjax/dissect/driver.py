@@ -301,9 +301,9 @@ def _check_thresholds(shapes: Mapping[str, tuple[int, int, int]],
   for layer, t in thresholds.items():
     try:
       arr = np.asarray(t, np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as err:
       raise ValueError(f"thresholds of {layer} must be a numeric (U,) array, got "
-                       f"{type(t).__name__}") from None
+                       f"{type(t).__name__}") from err
     units = shapes[layer][-1]
     if arr.shape != (units,):
       raise ValueError(f"thresholds of {layer} must have shape ({units},) (one per unit), got "

@@ -70,7 +70,7 @@ def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, num_classe
   try:
     meta_text = json.dumps(meta, indent=2, sort_keys=True)
   except TypeError as e:
-    raise ValueError(f"checkpoint.save: extra_meta is not JSON-serialisable: {e}") from None
+    raise ValueError(f"checkpoint.save: extra_meta is not JSON-serialisable: {e}") from e
   out = Path(out_dir).absolute()
   if out.exists() and not overwrite:
     raise FileExistsError(f"checkpoint directory already exists: {out} (pass overwrite=True to replace it)")
@@ -101,7 +101,7 @@ def read_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
   try:
     meta = json.loads(meta_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"not a nemjax checkpoint: cannot parse {meta_path}: {e}") from None
+    raise ValueError(f"not a nemjax checkpoint: cannot parse {meta_path}: {e}") from e
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise ValueError(f"not a nemjax checkpoint: {meta_path} has no \"format\": \"{FORMAT}\"")
   for key in ("arch", "num_classes"):
@@ -137,7 +137,7 @@ def load(ckpt_dir: str | os.PathLike, *, arch: str | None = None) -> nnx.Module:
   except Exception as e:  # orbax raises many types; report one clear line
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ValueError(f"cannot restore checkpoint {d} as {meta['arch']} with {meta['num_classes']} classes: "
-                     f"{type(e).__name__}: {first}") from None
+                     f"{type(e).__name__}: {first}") from e
   got = jax.tree.map(np.shape, restored)
   want = jax.tree.map(np.shape, nnx.to_pure_dict(state))
   if got != want:
