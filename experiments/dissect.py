@@ -6,8 +6,10 @@
 ``--weights`` is an orbax checkpoint written by ``python -m nemjax.convert`` (or by the
 embedded default). With no --probe/--weights the embedded default is used.
 Writes, per layer: <layer>_tally.csv, <layer>_thresholds.npy, <layer>_iou.npy,
-<layer>_summary.json and <layer>_report.html. The dissection streams over the probe set
-(two forward passes), so memory does not grow with its size.
+<layer>_summary.json and <layer>_report.html (+ <layer>_report/ JPEG strips), and an
+index.html with every layer's units in one sortable table (units.json for scripts). The
+dissection streams over the probe set (two forward passes), so memory does not grow with its
+size.
 
 Bad input fails up front with one line ``error: ...`` and exit status 2.
 """
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
   from nemjax.data import broden
   from nemjax.dissect import QUANTILE_METHODS, dissect
   from nemjax.dissect.driver import layer_shapes
-  from nemjax.dissect.html import write_layer_report
+  from nemjax.dissect.html import write_index, write_layer_report
   from nemjax.dissect.outputs import write_layer_outputs
   from nemjax.models import checkpoint
 
@@ -139,7 +141,9 @@ def main(argv=None) -> None:
       write_layer_report(args.out, layer, res, probe)
     print(f"{layer}: {summary['num_units']} units, mean IoU {summary['mean_iou']:.4f}, "
           f"{summary['distinct_labels']} distinct labels, per category {summary['units_per_category']}")
-  print(f"wrote {args.out}")
+  if not args.no_report:
+    write_index(args.out, results, probe)
+  print(f"wrote {args.out}" + ("" if args.no_report else f" (report: {args.out / 'index.html'})"))
 
 
 if __name__ == "__main__":

@@ -25,16 +25,21 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "check_recor
            "claim_record", "new_temp_dir", "replace_dir", "moved_aside"]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+  """Writes ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+
+  ``fsync=False`` skips flushing to the disk before the rename (for many small derived files,
+  e.g. report thumbnails: a crash can lose them but never leaves one half-written).
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+      if fsync:
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)

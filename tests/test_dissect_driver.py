@@ -168,15 +168,15 @@ def test_report_from_top_images_and_stale_pngs(dissected, tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   write_layer_report(a, "block4", res, probe)
   write_layer_report(b, "block4", res, probe, acts=acts["block4"], top=2)
-  pngs = sorted(p.name for p in (a / "block4_report").glob("unit*.png"))
-  assert len(pngs) == 128
-  for name in pngs[:8]:
+  strips = sorted(p.name for p in (a / "block4_report").glob("unit*.jpg"))
+  assert len(strips) == 128
+  for name in strips[:8]:
     assert (a / "block4_report" / name).read_bytes() == (b / "block4_report" / name).read_bytes()
   assert (a / "block4_report.html").read_text() == (b / "block4_report.html").read_text()
   (a / "block4_report" / "notes.txt").write_text("kept")
   write_layer_report(a, "block4", res, probe, max_units=5, top=1)
   left = sorted(p.name for p in (a / "block4_report").iterdir())
-  assert len(left) == 6 and "notes.txt" in left  # stale unit PNGs removed, other files kept
+  assert len(left) == 6 and "notes.txt" in left  # stale unit strips removed, other files kept
   with pytest.raises(ValueError, match="top must lie"):
     write_layer_report(a, "block4", res, probe, top=3)
 
@@ -238,7 +238,11 @@ def test_dissect_cli(tiny_probe_dir, tiny_model_dir, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   for suffix in ("_tally.csv", "_thresholds.npy", "_iou.npy", "_summary.json", "_report.html"):
     assert (out / f"block4{suffix}").exists(), suffix
-  assert len(list((out / "block4_report").glob("unit*.png"))) == 128
+  assert len(list((out / "block4_report").glob("unit*.jpg"))) == 128
+  index = (out / "index.html").read_text()
+  assert index.count("<tr><td>block4</td>") == 128 and "threshold" in index
+  units = json.loads((out / "units.json").read_text())
+  assert len(units) == 128 and {"layer", "unit", "label", "category", "iou", "threshold"} <= set(units[0])
   # given thresholds are used as they are
   thr = np.load(out / "block4_thresholds.npy") * 0.5
   np.save(tmp_path / "thr.npy", thr)
