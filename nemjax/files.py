@@ -9,20 +9,58 @@ A directory is first written completely under a temporary name next to its desti
 swapped in with :func:`replace_dir`. A kill at any moment leaves either the old directory at the
 destination, the new one, or — between the two renames of a swap — the old one moved aside
 under ``.<name>.old-*/dir``, which :func:`moved_aside` finds so a reader can still recover it.
+
+Files follow the process umask (as ``open`` would), not ``mkstemp``'s 0600. A run that writes
+into an output directory first takes :func:`output_lock` (an advisory ``fcntl.flock`` on
+``<dir>/.nemjax.lock``: a second concurrent run is refused), then removes the temporary files a
+killed run left behind (:func:`remove_stale_temps`). :func:`check_output_dir` checks, before any
+work, that the directory can be created and written and that the disk has room.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "check_record",
-           "claim_record", "new_temp_dir", "replace_dir", "moved_aside"]
+           "claim_record", "new_temp_dir", "replace_dir", "moved_aside", "check_output_dir",
+           "output_lock", "remove_stale_temps", "OutputError"]
+
+LOCK_NAME = ".nemjax.lock"
+# What this module's writers leave behind when killed: ".<name>.<random>.tmp" files,
+# ".<name>.tmp-<random>" directories (new_temp_dir) and ".<name>.old-<random>" (replace_dir).
+_STALE = re.compile(r"^\..+\.(tmp|tmp-[A-Za-z0-9_]+|old-[A-Za-z0-9_]+)$")
+
+
+class OutputError(ValueError):
+  """An output location that cannot be used (not a directory, not writable, full, locked)."""
+
+
+def _umask() -> int:
+  """The process umask, read without changing it (Linux), else by setting it back at once."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  old = os.umask(0o022)
+  os.umask(old)
+  return old
+
+
+def _disk_full_message(path: Path, e: OSError) -> str:
+  return (f"cannot write {path}: the disk is full ({e.strerror}); the previous complete "
+          "results are untouched — free some space and run the same command again")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
@@ -35,12 +73,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       if fsync:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    Path(tmp).unlink(missing_ok=True)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise OutputError(_disk_full_message(path, e)) from e
+    raise
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
@@ -75,10 +119,23 @@ def check_record(path: str | os.PathLike, record: Mapping[str, Any], *, what: st
   old = json.loads(path.read_text())
   new = json.loads(json.dumps(dict(record), default=_json_default))
   if old != new:
-    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)}
-    raise ValueError(f"{path.parent} holds {what} of another configuration (see {path}; "
-                     f"stored vs requested: {diff}); {remedy}")
+    old, new = _flatten(old), _flatten(new)
+    missing = object()
+    diff = "; ".join(f"{k}: stored {old.get(k, missing)!r}, requested {new.get(k, missing)!r}"
+                     .replace(repr(missing), "(none)")
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    raise ValueError(f"{path.parent} holds {what} of another configuration ({diff}); {remedy}")
+
+
+def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested mappings as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+  flat: dict[str, Any] = {}
+  for k, v in record.items():
+    if isinstance(v, Mapping) and v:
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
 
 
 def claim_record(path: str | os.PathLike, record: Mapping[str, Any], **kwargs: str) -> None:
@@ -92,7 +149,9 @@ def new_temp_dir(dest: str | os.PathLike) -> Path:
   """An empty directory next to ``dest`` (same file system) to build its new contents in."""
   dest = Path(dest).absolute()
   dest.parent.mkdir(parents=True, exist_ok=True)
-  return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+  os.chmod(tmp, 0o777 & ~_umask())
+  return tmp
 
 
 def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
@@ -116,3 +175,72 @@ def moved_aside(dest: str | os.PathLike) -> Path | None:
   dest = Path(dest).absolute()
   found = [p / "dir" for p in dest.parent.glob(f".{dest.name}.old-*") if (p / "dir").is_dir()]
   return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
+                     expected_bytes: int = 0, margin: float = 1.5) -> Path:
+  """Checks, before any work, that ``path`` is (or can be created as) a writable directory on
+  a disk with room for ``expected_bytes`` x ``margin``. Creates nothing.
+
+  Raises:
+    OutputError: naming ``flag`` and the problem, in one line.
+  """
+  path = Path(path).absolute()
+  if path.exists() and not path.is_dir():
+    raise OutputError(f"{flag} {path}: exists and is not a directory")
+  parent = path
+  while not parent.exists():  # the nearest existing ancestor is where it would be created
+    parent = parent.parent
+  if not parent.is_dir():
+    raise OutputError(f"{flag} {path}: cannot be created, {parent} is not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise OutputError(f"{flag} {path}: {parent} is not writable")
+  free = shutil.disk_usage(parent).free
+  need = int(expected_bytes * margin)
+  if need and free < need:
+    raise OutputError(f"{flag} {path}: {free / 2**20:.0f} MiB free on its disk, the run needs "
+                      f"about {need / 2**20:.0f} MiB")
+  return path
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+  """Removes what killed writers of this module left in ``directory`` (its own temp files and
+  directories, never other files); call it while holding :func:`output_lock`. Returns them."""
+  directory = Path(directory)
+  removed = []
+  if not directory.is_dir():
+    return removed
+  for p in directory.iterdir():
+    if _STALE.match(p.name) and p.name != LOCK_NAME:
+      if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+      else:
+        p.unlink(missing_ok=True)
+      removed.append(p)
+  return removed
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike, *, flag: str = "--out") -> Iterator[Path]:
+  """Holds an exclusive advisory lock on ``directory`` (created if needed) for a run.
+
+  Raises:
+    OutputError: another process holds it (a second run on the same output is refused).
+  """
+  import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  lock = directory / LOCK_NAME
+  fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+      raise OutputError(f"{flag} {directory}: another nemjax run (pid {holder}) is writing "
+                        "there; wait for it to finish or choose another output") from e
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield directory
+  finally:
+    os.close(fd)  # closing releases the lock; the empty lock file stays (harmless, reused)
