@@ -106,6 +106,19 @@ def test_strict_errors_list_every_bad_key(r18_sd):
     assert needle in msg, (needle, msg)
 
 
+def test_non_finite_weights_are_refused_by_name(r18_sd):
+  sd = dict(r18_sd)
+  w = np.array(sd["layer4.1.conv2.weight"], np.float32)
+  w[0, 0, 0, :2] = [np.nan, np.inf]
+  sd["layer4.1.conv2.weight"] = w
+  sd["bn1.running_var"] = np.full_like(np.asarray(sd["bn1.running_var"]), np.inf)
+  with pytest.raises(ValueError) as info:
+    convert.convert_state_dict("resnet18", sd)
+  msg = str(info.value)
+  assert "2 with non-finite values" in msg and "\n" not in msg
+  assert "layer4.1.conv2.weight: 1 NaN, 1 inf" in msg and "bn1.running_var: 0 NaN, 64 inf" in msg
+
+
 def test_num_classes_mismatch_and_inference(r18_sd):
   with pytest.raises(ValueError, match=r"fc\.weight: expected \(365, 512\), got \(5, 512\)"):
     convert.convert_state_dict("resnet18", r18_sd, num_classes=365)

@@ -176,7 +176,8 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
 
   Raises:
     ValueError: unknown arch, or keys missing / unexpected / of the wrong shape (all listed in one
-      message with expected vs got shapes), or non-float weights.
+      message with expected vs got shapes), non-float weights, or weights holding NaN/inf
+      (each such tensor named with its counts).
   """
   if arch not in registry.ARCHS:
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(registry.ARCHS)}")
@@ -198,7 +199,7 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
   expected = {_torch_name(path): (path, _torch_shape(tuple(v.shape), str(path[-1]))) for path, v in flat}
   missing = [f"{k} {shape}" for k, (_, shape) in expected.items() if k not in sd]
   unexpected = [f"{k} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
-  misshaped, bad_dtype = [], []
+  misshaped, bad_dtype, non_finite = [], [], []
   for k, (_, shape) in expected.items():
     if k in sd:
       got = tuple(np.shape(sd[k]))
@@ -206,7 +207,10 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
         misshaped.append(f"{k}: expected {shape}, got {got}")
       elif not np.issubdtype(np.asarray(sd[k]).dtype, np.floating):
         bad_dtype.append(f"{k}: {np.asarray(sd[k]).dtype}")
-  if missing or unexpected or misshaped or bad_dtype:
+      elif not np.isfinite(np.asarray(sd[k])).all():
+        bad = np.asarray(sd[k])
+        non_finite.append(f"{k}: {int(np.isnan(bad).sum())} NaN, {int(np.isinf(bad).sum())} inf")
+  if missing or unexpected or misshaped or bad_dtype or non_finite:
     parts = []
     if missing:
       parts.append(f"{len(missing)} missing [{', '.join(missing)}]")
@@ -216,6 +220,8 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
       parts.append(f"{len(misshaped)} mis-shaped [{'; '.join(misshaped)}]")
     if bad_dtype:
       parts.append(f"{len(bad_dtype)} not floating point [{'; '.join(bad_dtype)}]")
+    if non_finite:
+      parts.append(f"{len(non_finite)} with non-finite values [{'; '.join(non_finite)}]")
     hint = ""
     if len(missing) > len(expected) // 2:
       hint = " (is the architecture right?)"
