@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -40,6 +41,33 @@ def bootstrap(extras: tuple[str, ...] = ("experiments",)) -> None:
   ``nemjax[extras]``), then sets the XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
   ensure_env(extras=extras)
   set_cpu_xla_flags()
+
+
+class Terminated(BaseException):
+  """Raised in the main thread by SIGTERM, so a run unwinds as it does for Ctrl-C."""
+
+
+def run(main: Callable[[], Any]) -> NoReturn:
+  """Runs a script's ``main()`` and exits with its status; Ctrl-C (SIGINT) and SIGTERM stop it
+  cleanly with one line and exit status 130 / 143 (every write is atomic, so the same command
+  resumes), and an output that cannot be written (full disk, locked) is one ``error:`` line."""
+  from nemjax.files import OutputError  # pylint: disable=import-outside-toplevel
+
+  def on_term(signum, frame):
+    raise Terminated()
+
+  signal.signal(signal.SIGTERM, on_term)
+  try:
+    code = main()
+  except KeyboardInterrupt:
+    print("interrupted; the same command resumes", file=sys.stderr)
+    sys.exit(130)
+  except Terminated:
+    print("terminated; the same command resumes", file=sys.stderr)
+    sys.exit(143)
+  except OutputError as e:
+    fail(str(e))
+  sys.exit(code or 0)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

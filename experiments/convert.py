@@ -8,11 +8,9 @@ that reading ``.pth`` files needs; the flags are those of ``python -m nemjax.con
 """
 from __future__ import annotations
 
-import sys
-
 import _common
 
 if __name__ == "__main__":
   _common.bootstrap(extras=("experiments", "torch"))
   from nemjax.convert.__main__ import main
-  sys.exit(main(prog="python experiments/convert.py"))
+  _common.run(lambda: main(prog="python experiments/convert.py"))

@@ -227,4 +227,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _common.run(main)

@@ -118,4 +118,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _common.run(main)
