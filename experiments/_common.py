@@ -1,6 +1,7 @@
 """Shared start-up for the experiment scripts: venv bootstrap, XLA:CPU flags, error reporting."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import signal
@@ -41,6 +42,20 @@ def bootstrap(extras: tuple[str, ...] = ("experiments",)) -> None:
   ``nemjax[extras]``), then sets the XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
   ensure_env(extras=extras)
   set_cpu_xla_flags()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """``--help`` keeps the script's docstring as written and shows every flag's default (unless
+  the help text already says it, or there is none to show)."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    default = action.default
+    if (action.option_strings and "default" not in text and default not in (None, False)
+        and default is not argparse.SUPPRESS):
+      shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+      text += f" (default: {shown})"
+    return text
 
 
 class Terminated(BaseException):

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 def parse_args(argv=None):
   from nemjax.dissect.quantile import DEFAULT_ETA
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=_common.HelpFormatter)
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--arch", help="model architecture (default: from the checkpoint metadata)")
   p.add_argument("--weights", type=Path, help="orbax checkpoint directory (default: embedded)")

@@ -40,7 +40,7 @@ CUSTOM_DEFAULTS = {"lr": 1e-5, "epochs": 5, "eval_every": None}
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_common.HelpFormatter)
   p.add_argument("--attack", default="push-down", choices=["push-down", "push-up", "fairwash"])
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--weights", type=Path, help="orbax model checkpoint (default: embedded)")

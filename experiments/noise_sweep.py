@@ -25,7 +25,7 @@ from nemjax.sweep.noise_sweep import (  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=_common.HelpFormatter)
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--weights", type=Path, help="orbax checkpoint from `python -m nemjax.convert`")
   p.add_argument("--arch", help="architecture check against the checkpoint's metadata")

@@ -29,7 +29,7 @@ DEFAULT_MODES = ["u2", "targeted", "noise"]
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=_common.HelpFormatter)
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--arch", help="architecture check against the checkpoint's metadata")
   p.add_argument("--weights", type=Path, help="orbax checkpoint from `python -m nemjax.convert`")

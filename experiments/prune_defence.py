@@ -28,7 +28,7 @@ _common.bootstrap()
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_common.HelpFormatter)
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--weights", type=Path, help="orbax model checkpoint (default: embedded)")
   p.add_argument("--layer", default="block4", help="attacked layer (default block4)")
