@@ -32,19 +32,20 @@ def parse_args(argv=None):
   p.add_argument("--arch", help="model architecture (default: from the checkpoint metadata)")
   p.add_argument("--weights", type=Path, help="orbax checkpoint directory (default: embedded)")
   p.add_argument("--layers", nargs="+", help="layers to dissect (default: embedded layers)")
-  p.add_argument("--out", type=Path, default=Path("runs/dissect"))
+  p.add_argument("--out", type=Path, default=Path("runs/dissect"), help="output directory")
   p.add_argument("--thresholds", nargs="*", default=[], metavar="LAYER=FILE.npy",
                  help="use these thresholds (1-D float, one per unit) instead of quantiles")
   p.add_argument("--quantile", type=float, default=DEFAULT_ETA,
                  help=f"η: top fraction (default {DEFAULT_ETA})")
   p.add_argument("--quantile-method", default="linear", help="numpy.quantile method")
   p.add_argument("--categories", nargs="*", help="categories to use (default: all)")
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--tally-method", default="auto", choices=["auto", "sparse", "dense"])
+  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
+  p.add_argument("--tally-method", default="auto", choices=["auto", "sparse", "dense"],
+                 help="tally kernel (auto picks per layer)")
   p.add_argument("--report-top", type=int, default=4, help="images per unit in the HTML report")
   p.add_argument("--no-report", action="store_true", help="skip the HTML report")
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="embedded default seed")
   return p.parse_args(argv)
 
 
@@ -92,6 +93,7 @@ def load_thresholds(specs: list[str], layers: list[str], units: dict[str, int]
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  from nemjax import files
   from nemjax.data import broden
   from nemjax.dissect import QUANTILE_METHODS, dissect
   from nemjax.dissect.driver import layer_shapes
@@ -111,6 +113,10 @@ def main(argv=None) -> None:
   if (args.probe is None) != (args.weights is None):
     fail("give both --probe and --weights, or neither (embedded default)")
   try:
+    files.check_output_dir(args.out, flag="--out")
+  except files.OutputError as e:
+    fail(str(e))
+  try:
     if args.probe is None:
       from nemjax.embedded import build_embedded_default
       default = build_embedded_default(args.cache, seed=args.seed)
@@ -127,22 +133,24 @@ def main(argv=None) -> None:
   except (ValueError, FileNotFoundError) as e:  # BrodenFormatError is a ValueError
     fail(one_line(e))
   thresholds = load_thresholds(args.thresholds, layers, units)
-  try:
-    results = dissect(model, probe, layers, batch_size=args.batch_size, quantile=args.quantile,
-                      quantile_method=args.quantile_method, thresholds=thresholds,
-                      tally_method=args.tally_method,
-                      num_top_images=0 if args.no_report else args.report_top)
-  except (ValueError, FileNotFoundError) as e:
-    fail(f"dissection failed: {one_line(e)}")
-  args.out.mkdir(parents=True, exist_ok=True)
-  for layer, res in results.items():
-    summary = write_layer_outputs(args.out, res, probe, extra={"weights": str(weights)})
+  with files.output_lock(args.out, flag="--out"):  # a second run on --out is refused
+    files.remove_stale_temps(args.out)
+    try:
+      results = dissect(model, probe, layers, batch_size=args.batch_size, quantile=args.quantile,
+                        quantile_method=args.quantile_method, thresholds=thresholds,
+                        tally_method=args.tally_method,
+                        num_top_images=0 if args.no_report else args.report_top)
+    except (ValueError, FileNotFoundError) as e:
+      fail(f"dissection failed: {one_line(e)}")
+    for layer, res in results.items():
+      summary = write_layer_outputs(args.out, res, probe, extra={"weights": str(weights)})
+      if not args.no_report:
+        write_layer_report(args.out, layer, res, probe)
+      print(f"{layer}: {summary['num_units']} units, mean IoU {summary['mean_iou']:.4f}, "
+            f"{summary['distinct_labels']} distinct labels, per category "
+            f"{summary['units_per_category']}")
     if not args.no_report:
-      write_layer_report(args.out, layer, res, probe)
-    print(f"{layer}: {summary['num_units']} units, mean IoU {summary['mean_iou']:.4f}, "
-          f"{summary['distinct_labels']} distinct labels, per category {summary['units_per_category']}")
-  if not args.no_report:
-    write_index(args.out, results, probe)
+      write_index(args.out, results, probe)
   print(f"wrote {args.out}" + ("" if args.no_report else f" (report: {args.out / 'index.html'})"))
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
-from nemjax.files import atomic_write_bytes, atomic_write_text
+from nemjax.files import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from nemjax.dissect.topimages import TopImagesState, top_images_from_acts
 from nemjax.dissect.upsample import upsample_bilinear_pillow
 
@@ -186,6 +186,7 @@ def write_layer_report(
   for old in img_dir.iterdir():  # stale strips of an earlier report
     if _UNIT_IMAGE.match(old.name) and old.name not in names:
       old.unlink()
+  remove_stale_temps(img_dir)  # temp files of a killed report
   _write_strips(tops, order, top, thumb, result.thresholds, probe, img_dir, num_workers)
   intro = (f"{result.num_units} units; sorted by IoU (click a column header to sort). Images: "
            f"top-{top} by per-image max activation; outside the unit's mask (upsampled "
