@@ -241,6 +241,9 @@ def output_lock(directory: str | os.PathLike, *, flag: str = "--out") -> Iterato
                         "there; wait for it to finish or choose another output") from e
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    yield directory
+    try:
+      yield directory
+    finally:
+      os.ftruncate(fd, 0)  # released: the (kept, reused) lock file names no holder
   finally:
-    os.close(fd)  # closing releases the lock; the empty lock file stays (harmless, reused)
+    os.close(fd)  # closing releases the lock

@@ -1,0 +1,146 @@
+"""Faults and bad input, as a user meets them: a run killed (SIGKILL) or interrupted (SIGINT,
+SIGTERM) in the middle of writing its output, then run again, ends with the files an
+uninterrupted run writes, no stray temp files and the lock released; bad flags are refused in
+one line naming the flag, before any output exists.
+
+Faults are injected at an exact point, the N-th atomic file write (after the temp file is
+complete, before its rename), by running the script through a small wrapper that patches
+``os.replace`` in the child process only.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+_WRAPPER = """
+import os, runpy, signal, sys
+n, sig = int(os.environ["FAULT_AT"]), getattr(signal, os.environ["FAULT_SIGNAL"])
+real, seen = os.replace, [0]
+def replace(src, dst, *a, **k):
+  if str(src).endswith(".tmp"):
+    seen[0] += 1
+    if seen[0] == n:
+      os.kill(os.getpid(), sig)
+  return real(src, dst, *a, **k)
+os.replace = replace
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_script(script: str, args: list[str], fault: tuple[int, str] | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+  """Runs ``experiments/<script>`` (with a fault at the N-th atomic write if given)."""
+  env = dict(os.environ)
+  cmd = [sys.executable, str(REPO / "experiments" / script), *args]
+  if fault is not None:
+    env["FAULT_AT"], env["FAULT_SIGNAL"] = str(fault[0]), fault[1]
+    cmd = [sys.executable, "-c", _WRAPPER, *cmd[1:]]
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def stray_files(root: Path) -> list[Path]:
+  """Temp files and directories a writer left (``.<name>.<x>.tmp``, ``.tmp-``, ``.old-``)."""
+  return [p for p in root.rglob(".*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def same_tree(a: Path, b: Path) -> None:
+  """Both directories hold the same files with the same bytes (JSON/CSV/NPY/HTML/JPEG)."""
+  files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+  files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+  assert files_a == files_b
+  for rel in files_a:
+    if rel.suffix == ".json":  # summaries name the output's own path
+      continue
+    assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+
+
+@pytest.fixture(scope="module")
+def dissect_args(tiny_probe_dir, tiny_model_dir):
+  return ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--layers",
+          "block3", "block4", "--batch-size", "8", "--report-top", "2"]
+
+
+@pytest.fixture(scope="module")
+def clean_dissection(dissect_args, tmp_path_factory):
+  out = tmp_path_factory.mktemp("clean") / "out"
+  done = run_script("dissect.py", [*dissect_args, "--out", str(out)])
+  assert done.returncode == 0, done.stderr[-2000:]
+  return out
+
+
+@pytest.mark.parametrize("fault", [(1, "SIGKILL"), (7, "SIGKILL"), (3, "SIGINT"),
+                                   (5, "SIGTERM")])
+def test_dissect_killed_mid_write_then_rerun(fault, dissect_args, clean_dissection, tmp_path):
+  out = tmp_path / "out"
+  done = run_script("dissect.py", [*dissect_args, "--out", str(out)], fault=fault)
+  expected = {"SIGKILL": -signal.SIGKILL, "SIGINT": 130, "SIGTERM": 143}[fault[1]]
+  assert done.returncode == expected, done.stderr[-2000:]
+  if fault[1] != "SIGKILL":  # a clean stop: one line, no traceback, nothing half-written
+    assert done.stderr.strip().splitlines()[-1].endswith("the same command resumes")
+    assert "Traceback" not in done.stderr
+    assert not stray_files(out)
+  again = run_script("dissect.py", [*dissect_args, "--out", str(out)])
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert not stray_files(out)
+  same_tree(out, clean_dissection)
+
+
+_BAD_DISSECT = [
+    (["--quantile", "1.5"], "--quantile"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--report-top", "0"], "--report-top"),
+    (["--layers", "nope"], "nope"),
+    (["--thresholds", "block4"], "--thresholds"),
+    (["--tally-method", "fast"], "--tally-method"),
+]
+
+
+@pytest.mark.parametrize("extra, flag", _BAD_DISSECT)
+def test_dissect_bad_input_is_one_line_before_any_output(extra, flag, tiny_probe_dir,
+                                                         tiny_model_dir, tmp_path):
+  out = tmp_path / "out"
+  args = ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--layers", "block4",
+          "--out", str(out)]
+  # later flags override earlier ones, so the bad value is the one parsed
+  done = run_script("dissect.py", [*args, *extra])
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert flag in lines[-1] and "Traceback" not in done.stderr, done.stderr
+  assert not out.exists()
+
+
+def test_dissect_output_that_is_a_file_or_locked(tiny_probe_dir, tiny_model_dir, tmp_path):
+  args = ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--layers", "block4"]
+  (tmp_path / "file").write_text("x")
+  done = run_script("dissect.py", [*args, "--out", str(tmp_path / "file")])
+  assert done.returncode == 2 and "--out" in done.stderr and "not a directory" in done.stderr
+  from nemjax import files
+  with files.output_lock(tmp_path / "busy"):
+    done = run_script("dissect.py", [*args, "--out", str(tmp_path / "busy")])
+  assert done.returncode == 2 and "another nemjax run" in done.stderr
+  assert not any(p.name.endswith(".csv") for p in (tmp_path / "busy").iterdir())
+
+
+def test_convert_bad_input_is_one_line(tmp_path):
+  bad_sd = tmp_path / "w.npz"
+  np.savez(bad_sd, **{"fc.weight": np.full((4, 128), np.nan, np.float32)})
+  cases = [([str(tmp_path / "missing.pth"), str(tmp_path / "o")], "not found"),
+           ([str(bad_sd), str(tmp_path / "o")], "does not match smallcnn")]
+  for args, needle in cases:
+    done = run_script("convert.py", ["--arch", "smallcnn", *args])
+    assert done.returncode == 1 and needle in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "o").exists()
