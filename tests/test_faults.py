@@ -144,3 +144,18 @@ def test_convert_bad_input_is_one_line(tmp_path):
     done = run_script("convert.py", ["--arch", "smallcnn", *args])
     assert done.returncode == 1 and needle in done.stderr.strip().splitlines()[-1], done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint_is_one_line_naming_it(tiny_model_dir, tiny_probe_dir, tmp_path):
+  import shutil
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(tiny_model_dir, ckpt)
+  big = max((p for p in ckpt.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(big, "r+b") as f:
+    f.truncate(big.stat().st_size // 2)
+  done = run_script("dissect.py", ["--probe", str(tiny_probe_dir), "--weights", str(ckpt),
+                                   "--layers", "block4", "--out", str(tmp_path / "out")])
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(ckpt) in lines[0] and "damaged or incomplete" in lines[0]
+  assert not (tmp_path / "out").exists()

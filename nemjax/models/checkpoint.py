@@ -137,7 +137,9 @@ def load(ckpt_dir: str | os.PathLike, *, arch: str | None = None) -> nnx.Module:
   except Exception as e:  # orbax raises many types; report one clear line
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ValueError(f"cannot restore checkpoint {d} as {meta['arch']} with {meta['num_classes']} classes: "
-                     f"{type(e).__name__}: {first}") from e
+                     f"{type(e).__name__}: {first} (the files are damaged or incomplete: convert "
+                     "or train it again; a cached embedded default is rebuilt once its "
+                     "directory is deleted)") from e
   got = jax.tree.map(np.shape, restored)
   want = jax.tree.map(np.shape, nnx.to_pure_dict(state))
   if got != want:
