@@ -69,23 +69,26 @@ def test_file_formats_agree(r18_sd, r18_ref, tmp_path):
     assert_same_params(model, r18_ref)
 
 
-def test_vgg16_places365_named_layout():
+@pytest.mark.parametrize("arch, last_conv, index", [("vgg16", "conv5_3", 28),
+                                                     ("vgg19", "conv5_4", 34)])
+def test_vgg_places365_named_layout(arch, last_conv, index):
   """features.convX_Y / classifier.fc6,fc7,fc8a (+ module. prefix) convert like torchvision keys."""
   rng = np.random.default_rng(0)
-  shapes = convert.expected_keys("vgg16", 365)
+  shapes = convert.expected_keys(arch, 365)
   sd = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
-  conv_idx = {v: a for a, v in models.layer_aliases("vgg16").items() if a.startswith("conv")}
+  conv_idx = {v: a for a, v in models.layer_aliases(arch).items() if a.startswith("conv")}
   fc = {"classifier.0": "classifier.fc6", "classifier.3": "classifier.fc7", "classifier.6": "classifier.fc8a"}
   named = {}
   for k, v in sd.items():
     mod, leaf = k.rsplit(".", 1)
     mod = f"features.{conv_idx[mod]}" if mod in conv_idx else fc[mod]
     named[f"module.{mod}.{leaf}"] = v
-  assert "module.features.conv5_3.weight" in named and "module.classifier.fc8a.bias" in named
-  assert set(convert.normalize_keys("vgg16", named)) == set(sd)
-  a = convert.convert_state_dict("vgg16", named)
+  assert f"module.features.{last_conv}.weight" in named and "module.classifier.fc8a.bias" in named
+  assert set(convert.normalize_keys(arch, named)) == set(sd)
+  a = convert.convert_state_dict(arch, named)
   assert a.num_classes == 365
-  np.testing.assert_array_equal(np.asarray(a.features[28].kernel[...]), sd["features.28.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(np.asarray(a.features[index].kernel[...]),
+                                sd[f"features.{index}.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(a.classifier[6].kernel[...]), sd["classifier.6.weight"].T)
   del a, sd, named
 

@@ -48,6 +48,8 @@ PARITY = [
   ("alexnet", 256, 1, {}),  # features end at 7x7: exercises the overlapping AdaptiveAvgPool(6, 6)
   ("vgg16", 224, 1, {"conv1_1": "features.0", "conv4_3": "features.21", "conv5_3": "features.28",
                      "relu5_3": "features.29", "pool5": "features.30", "fc6": "classifier.0"}),
+  ("vgg19", 224, 1, {"conv3_4": "features.16", "conv4_4": "features.25", "conv5_4": "features.34",
+                     "pool5": "features.36", "fc8": "classifier.6"}),
   ("resnet18", 224, 2, {}),
   ("resnet50", 224, 2, {}),
   ("smallcnn", 224, 2, {"block1": "features.2", "block2": "features.6", "block3": "features.10", "block4": "features.14"}),
@@ -102,7 +104,8 @@ def smallcnn():
 
 
 def test_layer_names_and_aliases():
-  assert models.ARCHS == ("alexnet", "vgg16", "resnet18", "resnet50", "smallcnn")
+  assert models.ARCHS == ("alexnet", "vgg16", "vgg19", "resnet18", "resnet50", "smallcnn")
+  assert len(models.layer_names("vgg19")) == 37 + 1 + 7
   assert models.canonical_layer("vgg16", "conv5_3") == "features.28"
   assert models.canonical_layer("vgg16", "relu5_3") == "features.29"
   assert models.canonical_layer("vgg16", "conv1_2") == "features.2"

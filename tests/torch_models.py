@@ -1,6 +1,6 @@
 """PyTorch reference models with torchvision's module names and state-dict keys (no torchvision).
 
-Written from scratch with ``torch.nn`` to mirror ``torchvision.models`` AlexNet, VGG16 (config D),
+Written from scratch with ``torch.nn`` to mirror ``torchvision.models`` AlexNet, VGG16/19 (configs D/E),
 ResNet-18/50 (v1.5) and nemjax's SmallCNN, so their ``state_dict()`` is what a torchvision (or
 Places365) checkpoint holds. ``randomize_`` gives every parameter and BatchNorm buffer non-trivial
 values, so a converter that mixes up BN statistics, transposes or flatten order is caught.
@@ -30,15 +30,19 @@ class AlexNet(nn.Module):
     return self.classifier(torch.flatten(x, 1))
 
 
-_CFG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_CFGS = {
+  "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+  "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+            512, 512, 512, 512, "M"],
+}
 
 
-class VGG16(nn.Module):
-  def __init__(self, num_classes: int = 1000):
+class VGG(nn.Module):
+  def __init__(self, num_classes: int = 1000, cfg: str = "vgg16"):
     super().__init__()
     layers: list[nn.Module] = []
     c = 3
-    for v in _CFG_D:
+    for v in _CFGS[cfg]:
       if v == "M":
         layers.append(nn.MaxPool2d(2, 2))
       else:
@@ -150,8 +154,8 @@ def build(arch: str, num_classes: int = 1000) -> nn.Module:
   """The PyTorch twin of ``nemjax.models.build(arch, num_classes)`` (eval mode)."""
   if arch == "alexnet":
     m = AlexNet(num_classes)
-  elif arch == "vgg16":
-    m = VGG16(num_classes)
+  elif arch in _CFGS:
+    m = VGG(num_classes, arch)
   elif arch == "resnet18":
     m = ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
   elif arch == "resnet50":

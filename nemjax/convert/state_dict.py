@@ -11,12 +11,12 @@ Key mapping (strict, after normalisation):
 
 Path elements join with ``.``, so ``('layer1', 0, 'downsample', 1, 'mean')`` is
 ``layer1.0.downsample.1.running_mean``. ``num_batches_tracked`` buffers are ignored. The AlexNet /
-VGG16 models flatten their pooled map in PyTorch's (C, H, W) order, so the first classifier linear
+VGG models flatten their pooled map in PyTorch's (C, H, W) order, so the first classifier linear
 needs no permutation.
 
 Accepted key layouts: plain torchvision; any ``module.`` prefix (DataParallel, as in the Places365
-``{'state_dict': ...}`` checkpoints); VGG16-Places365 named layers (``features.conv1_1`` ..
-``features.conv5_3``, ``classifier.fc6`` / ``fc7`` / ``fc8a``).
+``{'state_dict': ...}`` checkpoints); VGG-Places365 named layers (``features.conv1_1`` ..
+``features.conv5_3`` (``conv5_4`` for VGG19), ``classifier.fc6`` / ``fc7`` / ``fc8a``).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from nemjax.models import registry, vgg
 __all__ = ["load_state_dict", "normalize_keys", "convert_state_dict", "expected_keys"]
 
 # Final classifier weight of each arch: its first dimension is num_classes.
-_FINAL = {"alexnet": "classifier.6.weight", "vgg16": "classifier.6.weight", "resnet18": "fc.weight",
+_FINAL = {"alexnet": "classifier.6.weight", "vgg16": "classifier.6.weight",
+          "vgg19": "classifier.6.weight", "resnet18": "fc.weight",
           "resnet50": "fc.weight", "smallcnn": "fc.weight"}
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean", "var": "running_var"}
 _VGG_FC = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6", "fc8a": "classifier.6"}
@@ -115,14 +116,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def normalize_keys(arch: str, sd: Mapping[str, Any]) -> dict[str, Any]:
-  """Strip ``module.`` prefixes and map VGG16-Places365 named layers to torchvision indices."""
+  """Strip ``module.`` prefixes and map VGG-Places365 named layers to torchvision indices."""
   out: dict[str, Any] = {}
-  conv_idx = {name: vgg.ALIASES[name].split(".")[1] for name in vgg.CONV_NAMES}
+  conv_idx = ({name: vgg.ALIASES[arch][name].split(".")[1] for name in vgg.CONV_NAMES[arch]}
+              if arch in vgg.ARCHS else {})
   for key, v in sd.items():
     k = str(key)
     while k.startswith("module."):
       k = k[len("module."):]
-    if arch == "vgg16":
+    if arch in vgg.ARCHS:
       m = re.fullmatch(r"features\.(conv\d_\d)\.(\w+)", k)
       if m and m.group(1) in conv_idx:
         k = f"features.{conv_idx[m.group(1)]}.{m.group(2)}"

@@ -17,31 +17,34 @@ Aliases: conv1..conv5 (pre-ReLU), relu1..relu5, pool1/pool2/pool5, fc6/fc7/fc8.
 """
 from __future__ import annotations
 
-import jax
+from typing import Mapping, Sequence
+
 from flax import nnx
 
 from nemjax.models import layers as L
 
-ARCH = "alexnet"
+ARCHS: tuple[str, ...] = ("alexnet",)
 
-LAYER_NAMES: tuple[str, ...] = (tuple(f"features.{i}" for i in range(13)) + ("avgpool",)
-                                + tuple(f"classifier.{i}" for i in range(7)))
 _CONV_IDX = (0, 3, 6, 8, 10)
-ALIASES: dict[str, str] = {
+LAYER_NAMES: dict[str, tuple[str, ...]] = {"alexnet": (
+  tuple(f"features.{i}" for i in range(13)) + ("avgpool",)
+  + tuple(f"classifier.{i}" for i in range(7)))}
+ALIASES: dict[str, dict[str, str]] = {"alexnet": {
   **{f"conv{k + 1}": f"features.{i}" for k, i in enumerate(_CONV_IDX)},
   **{f"relu{k + 1}": f"features.{i + 1}" for k, i in enumerate(_CONV_IDX)},
   "pool1": "features.2", "pool2": "features.5", "pool5": "features.12",
   "fc6": "classifier.1", "relu6": "classifier.2", "fc7": "classifier.4", "relu7": "classifier.5",
   "fc8": "classifier.6",
-}
+}}
 
 
-class AlexNet(nnx.Module):
+class Model(L.FeaturesClassifier):
   """torchvision AlexNet. Call: ``model(x, taps=(), upto=None) -> (logits, acts)``."""
 
-  arch = ARCH
-
-  def __init__(self, num_classes: int = 1000, *, rngs: nnx.Rngs):
+  def __init__(self, arch: str = "alexnet", num_classes: int = 1000, *, rngs: nnx.Rngs):
+    if arch not in ARCHS:
+      raise ValueError(f"AlexNet: unknown arch {arch!r}; expected one of {list(ARCHS)}")
+    self.arch = arch
     self.num_classes = num_classes
     self.features = nnx.List([
       L.Conv2d(3, 64, 11, 4, 2, rngs=rngs), L.ReLU(), L.MaxPool2d(3, 2),
@@ -57,17 +60,5 @@ class AlexNet(nnx.Module):
       L.Linear(4096, num_classes, rngs=rngs),
     ])
 
-  def __call__(self, x: jax.Array, *, taps: tuple[str, ...] = (), upto: str | None = None
-               ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-    """x: (N, H, W, 3) normalised float -> (logits (N, num_classes) or None if upto, {tap: activation})."""
-    L.check_model_input(x, ARCH)
-    tap = L.Tapper(ARCH, LAYER_NAMES, ALIASES, taps, upto)
-    try:
-      for i, layer in enumerate(self.features):
-        x = tap(f"features.{i}", layer(x))
-      x = L.flatten_chw(tap("avgpool", self.avgpool(x)))
-      for i, layer in enumerate(self.classifier):
-        x = tap(f"classifier.{i}", layer(x))
-    except L.StopForward:
-      return None, tap.out
-    return x, tap.out
+  def tap_table(self) -> tuple[Sequence[str], Mapping[str, str]]:
+    return LAYER_NAMES[self.arch], ALIASES[self.arch]

@@ -32,7 +32,7 @@ from jax import lax
 __all__ = [
   "Conv2d", "BatchNorm2d", "Linear", "ReLU", "Dropout", "MaxPool2d", "AdaptiveAvgPool2d",
   "adaptive_avg_pool2d", "flatten_chw", "Tapper", "StopForward", "resolve_layer",
-  "check_model_input",
+  "check_model_input", "run_sequential", "FeaturesClassifier",
 ]
 
 # torchvision's kaiming_normal_(mode="fan_out") for convs; N(0, 0.01) for linears (registry.build
@@ -260,3 +260,38 @@ class Tapper:
       raise StopForward
     return x
 
+
+
+def run_sequential(tap: Tapper, prefix: str, modules: Sequence[nnx.Module], x: jax.Array
+                   ) -> jax.Array:
+  """Runs ``modules`` in order, tapping output ``i`` as ``{prefix}.{i}`` (an ``nn.Sequential``)."""
+  for i, layer in enumerate(modules):
+    x = tap(f"{prefix}.{i}", layer(x))
+  return x
+
+
+class FeaturesClassifier(nnx.Module):
+  """The forward pass torchvision's AlexNet and VGGs share: ``features`` (a Sequential),
+  ``avgpool``, flatten in PyTorch's (C, H, W) order, ``classifier`` (a Sequential).
+
+  Subclasses set ``self.arch``, ``self.features``, ``self.avgpool``, ``self.classifier`` and
+  define ``tap_table() -> (layer names in forward order, aliases)``.
+  """
+
+  arch: str
+
+  def tap_table(self) -> tuple[Sequence[str], Mapping[str, str]]:
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array, *, taps: tuple[str, ...] = (), upto: str | None = None
+               ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+    """x: (N, H, W, 3) normalised float -> (logits (N, num_classes) or None if upto, {tap: activation})."""
+    check_model_input(x, self.arch)
+    tap = Tapper(self.arch, *self.tap_table(), taps, upto)
+    try:
+      x = run_sequential(tap, "features", self.features, x)
+      x = flatten_chw(tap("avgpool", self.avgpool(x)))
+      x = run_sequential(tap, "classifier", self.classifier, x)
+    except StopForward:
+      return None, tap.out
+    return x, tap.out

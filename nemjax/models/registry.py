@@ -8,7 +8,7 @@ this order is the ``upto`` that computes them all (see :func:`last_layer`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,22 +20,11 @@ from nemjax.models import layers as L
 
 __all__ = ["ARCHS", "build", "build_abstract", "layer_names", "layer_aliases", "canonical_layer", "last_layer"]
 
-ARCHS: tuple[str, ...] = ("alexnet", "vgg16", "resnet18", "resnet50", "smallcnn")
-
-_NAMES: Mapping[str, tuple[str, ...]] = {
-  "alexnet": alexnet.LAYER_NAMES,
-  "vgg16": vgg.LAYER_NAMES,
-  "resnet18": resnet.LAYER_NAMES["resnet18"],
-  "resnet50": resnet.LAYER_NAMES["resnet50"],
-  "smallcnn": smallcnn.LAYER_NAMES,
-}
-_ALIASES: Mapping[str, Mapping[str, str]] = {
-  "alexnet": alexnet.ALIASES,
-  "vgg16": vgg.ALIASES,
-  "resnet18": resnet.ALIASES["resnet18"],
-  "resnet50": resnet.ALIASES["resnet50"],
-  "smallcnn": smallcnn.ALIASES,
-}
+# Every model module exposes the same names: ARCHS (the architectures it builds), LAYER_NAMES and
+# ALIASES ({arch: ...}) and Model(arch, num_classes, rngs=...). A new model is one more entry here.
+_MODULES = (alexnet, vgg, resnet, smallcnn)
+_MODULE_OF = {arch: module for module in _MODULES for arch in module.ARCHS}
+ARCHS: tuple[str, ...] = tuple(_MODULE_OF)
 
 
 def _check_arch(arch: str) -> None:
@@ -72,13 +61,7 @@ def _random_state(state: nnx.State, key: jax.Array) -> dict:
 
 
 def _construct(arch: str, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
-  if arch == "alexnet":
-    return alexnet.AlexNet(num_classes, rngs=rngs)
-  if arch == "vgg16":
-    return vgg.VGG16(num_classes, rngs=rngs)
-  if arch in ("resnet18", "resnet50"):
-    return resnet.ResNet(arch, num_classes, rngs=rngs)
-  return smallcnn.SmallCNN(num_classes, rngs=rngs)
+  return _MODULE_OF[arch].Model(arch, num_classes, rngs=rngs)
 
 
 def build(arch: str, num_classes: int = 1000, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -113,19 +96,20 @@ def build_abstract(arch: str, num_classes: int = 1000) -> nnx.Module:
 def layer_names(arch: str) -> tuple[str, ...]:
   """Canonical tappable layer names of ``arch`` in forward (completion) order."""
   _check_arch(arch)
-  return _NAMES[arch]
+  return _MODULE_OF[arch].LAYER_NAMES[arch]
 
 
 def layer_aliases(arch: str) -> dict[str, str]:
   """Alias -> canonical name for ``arch`` (e.g. VGG16 ``conv5_3`` -> ``features.28``)."""
   _check_arch(arch)
-  return dict(_ALIASES[arch])
+  return dict(_MODULE_OF[arch].ALIASES[arch])
 
 
 def canonical_layer(arch: str, name: str) -> str:
   """The canonical name of ``name`` (itself if canonical); ValueError listing the valid names."""
   _check_arch(arch)
-  return L.resolve_layer(arch, _NAMES[arch], _ALIASES[arch], name)
+  module = _MODULE_OF[arch]
+  return L.resolve_layer(arch, module.LAYER_NAMES[arch], module.ALIASES[arch], name)
 
 
 def last_layer(arch: str, names: Sequence[str]) -> str:

@@ -19,6 +19,7 @@ from flax import nnx
 from nemjax.models import layers as L
 
 _DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+ARCHS: tuple[str, ...] = tuple(_DEPTHS)
 _PLANES = (64, 128, 256, 512)
 
 
@@ -103,7 +104,7 @@ LAYER_NAMES: dict[str, tuple[str, ...]] = {a: _layer_names(a) for a in _DEPTHS}
 ALIASES: dict[str, dict[str, str]] = {a: {} for a in _DEPTHS}
 
 
-class ResNet(nnx.Module):
+class Model(nnx.Module):
   """torchvision ResNet-18 or ResNet-50. Call: ``model(x, taps=(), upto=None) -> (logits, acts)``."""
 
   def __init__(self, arch: str = "resnet18", num_classes: int = 1000, *, rngs: nnx.Rngs):

@@ -19,39 +19,41 @@ from flax import nnx
 
 from nemjax.models import layers as L
 
-ARCH = "smallcnn"
-_WIDTHS = (16, 32, 64, 128)  # ~50 M MACs per 224 image: trains and attacks in minutes on a CPU
+ARCHS: tuple[str, ...] = ("smallcnn",)
+WIDTHS = (16, 32, 64, 128)  # ~50 M MACs per 224 image: trains and attacks in minutes on a CPU
 
-LAYER_NAMES: tuple[str, ...] = tuple(f"features.{i}" for i in range(15)) + ("avgpool", "fc")
-ALIASES: dict[str, str] = {"block1": "features.2", "block2": "features.6", "block3": "features.10", "block4": "features.14"}
+LAYER_NAMES: dict[str, tuple[str, ...]] = {
+  "smallcnn": tuple(f"features.{i}" for i in range(15)) + ("avgpool", "fc")}
+ALIASES: dict[str, dict[str, str]] = {"smallcnn": {
+  "block1": "features.2", "block2": "features.6", "block3": "features.10", "block4": "features.14"}}
 
 
-class SmallCNN(nnx.Module):
+class Model(nnx.Module):
   """SmallCNN (see the module docstring). Call: ``model(x, taps=(), upto=None) -> (logits, acts)``."""
 
-  arch = ARCH
-
-  def __init__(self, num_classes: int = 10, *, rngs: nnx.Rngs):
+  def __init__(self, arch: str = "smallcnn", num_classes: int = 10, *, rngs: nnx.Rngs):
+    if arch not in ARCHS:
+      raise ValueError(f"SmallCNN: unknown arch {arch!r}; expected one of {list(ARCHS)}")
+    self.arch = arch
     self.num_classes = num_classes
     feats: list[nnx.Module] = []
     c_in = 3
-    for b, c in enumerate(_WIDTHS):
+    for b, c in enumerate(WIDTHS):
       feats += [L.Conv2d(c_in, c, 3, 2 if b == 0 else 1, 1, rngs=rngs), L.BatchNorm2d(c), L.ReLU()]
-      if b < len(_WIDTHS) - 1:
+      if b < len(WIDTHS) - 1:
         feats.append(L.MaxPool2d(2))
       c_in = c
     self.features = nnx.List(feats)
     self.avgpool = L.AdaptiveAvgPool2d(1)
-    self.fc = L.Linear(_WIDTHS[-1], num_classes, rngs=rngs)
+    self.fc = L.Linear(WIDTHS[-1], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, taps: tuple[str, ...] = (), upto: str | None = None
                ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
     """x: (N, H, W, 3) normalised float -> (logits (N, num_classes) or None if upto, {tap: activation})."""
-    L.check_model_input(x, ARCH)
-    tap = L.Tapper(ARCH, LAYER_NAMES, ALIASES, taps, upto)
+    L.check_model_input(x, self.arch)
+    tap = L.Tapper(self.arch, LAYER_NAMES[self.arch], ALIASES[self.arch], taps, upto)
     try:
-      for i, layer in enumerate(self.features):
-        x = tap(f"features.{i}", layer(x))
+      x = L.run_sequential(tap, "features", self.features, x)
       x = tap("avgpool", self.avgpool(x))
       logits = tap("fc", self.fc(x.reshape(x.shape[0], -1)))
     except L.StopForward:
