@@ -372,9 +372,9 @@ def _save_conv_checkpoint(arch: str, out) -> None:
   checkpoint.save(nnx.merge(graphdef, state), out, arch=arch, num_classes=2)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch, layer, image_size, seg_size, maps", [
-    ("vgg16", "conv1_2", 224, 112, (224, 224)),  # maps larger than the label maps: downsampled
+    # maps larger than the label maps: downsampled (~25 s)
+    pytest.param("vgg16", "conv1_2", 224, 112, (224, 224), marks=pytest.mark.slow),
     ("alexnet", "conv1", 227, 113, (56, 56)),
 ])
 def test_dissect_cli_at_first_layers_equals_oracle(arch, layer, image_size, seg_size, maps,

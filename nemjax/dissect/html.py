@@ -22,7 +22,7 @@ from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.files import atomic_write_text
 from nemjax.dissect.topimages import TopImagesState, top_images_from_acts
-from nemjax.dissect.upsample import upsample_bilinear_pillow
+from nemjax.dissect.upsample import resize_bilinear_pillow
 
 _UNIT_PNG = re.compile(r"^unit\d+\.png$")
 _UPSAMPLE_UNITS = 64  # units upsampled per call (one compiled shape per layer)
@@ -59,7 +59,7 @@ def _upsampled_chunks(tops: TopImagesState, units: np.ndarray, top: int,
     chunk = units[s:s + _UPSAMPLE_UNITS]
     maps = np.zeros((_UPSAMPLE_UNITS, top) + tops.maps.shape[2:], np.float32)
     maps[:len(chunk)] = tops.maps[chunk, :top]
-    up = np.asarray(upsample_bilinear_pillow(maps, seg_size))
+    up = np.asarray(resize_bilinear_pillow(maps, seg_size))
     for j, unit in enumerate(chunk):
       yield int(unit), up[j]
 
