@@ -2,9 +2,9 @@
 
 Written from ``/work/shared/spec/netdissect.md`` and NetDissect-Lite's
 ``FeatureOperator.tally_job`` / ``FeatureOperator.tally``: a per-image, per-unit Python loop,
-the upsampling as a float64 re-statement of Pillow's ``Resample.c`` (checked against Pillow
-itself in the tests), and the same NumPy calls as the original (``np.bincount`` over the
-label layers under the mask, ``tally_cat`` through ``labelcat``). It shares no code with
+each map resized to the label size by Pillow itself (BILINEAR on a float32 'F' image, up- or
+downsampling, as the original), and the same NumPy calls as the original (``np.bincount`` over
+the label layers under the mask, ``tally_cat`` through ``labelcat``). It shares no code with
 ``nemjax.dissect``. Slow on purpose-free grounds: it is the reference, not the fast path.
 
 Only deviation from the original, as the spec asks: an image with no label-PNG layer uses
@@ -12,74 +12,19 @@ Only deviation from the original, as the spec asks: an image with no label-PNG l
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import numpy as np
+from PIL import Image
 
 
-# ----------------------------------------------------------------------------- upsampling
-def _tri(x: float) -> float:
-  x = abs(x)
-  return 1.0 - x if x < 1.0 else 0.0
-
-
-@functools.lru_cache(maxsize=None)
-def pillow_bilinear_coeffs(in_size: int, out_size: int):
-  """Pillow ``precompute_coeffs`` (BILINEAR, box (0, in)) -> bounds (out, 2), kk (out, ksize)."""
-  scale = float(in_size) / out_size
-  filterscale = scale if scale > 1.0 else 1.0
-  support = filterscale
-  ksize = int(math.ceil(support)) * 2 + 1
-  bounds = np.zeros((out_size, 2), np.int64)
-  kk = np.zeros((out_size, ksize))
-  for xx in range(out_size):
-    center = (xx + 0.5) * scale
-    xmin = max(int(center - support + 0.5), 0)
-    xmax = min(int(center + support + 0.5), in_size) - xmin
-    ws = [_tri((x + xmin - center + 0.5) / filterscale) for x in range(xmax)]
-    total = 0.0
-    for w in ws:
-      total += w
-    for x, w in enumerate(ws):
-      kk[xx, x] = w / total if total != 0.0 else w
-    bounds[xx] = xmin, xmax
-  bounds.flags.writeable = False
-  kk.flags.writeable = False
-  return bounds, kk
-
-
-@functools.lru_cache(maxsize=None)
-def _tap_table(in_size: int, out_size: int):
-  """Pillow's taps as (index, weight) columns; unused taps read index 0 with weight 0."""
-  bounds, kk = pillow_bilinear_coeffs(in_size, out_size)
-  used = int(bounds[:, 1].max())
-  cols = []
-  for t in range(used):
-    use = t < bounds[:, 1]
-    cols.append((np.where(use, bounds[:, 0] + t, 0), np.where(use, kk[:, t], 0.0)))
-  return tuple(cols)
-
-
-def _resample_axis_last(a: np.ndarray, out_size: int) -> np.ndarray:
-  """One Pillow pass along the last axis: float32 in, float64 accumulation, float32 out.
-
-  ``ss = 0.0; ss += v[xmin + t] * k[t]`` in tap order, as Resample.c; an unused tap adds
-  an exact zero.
-  """
-  ss = np.zeros(a.shape[:-1] + (out_size,), np.float64)
-  for idx, k in _tap_table(a.shape[-1], out_size):
-    ss = ss + a[..., idx].astype(np.float64) * k
-  return ss.astype(np.float32)
-
-
+# ----------------------------------------------------------------------------- resizing
 def pillow_resize(fmap: np.ndarray, sh: int, sw: int) -> np.ndarray:
-  """``Image.fromarray(fmap, 'F').resize((sw, sh), BILINEAR)`` re-stated: (h, w) -> (sh, sw)."""
-  fmap = np.asarray(fmap, np.float32)
-  horiz = _resample_axis_last(fmap, sw) if sw != fmap.shape[1] else fmap
-  if sh == fmap.shape[0]:
-    return horiz
-  return _resample_axis_last(horiz.T, sh).T
+  """``Image.fromarray(fmap, 'F').resize((sw, sh), BILINEAR)``: (h, w) -> (sh, sw) float32.
+
+  Pillow itself, as NetDissect-Lite calls it (``imresize(..., mode='F')``), in either
+  direction (up- or downsampling).
+  """
+  img = Image.fromarray(np.ascontiguousarray(fmap, np.float32))  # float32 -> mode 'F'
+  return np.asarray(img.resize((int(sw), int(sh)), Image.BILINEAR), np.float32)
 
 
 # ----------------------------------------------------------------------------- thresholds

@@ -14,6 +14,7 @@ from PIL import Image
 from nemjax.attacks import act_avg as aa
 from nemjax.attacks import noise
 from nemjax.attacks import pgd as P
+from nemjax.ops import resample
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,14 +59,17 @@ def _blob_masks(rng, n, sh, sw, empty=()):
 # ------------------------------------------------------------------------------------------------
 # Interpolation matrices and act-avg.
 
-@pytest.mark.parametrize("in_size,out_size", [(7, 112), (14, 112), (13, 113)])
+@pytest.mark.parametrize("in_size,out_size", [(7, 112), (14, 112), (13, 113), (224, 112),
+                                              (113, 112), (56, 112)])
 def test_interp_matrix_matches_pillow_bilinear(in_size, out_size):
   rng = np.random.RandomState(in_size)
   a = (rng.randn(in_size, in_size) * 3).astype(np.float32)
   ref = _pil_resize(a, (out_size, out_size))
   r = aa.interp_matrix(in_size, out_size)
   assert r.dtype == np.float64 and r.shape == (out_size, in_size)
-  np.testing.assert_allclose(r.sum(1), 1.0, rtol=0, atol=1e-15)
+  np.testing.assert_allclose(r.sum(1), 1.0, rtol=0, atol=1e-14)
+  # The one statement of Pillow's coefficients, shared with the dissection's exact resize.
+  np.testing.assert_array_equal(r, resample.resample_matrix(in_size, out_size))
   scale = np.abs(a).max()
   # float64 matrices: Pillow stores each pass in float32, so agreement is to f32 rounding.
   np.testing.assert_allclose(r @ a.astype(np.float64) @ r.T, ref, rtol=0, atol=2e-7 * scale)
@@ -119,6 +123,45 @@ def test_projected_act_avg_equals_upsample_then_average():
   np.testing.assert_allclose(np.einsum("nhwu,nhw->nu", acts.astype(np.float64), proj),
                              np.einsum("nyxu,nyx->nu", up_all.astype(np.float64), masks),
                              rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("h,w,sh,sw", [(224, 224, 112, 112), (28, 20, 14, 15), (9, 30, 14, 12)])
+def test_act_avg_at_a_layer_larger_than_the_label_map(h, w, sh, sw):
+  """Maps larger than the label maps (VGG16 conv1_*): the projected-mask path equals Pillow's
+  downsampling (wide filter) followed by the masked mean."""
+  rng = np.random.RandomState(h + w)
+  n, u = 3, 4
+  acts = np.maximum(rng.randn(n, h, w, u), 0).astype(np.float32)
+  masks = _blob_masks(rng, n, sh, sw)
+  masks[1] = rng.rand(sh, sw) > 0.6
+  units = np.array([0, 3, 2], np.int32)
+  ref = _act_avg_numpy(acts, masks, units)
+  np.testing.assert_allclose(np.asarray(aa.act_avg(acts, masks, units)), ref, rtol=2e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(aa.act_avg_upsampled(acts, masks, units)), ref,
+                             rtol=2e-6, atol=1e-6)
+  if (h, w) == (2 * sh, 2 * sw):  # a 2-tap bilinear (2x2 box) downsample would differ
+    box = acts.reshape(n, sh, 2, sw, 2, u).mean((2, 4))[np.arange(n), :, :, units]
+    plain = (box * masks).sum((1, 2)) / masks.sum((1, 2))
+    assert np.abs(plain - ref).max() > 1e-3
+
+
+def test_u1_attack_at_a_layer_larger_than_the_label_map():
+  """act-avg PGD on 8x8 activations with 6x6 concept masks (downsampled act-avg)."""
+  rng = np.random.RandomState(9)
+  feats = _tiny_features(_tiny_params(1))
+  x = jnp.asarray(rng.rand(4, 32, 32, 3).astype(np.float32))
+  src = jnp.asarray(_blob_masks(rng, 4, 6, 6))
+  units = jnp.asarray([0, 2, 5, 1], jnp.int32)
+  acts = np.asarray(feats(x))
+  assert acts.shape[1:3] == (8, 8)
+  np.testing.assert_allclose(np.asarray(aa.act_avg(acts, src, units)),
+                             _act_avg_numpy(acts, np.asarray(src), np.asarray(units)),
+                             rtol=2e-6, atol=1e-6)
+  attack = P.make_act_avg_attack(feats, eps=8 / 255, steps=5, objective="u1")
+  x_adv = attack(x, units, src)
+  s0, s1 = aa.act_avg(feats(x), src, units), aa.act_avg(feats(x_adv), src, units)
+  assert np.all(np.asarray(s1) <= np.asarray(s0)) and float(jnp.sum(s0 - s1)) > 0
+  assert float(jnp.abs(x_adv - x).max()) <= 8 / 255 + 1e-6
 
 
 def test_act_avg_bad_shapes():

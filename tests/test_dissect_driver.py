@@ -344,3 +344,76 @@ def test_dissect_cli_wraps_errors_raised_during_dissection(cli, capsys, tiny_pro
       "--probe", str(probe_dir), "--weights", str(tiny_model_dir), "--layers", "block4",
       "--out", str(tmp_path / "out"), "--batch-size", "8", "--no-report"])
   assert line.startswith("error: dissection failed:") and "00017_object.png" in line
+
+
+# ----------------------------------------------------------------------------- large layers
+def _save_conv_checkpoint(arch: str, out) -> None:
+  """A 2-class ``arch`` checkpoint with random conv kernels (He normal) and zero linear
+  layers: the dissected conv layers are non-trivial and the (unused) classifier compresses,
+  so a VGG16 checkpoint stays ~50 MB."""
+  import math
+  from flax import nnx
+  from nemjax import models
+  graphdef, state = nnx.split(models.build_abstract(arch, 2))
+  rng = np.random.default_rng(11)
+  pure: dict = {}
+  for path, v in nnx.to_flat_state(state):
+    shape = tuple(v.shape)
+    if path[-1] == "kernel" and len(shape) == 4:
+      std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
+      value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    elif path[-1] == "bias":
+      value = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    elif path[-1] in ("scale", "var"):
+      value = np.ones(shape, np.float32)
+    else:
+      value = np.zeros(shape, np.float32)
+    node = pure
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  nnx.replace_by_pure_dict(state, pure)
+  checkpoint.save(nnx.merge(graphdef, state), out, arch=arch, num_classes=2)
+
+
+@pytest.mark.parametrize("arch, layer, image_size, seg_size, maps", [
+    # maps larger than the label maps: downsampled (~25 s)
+    pytest.param("vgg16", "conv1_2", 224, 112, (224, 224), marks=pytest.mark.slow),
+    ("alexnet", "conv1", 227, 113, (56, 56)),
+])
+def test_dissect_cli_at_first_layers_equals_oracle(arch, layer, image_size, seg_size, maps,
+                                                    tmp_path):
+  """experiments/dissect.py at VGG16 conv1_2 (224x224 maps, 112x112 labels: Pillow's wide
+  downsampling filter) and AlexNet conv1 (against 113x113 labels) gives the NumPy oracle's
+  thresholds, tally and IoU exactly; the network is cut after the layer."""
+  from nemjax.data import synthetic
+  from nemjax.dissect.quantile import DEFAULT_ETA
+  probe_dir = synthetic.make_probe_set(tmp_path / "probe", num_images=3, image_size=image_size,
+                                       seg_size=seg_size, seed=4)
+  ckpt = tmp_path / "ckpt"
+  _save_conv_checkpoint(arch, ckpt)
+  out = tmp_path / "out"
+  # The same XLA flags as this process (the CLI adds its tuning flags only when XLA_FLAGS is
+  # unset), so both compile the same forward pass and see bit-identical activations.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  r = subprocess.run([sys.executable, "experiments/dissect.py", "--probe", str(probe_dir),
+                      "--weights", str(ckpt), "--layers", layer, "--out", str(out),
+                      "--batch-size", "3", "--report-top", "1"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (out / f"{layer}_report.html").exists()
+  probe = broden.load_probe(probe_dir)
+  res, acts = dissect(checkpoint.load(ckpt), probe, [layer], batch_size=3, progress=False,
+                      keep_activations=True)
+  a = np.moveaxis(acts[layer], 3, 1)  # (N, U, h, w)
+  assert a.shape[2:] == maps and probe.seg_size == (seg_size, seg_size)
+  thr = oracle.thresholds(a, 1.0 - DEFAULT_ETA)
+  np.testing.assert_array_equal(np.load(out / f"{layer}_thresholds.npy"), thr)
+  pixels, scalars = loader.load_labels(probe, np.arange(probe.num_images))
+  t = oracle.tally(a, thr, pixels, scalars, probe.labelcat)
+  assert t["tally_units"].sum() > 0
+  for k, v in t.items():
+    np.testing.assert_array_equal(getattr(res[layer].tally, k), v, err_msg=k)
+  iou = oracle.iou(t, probe.labelcat)
+  np.testing.assert_array_equal(np.load(out / f"{layer}_iou.npy"), iou)
+  np.testing.assert_array_equal(res[layer].iou, iou)

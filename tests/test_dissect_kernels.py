@@ -17,6 +17,7 @@ from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect import tally as tally_lib
 from nemjax.dissect import topimages as topimages_lib
 from nemjax.dissect import upsample as upsample_lib
+from nemjax.ops import resample as resample_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 import oracle_netdissect as oracle  # noqa: E402
@@ -82,9 +83,18 @@ def _assert_tally_equal(ref: dict, st):
     assert np.array_equal(ref[f], got), f
 
 
-# ----------------------------------------------------------------------------- upsampling
+# ----------------------------------------------------------------------------- resizing
 SIZES = [(7, 7, 112, 112), (14, 14, 112, 112), (13, 13, 113, 113), (28, 28, 112, 112),
          (56, 56, 112, 112), (7, 13, 112, 113), (14, 7, 113, 112)]
+# Layers larger than the label maps (VGG16 conv1_*: 224 -> 112), AlexNet-like sizes against 113,
+# equal sizes (Pillow skips the pass), mixed and non-square. Pillow >= 13 runs the vertical pass
+# first when h > sh and h - sh > 2 (w - sw) (never for square maps resized to a square);
+# NetDissect-Lite's Pillow and nemjax always run the horizontal pass first, so no case here
+# falls in that range.
+RESIZE_SIZES = [(224, 224, 112, 112), (55, 55, 113, 113), (27, 27, 113, 113),
+                (56, 56, 112, 112), (112, 112, 112, 112), (7, 7, 112, 112),
+                (113, 113, 112, 112), (224, 200, 112, 113), (60, 120, 112, 112),
+                (5, 300, 112, 7), (224, 224, 7, 9)]
 
 
 def _pillow(m, sh, sw):
@@ -92,8 +102,13 @@ def _pillow(m, sh, sw):
                    for x in m])
 
 
-@pytest.mark.parametrize("h,w,sh,sw", SIZES)
-def test_upsample_bit_exact_vs_pillow(h, w, sh, sw):
+def _vertical_first_in_new_pillow(h, w, sh, sw):
+  return sh < h and sw != w and h - sh > 2 * (w - sw)
+
+
+@pytest.mark.parametrize("h,w,sh,sw", SIZES + RESIZE_SIZES)
+def test_resize_bit_exact_vs_pillow(h, w, sh, sw):
+  assert not _vertical_first_in_new_pillow(h, w, sh, sw)
   rng = np.random.default_rng(h * 1000 + w)
   m = _acts(rng, 1, h, w, 24, negative=True)[0].transpose(2, 0, 1)
   m[1] = np.maximum(m[1], 0)
@@ -102,30 +117,62 @@ def test_upsample_bit_exact_vs_pillow(h, w, sh, sw):
   m[4] = (rng.random((h, w)) * 1e-30 + 1e-37).astype(np.float32)  # tiny (normal) values
   m[5] = (rng.random((h, w)) * 3e38).astype(np.float32)  # near float32 max
   ref = _pillow(m, sh, sw)
-  got = np.asarray(dissect.upsample_bilinear_pillow(m, (sh, sw)))
+  got = np.asarray(dissect.resize_bilinear_pillow(m, (sh, sw)))
   assert got.dtype == np.float32 and got.shape == (24, sh, sw)
   assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
   orc = np.stack([oracle.pillow_resize(x, sh, sw) for x in m])
   assert np.array_equal(orc.view(np.uint32), ref.view(np.uint32))
 
 
-def test_pillow_coeffs_match_oracle_restatement():
-  for h, w, sh, sw in SIZES + [(1, 1, 5, 7), (112, 112, 112, 112), (3, 5, 200, 9)]:
+def _numpy_pass(a, out_size):
+  """One Pillow pass along the last axis from ops.resample's tap table, in NumPy float64."""
+  taps = resample_lib.tap_table(a.shape[-1], out_size)
+  s = np.zeros(a.shape[:-1] + (out_size,))
+  for t in range(taps.idx.shape[1]):
+    s = s + a[..., taps.idx[:, t]].astype(np.float64) * taps.w[:, t]
+  return s.astype(np.float32)
+
+
+def test_resample_coefficients_restate_pillow():
+  """ops.resample's taps, applied in NumPy (horizontal pass first), give Pillow bit for bit;
+  its dense matrix holds the same weights; downsampling has Pillow's wide filter."""
+  rng = np.random.default_rng(4)
+  for h, w, sh, sw in RESIZE_SIZES + [(1, 1, 5, 7), (3, 5, 200, 9), (41, 97, 29, 13)]:
+    m = rng.standard_normal((2, h, w)).astype(np.float32)
+    x = _numpy_pass(m, sw) if sw != w else m
+    x = np.swapaxes(_numpy_pass(np.swapaxes(x, 1, 2), sh), 1, 2) if sh != h else x
+    assert np.array_equal(x, _pillow(m, sh, sw)), (h, w, sh, sw)
     for i, o in ((h, sh), (w, sw)):
-      b1, k1 = dissect.pillow_coeffs(i, o)
-      b2, k2 = oracle.pillow_bilinear_coeffs(i, o)
-      assert np.array_equal(b1, b2) and np.array_equal(k1, k2)
+      bounds, kk = resample_lib.pillow_coeffs(i, o)
+      taps = resample_lib.tap_table(i, o)
+      r = resample_lib.resample_matrix(i, o)
+      dense = np.zeros((o, i))
+      np.add.at(dense, (np.arange(o)[:, None], taps.idx), taps.w)
+      assert np.array_equal(r, dense) and r.dtype == np.float64
+      np.testing.assert_allclose(r.sum(1), 1.0, rtol=0, atol=1e-14)
+      assert taps.idx.shape[1] == bounds[:, 1].max()
+  bounds, kk = resample_lib.pillow_coeffs(224, 112)  # filterscale 2: 4 taps, 1:3:3:1
+  assert bounds[1:-1, 1].tolist() == [4] * 110 and kk.shape == (112, 5)
+  assert np.array_equal(kk[5, :4], [0.125, 0.375, 0.375, 0.125])
+  assert np.array_equal(dissect.pillow_coeffs(7, 112)[1], resample_lib.pillow_coeffs(7, 112)[1])
+  with pytest.raises(ValueError, match="in_size"):
+    resample_lib.tap_table(0, 5)
+  with pytest.raises(ValueError, match="out_size"):
+    resample_lib.resample_matrix(5, 2.5)
 
 
-def test_upsample_leading_dims_and_errors():
+def test_resize_leading_dims_and_errors():
   m = np.random.default_rng(0).random((2, 3, 7, 7), dtype=np.float32)
   out = np.asarray(dissect.upsample_bilinear_pillow(m, (112, 112)))
   assert out.shape == (2, 3, 112, 112)
   assert np.array_equal(out[1, 2], _pillow(m[1, 2:3], 112, 112)[0])
-  with pytest.raises(ValueError, match="upsampling"):
-    dissect.upsample_bilinear_pillow(m, (5, 112))
+  down = np.asarray(dissect.resize_bilinear_pillow(m, (5, 3)))
+  assert down.shape == (2, 3, 5, 3)
+  assert np.array_equal(down[0, 1], _pillow(m[0, 1:2], 5, 3)[0])
   with pytest.raises(ValueError, match="out_size"):
-    dissect.upsample_bilinear_pillow(m, (112,))
+    dissect.resize_bilinear_pillow(m, (112,))
+  with pytest.raises(ValueError, match="positive"):
+    dissect.resize_bilinear_pillow(m, (0, 112))
 
 
 def test_products_are_not_contracted_to_fma():
@@ -274,6 +321,11 @@ TALLY_CASES = [  # (n, h, w, u, k, sh, sw)
     (3, 28, 28, 5, 2, 112, 112),
     (3, 7, 13, 5, 3, 112, 113),
     (2, 56, 56, 4, 2, 112, 112),
+    # Maps at least as large as the label maps: downsampled (dense path for both methods).
+    (2, 224, 224, 5, 2, 112, 112),
+    (3, 113, 113, 5, 3, 112, 112),
+    (3, 60, 120, 5, 2, 112, 112),
+    (3, 112, 112, 5, 2, 112, 112),
 ]
 
 
@@ -380,6 +432,24 @@ def test_tally_sparse_call_splitting(monkeypatch):
     assert np.array_equal(getattr(ref, f), getattr(got, f)), f
 
 
+def test_tally_downsampled_layer_dense_route_and_unit_chunks(monkeypatch):
+  """A layer larger than the label maps: 'sparse' routes to the dense path, whose unit chunks
+  shrink to its value budget (here one unit per call) without changing a count."""
+  n, h, w, u, k, sh, sw = 2, 224, 224, 3, 2, 112, 112
+  a, thr, pix, scal, labelcat, _ = _case(9, n, h, w, u, k, sh, sw)
+  ref = oracle.tally(a.transpose(0, 3, 1, 2), thr, pix, scal, labelcat)
+  assert ref["tally_units"].sum() > 0
+
+  def no_sparse(*args, **kwargs):
+    raise AssertionError("maps larger than the label maps must take the dense path")
+
+  monkeypatch.setattr(tally_lib, "_sparse_pair_counts", no_sparse)
+  monkeypatch.setattr(tally_lib, "_DENSE_VALUES", 1)
+  st = dissect.tally_update(dissect.tally_init(u, *labelcat.shape), a, thr, pix, scal,
+                            labelcat, method="sparse")
+  _assert_tally_equal(ref, st)
+
+
 def test_tally_many_labels_per_layer():
   """P > 4 slots per layer (several code bit planes) and label numbers > 255."""
   n, h, w, u, k, sh, sw = 3, 7, 7, 4, 2, 112, 112
@@ -459,8 +529,6 @@ def test_tally_errors_name_the_argument():
     dissect.tally_update(st, a, thr, pix, scal, labelcat, layout="HWCN")
   with pytest.raises(ValueError, match="method"):
     dissect.tally_update(st, a, thr, pix, scal, labelcat, method="fast")
-  with pytest.raises(ValueError, match="smaller"):
-    dissect.tally_update(st, np.zeros((2, 120, 120, 3), np.float32), thr, pix, scal, labelcat)
   with pytest.raises(ValueError, match="primary_category"):
     dissect.best_labels(np.zeros((3, nl)), np.zeros(nl - 1, int), c)
 

@@ -4,14 +4,16 @@ Srivastava, Oikarinen & Weng (ICCV 2023), Eq. 7::
 
   act_avg_{i,c}(x) = sum_k B(f_i(x))_k * L_c(x)_k / sum_k L_c(x)_k
 
-where ``f_i(x)`` is unit i's activation map (h, w), ``B`` upsamples it bilinearly to the label-map
+where ``f_i(x)`` is unit i's activation map (h, w), ``B`` resizes it bilinearly to the label-map
 size (sh, sw) and ``L_c(x)`` is the concept's (sh, sw) mask. ``B`` here uses the weights of
-Pillow's BILINEAR resize -- the upsampling Network Dissection applies before thresholding:
-half-pixel centres (``align_corners=False``), a triangle filter, weights renormalised over the
-taps that fall inside the image (edge clamping). For upsampling this is also exactly
-``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
+Pillow's BILINEAR resize (:mod:`nemjax.ops.resample`, shared with the dissection) -- the resize
+Network Dissection applies before thresholding: half-pixel centres (``align_corners=False``), a
+triangle filter, weights renormalised over the taps that fall inside the image (edge clamping).
+For upsampling this is also exactly ``torch.nn.functional.interpolate(mode="bilinear",
+align_corners=False)``; for a layer larger than the label maps (VGG16 ``conv1_*``: 224 -> 112)
+Pillow widens the filter by ``h / sh`` (an antialiasing downsample), and so does ``B``.
 
-The upsample is separable, ``B(a) = R_y a R_xᵀ`` with interpolation matrices ``R_y`` (sh, h) and
+The resize is separable, ``B(a) = R_y a R_xᵀ`` with interpolation matrices ``R_y`` (sh, h) and
 ``R_x`` (sw, w), so::
 
   sum_k B(a)_k L_k = sum_ij a_ij (R_yᵀ L R_x)_ij.
@@ -39,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemjax.ops.resample import resample_matrix
+
 __all__ = [
   "interp_matrix",
   "interp_matrices",
@@ -59,50 +63,21 @@ def _float_dtype(*arrays) -> jnp.dtype:
                                          if jnp.issubdtype(a.dtype, jnp.floating)])
 
 
-def _triangle(x: float) -> float:
-  x = abs(x)
-  return 1.0 - x if x < 1.0 else 0.0
-
-
 def interp_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """Pillow BILINEAR resampling weights as a dense matrix, in float64.
+  """Pillow BILINEAR resampling weights as a dense (out_size, in_size) float64 matrix.
 
-  Follows Pillow's ``precompute_coeffs`` (``libImaging/Resample.c``) for the triangle filter:
-  ``scale = in/out``, ``filterscale = max(scale, 1)``, ``support = filterscale``; output pixel
-  ``o`` has centre ``c = (o + 0.5) * scale``, taps ``x`` in
-  ``[max(int(c - support + 0.5), 0), min(int(c + support + 0.5), in))`` with weights
-  ``tri((x - c + 0.5) / filterscale)``, normalised to sum to one over those in-range taps.
-  For ``out >= in`` this is bilinear interpolation with half-pixel centres and edge clamping.
-
-  Args:
-    in_size: input length (> 0).
-    out_size: output length (> 0).
-
-  Returns:
-    ``R``, float64 (out_size, in_size); resizing a 1-D signal ``a`` (in_size,) is ``R @ a``.
+  :func:`nemjax.ops.resample.resample_matrix`, the coefficients the dissection's Pillow-exact
+  resize uses too: half-pixel centres, a triangle filter widened by ``in / out`` when
+  downsampling, weights renormalised over the taps inside the image (edge clamping). For
+  ``out >= in`` this is bilinear interpolation (``align_corners=False``).
+  Resizing a 1-D signal ``a`` (in_size,) is ``R @ a``.
   """
-  if int(in_size) != in_size or in_size < 1:
-    raise ValueError(f"interp_matrix: in_size must be a positive int, got {in_size!r}")
-  if int(out_size) != out_size or out_size < 1:
-    raise ValueError(f"interp_matrix: out_size must be a positive int, got {out_size!r}")
-  in_size, out_size = int(in_size), int(out_size)
-  scale = in_size / out_size
-  filterscale = max(scale, 1.0)
-  support = 1.0 * filterscale  # the bilinear filter has support 1
-  r = np.zeros((out_size, in_size), np.float64)
-  for o in range(out_size):
-    centre = (o + 0.5) * scale
-    lo = max(int(centre - support + 0.5), 0)  # C's (int) truncates toward zero, as here
-    hi = min(int(centre + support + 0.5), in_size)
-    w = np.array([_triangle((x - centre + 0.5) / filterscale) for x in range(lo, hi)])
-    total = w.sum()
-    r[o, lo:hi] = w / total if total != 0.0 else w
-  return r
+  return resample_matrix(in_size, out_size)
 
 
 def interp_matrices(act_hw: Sequence[int], out_hw: Sequence[int],
                     dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-  """``(R_y (sh, h), R_x (sw, w))`` (float32 by default) for upsampling (h, w) to (sh, sw)."""
+  """``(R_y (sh, h), R_x (sw, w))`` (float32 by default) for resizing (h, w) to (sh, sw)."""
   (h, w), (sh, sw) = act_hw, out_hw
   return interp_matrix(h, sh).astype(dtype), interp_matrix(w, sw).astype(dtype)
 

@@ -1,4 +1,4 @@
-"""Network Dissection kernels: exact thresholds, Pillow-exact upsampling, tally, IoU.
+"""Network Dissection kernels: exact thresholds, Pillow-exact resizing, tally, IoU.
 
 Pure functions on host/JAX arrays, exact against NetDissect-Lite (see
 ``/work/shared/spec/netdissect.md``)::
@@ -56,6 +56,7 @@ from nemjax.dissect.upsample import (
     PillowTaps,
     pillow_coeffs,
     pillow_taps,
+    resize_bilinear_pillow,
     upsample_bilinear_pillow,
 )
 
@@ -86,5 +87,6 @@ __all__ = [
     "PillowTaps",
     "pillow_coeffs",
     "pillow_taps",
+    "resize_bilinear_pillow",
     "upsample_bilinear_pillow",
 ]

@@ -31,7 +31,7 @@ from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.files import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from nemjax.dissect.topimages import TopImagesState, top_images_from_acts
-from nemjax.dissect.upsample import upsample_bilinear_pillow
+from nemjax.dissect.upsample import resize_bilinear_pillow
 
 __all__ = ["unit_strips", "write_layer_report", "write_index"]
 
@@ -216,7 +216,7 @@ def _write_strips(tops: TopImagesState, order: np.ndarray, top: int, thumb: int,
       chunk = order[s:s + _UNITS_PER_CHUNK]
       maps = np.zeros((_UNITS_PER_CHUNK, top) + tops.maps.shape[2:], np.float32)
       maps[:len(chunk)] = tops.maps[chunk, :top]
-      up = np.asarray(upsample_bilinear_pillow(maps, probe.seg_size))[:len(chunk)]
+      up = np.asarray(resize_bilinear_pillow(maps, probe.seg_size))[:len(chunk)]
       tiles = thumbs[where[s:s + len(chunk)]] if len(shown) else np.zeros(
           (len(chunk), top, thumb, thumb, 3), np.uint8)
       tiles[blank[s:s + len(chunk)]] = 255

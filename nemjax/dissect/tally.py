@@ -1,7 +1,7 @@
 """Exact Network Dissection tally (NetDissect-Lite's ``tally_job``), IoU and best labels.
 
 For every image ``n`` and unit ``u`` with ``acts[n, :, :, u].max() > thr[u]``, NetDissect-Lite
-upsamples the map to the label size with Pillow (see :mod:`nemjax.dissect.upsample`), takes
+resizes the map to the label size with Pillow (see :mod:`nemjax.dissect.upsample`), takes
 the mask ``M = upsampled > thr[u]`` and adds
 
 * ``tally_units[u] += |M|``;
@@ -47,8 +47,10 @@ rounding keep that true bit for bit), so most of the work cannot count:
    the small final scatter into ``(U, L+1)`` and the category bookkeeping run on the host in
    int64.
 
-``method='dense'`` upsamples every map and counts with the same slots on full images
-(einsum); it is exact too and suits accelerators. Counts per batch on the device are int32,
+``method='dense'`` resizes every map and counts with the same slots on full images
+(einsum); it is exact too and suits accelerators. Layers whose maps are larger than the label
+maps (downsampling: Pillow's widened filter reads more than two taps per output, so there are
+no 2x2 patches) always take it; it needs no patch structure and any tap count. Counts per batch on the device are int32,
 accumulation across batches is int64 on the host.
 
 Example::
@@ -70,7 +72,8 @@ import numpy as np
 from jax import lax
 
 from nemjax.dissect._checks import check_finite
-from nemjax.dissect.upsample import PatchTaps, lerp2_f32, patch_taps, pillow_taps
+from nemjax.dissect.upsample import PatchTaps, lerp2_f32, patch_taps, resample_f32
+from nemjax.ops.resample import tap_table
 
 __all__ = [
     "TallyState",
@@ -87,6 +90,9 @@ __all__ = [
 # Patches per sparse call: every call has the same static size (one compilation per layer
 # geometry and label-slot count), about this many patch pixels; the last call is padded.
 _CHUNK_PIXELS = 1 << 19
+# Dense path: at most about this many float64 values of a resize pass per call (the unit chunk
+# shrinks below 64 for large maps, e.g. VGG16 conv1_* at 224x224).
+_DENSE_VALUES = 1 << 25
 
 
 class TallyState(NamedTuple):
@@ -558,25 +564,30 @@ def _sparse_pair_counts(acts: np.ndarray, thr32: np.ndarray, lab: LabelBatch):
 
 
 @jax.jit
-def _dense_counts_impl(acts_bu, thr32, onehot, ix0, ix1, wx0, wx1, iy0, iy1, wy0, wy1, zero):
-  """acts_bu (B, Uc, h, w), thr32 (Uc,), onehot (B, K*P, sh*sw) f32 -> size (B,Uc), counts."""
-  hp = lerp2_f32(jnp.take(acts_bu, ix0, axis=3), jnp.take(acts_bu, ix1, axis=3), wx0, wx1, zero)
-  up = lerp2_f32(jnp.take(hp, iy0, axis=2), jnp.take(hp, iy1, axis=2), wy0[:, None],
-                 wy1[:, None], zero)
+def _dense_counts_impl(acts_bu, thr32, onehot, tx, ty, zero):
+  """acts_bu (B, Uc, h, w), thr32 (Uc,), onehot (B, K*P, sh*sw) f32 -> size (B,Uc), counts.
+
+  ``tx`` / ``ty``: Pillow tap tables (:class:`~nemjax.ops.resample.TapTable`) of the two axes,
+  any number of taps (up- or downsampling); horizontal pass first, as Pillow. The mask sizes
+  come out of the same product as the counts (an all-ones slot row): a second consumer of the
+  mask made XLA:CPU recompute the resize per consumer (15x slower for 224 -> 112).
+  """
+  up = resample_f32(resample_f32(acts_bu, tx, 3, zero), ty, 2, zero)
   m = (up > thr32[None, :, None, None]).reshape(up.shape[0], up.shape[1], -1)
-  size = jnp.sum(m, axis=-1, dtype=jnp.int32)
-  counts = jnp.einsum("bus,bps->bup", m.astype(jnp.float32), onehot,
-                      precision=lax.Precision.HIGHEST)
-  return size, counts.astype(jnp.int32)
+  rows = jnp.concatenate([jnp.ones_like(onehot[:, :1]), onehot], axis=1)
+  counts = jnp.einsum("bus,bps->bup", m.astype(jnp.float32), rows,
+                      precision=lax.Precision.HIGHEST).astype(jnp.int32)  # exact below 2**24
+  return counts[..., 0], counts[..., 1:]
 
 
 def _dense_pair_counts(acts: np.ndarray, thr32: np.ndarray, lab: LabelBatch,
                        unit_chunk: int = 64):
-  """All (image, unit) pairs, dense upsampling of every map (exact; for accelerators)."""
+  """All (image, unit) pairs, every map resized to the label size (exact; for accelerators,
+  and for maps larger than the label maps on any backend)."""
   b_n, h, w, u_n = acts.shape
   sh, sw = lab.code.shape[2:]
   k, p = lab.slots.shape[1:]
-  tx, ty = pillow_taps(w, sw), pillow_taps(h, sh)
+  tx, ty = tap_table(w, sw), tap_table(h, sh)
   flat_code = np.asarray(lab.code).reshape(b_n, k, 1, sh * sw)
   onehot = (flat_code == np.arange(1, p + 1)[None, None, :, None]).reshape(
       b_n, k * p, sh * sw).astype(np.float32)
@@ -584,7 +595,8 @@ def _dense_pair_counts(acts: np.ndarray, thr32: np.ndarray, lab: LabelBatch,
       (thr32 != 0) & (np.abs(thr32) < 2.0**-60)):
     raise _subnormal_error()
   acts_bu = np.ascontiguousarray(acts.transpose(0, 3, 1, 2))
-  uc = min(unit_chunk, u_n)
+  per_unit = max(1, b_n * (h * sw + sh * sw))  # both passes' outputs per unit
+  uc = max(1, min(unit_chunk, u_n, _DENSE_VALUES // per_unit))
   size = np.zeros((b_n, u_n), np.int64)
   cnt = np.zeros((b_n, u_n, k * p), np.int64)
   for s in range(0, u_n, uc):
@@ -593,8 +605,7 @@ def _dense_pair_counts(acts: np.ndarray, thr32: np.ndarray, lab: LabelBatch,
     chunk[:, :e - s] = acts_bu[:, s:e]
     thr = np.full(uc, np.inf, np.float32)
     thr[:e - s] = thr32[s:e]
-    sz, ct = _dense_counts_impl(chunk, thr, onehot, tx.idx0, tx.idx1, tx.w0, tx.w1, ty.idx0,
-                                ty.idx1, ty.w0, ty.w1, np.int64(0))
+    sz, ct = _dense_counts_impl(chunk, thr, onehot, tx, ty, np.int64(0))
     size[:, s:e] = np.asarray(sz)[:, :e - s]
     cnt[:, s:e] = np.asarray(ct)[:, :e - s]
   keep = size.reshape(-1) > 0
@@ -633,7 +644,8 @@ def tally_update(state: TallyState, acts, thresholds, pixels=None, scalars=None,
     valid: optional (B,) bool; False rows (padding of a last batch) contribute nothing.
     layout: 'NHWC' or 'NCHW'.
     method: 'sparse' (active patches only), 'dense' (every map) or 'auto' (sparse on CPU,
-      dense on accelerators). Both are exact.
+      dense on accelerators). Both are exact. Maps larger than the label maps along an axis
+      (downsampled, e.g. VGG16 ``conv1_*``) always take the dense path.
     labels: optional :func:`prepare_labels` result for this batch (then ``pixels``,
       ``scalars`` and ``valid`` are taken from it) to share the label work across layers.
 
@@ -678,12 +690,12 @@ def tally_update(state: TallyState, acts, thresholds, pixels=None, scalars=None,
                      f"{a.shape[0]}")
   sh, sw = labels.code.shape[2:]
   h, w = a.shape[1:3]
-  if sh < h or sw < w:
-    raise ValueError(f"label maps ({sh}, {sw}) are smaller than activation maps ({h}, {w})")
   if method == "auto":
     method = "sparse" if jax.default_backend() == "cpu" else "dense"
   if method not in ("sparse", "dense"):
     raise ValueError(f"method must be 'auto', 'sparse' or 'dense', got {method!r}")
+  if h > sh or w > sw:
+    method = "dense"  # downsampling: more than two taps per output, no 2x2 patches
 
   both = state.tally_both.copy()
   units_cat = state.tally_units_cat.copy()

@@ -1,38 +1,37 @@
-"""Pillow-exact bilinear upsampling of activation maps.
+"""Pillow-exact bilinear resizing of activation maps (up- and downsampling).
 
-NetDissect-Lite upsamples each (h, w) activation map to the label-map size (sh, sw) with
-``Image.fromarray(a, 'F').resize((sw, sh), Image.BILINEAR)``. Pillow's ``Resample.c`` does
-this in two separable passes, horizontal first. For every output coordinate it precomputes
-taps in float64 (``precompute_coeffs``)::
+NetDissect-Lite resizes each (h, w) activation map to the label-map size (sh, sw) with
+``Image.fromarray(a, 'F').resize((sw, sh), Image.BILINEAR)``: upsampling for most layers,
+downsampling for layers larger than the label maps (VGG16 ``conv1_*``: 224 -> 112). Pillow's
+``Resample.c`` does this in two separable passes, horizontal first, skipping a pass whose size
+does not change. Its per-axis taps (``precompute_coeffs``) are :mod:`nemjax.ops.resample`'s;
+each pass computes ``float32(0.0 + v[xmin] * k_0 + v[xmin + 1] * k_1 + ...)`` with the
+products and the sum in float64. Upsampling (``out >= in``) has at most two taps, ``xmin``
+and ``xmin + 1``; downsampling by ``f`` about ``2 f``.
 
-  scale = in / out;  filterscale = max(scale, 1);  support = filterscale
-  center = (x + 0.5) * scale
-  xmin = max(int(center - support + 0.5), 0);  xmax = min(int(center + support + 0.5), in)
-  w_t = tri((xmin + t - center + 0.5) / filterscale),  t = 0 .. xmax - xmin - 1
-  k_t = w_t / sum(w)
-
-and each pass computes ``float32(0.0 + v[xmin] * k_0 + v[xmin + 1] * k_1 + ...)`` with the
-products and the sum in float64. When upsampling (``out >= in``) there are at most two taps,
-``xmin`` and ``xmin + 1``.
+Pass order: NetDissect-Lite's Pillow (and every Pillow up to 12) runs the horizontal pass
+first, and so does this module. Pillow 13 runs the vertical one first when ``sh < h`` and
+``h - sh > 2 (w - sw)`` (found by testing Pillow 13.0 on ~1,000 shapes); a square map resized to
+a square label map, as in every NetDissect layer, never meets that condition.
 
 This module reproduces that bit for bit:
 
-* :func:`pillow_coeffs` re-states ``precompute_coeffs`` in Python floats (IEEE doubles, same
-  operation order), :func:`pillow_taps` turns it into a two-tap table.
-* :func:`upsample_bilinear_pillow` applies the taps in float64 under a scoped
-  ``jax.enable_x64(True)``. XLA would otherwise contract ``a*k0 + b*k1`` into a fused
-  multiply-add (one rounding instead of Pillow's three); every product therefore goes
-  through an integer XOR with a runtime zero, which no compiler can see through.
-* :func:`patch_taps` describes the same computation grouped into "patches" (the output
-  pixels that read the same 2x2 source block), which the sparse tally kernel uses.
+* :func:`resize_bilinear_pillow` applies the taps (:func:`nemjax.ops.resample.tap_table`) in
+  float64 under a scoped ``jax.enable_x64(True)``. XLA would otherwise contract
+  ``a*k0 + b*k1`` into a fused multiply-add (one rounding instead of Pillow's several); every
+  product therefore goes through an integer XOR with a runtime zero, which no compiler can
+  see through (:func:`no_contract`, :func:`resample_f32`).
+* :func:`pillow_taps` is the two-tap table of an upsampling, and :func:`patch_taps` groups it
+  into "patches" (the output pixels that read the same 2x2 source block), which the sparse
+  tally kernel uses.
 
 Example::
 
-  up = upsample_bilinear_pillow(maps, (112, 112))  # maps (..., 7, 7) -> (..., 112, 112) f32
+  up = resize_bilinear_pillow(maps, (112, 112))  # maps (..., 7, 7) -> (..., 112, 112) f32
+  dn = resize_bilinear_pillow(maps224, (112, 112))  # (..., 224, 224) -> (..., 112, 112) f32
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -40,50 +39,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nemjax.ops.resample import TapTable, pillow_coeffs, tap_table
+
 __all__ = [
     "PillowTaps",
     "PatchTaps",
     "pillow_coeffs",
     "pillow_taps",
     "patch_taps",
+    "resample_f32",
+    "resize_bilinear_pillow",
     "upsample_bilinear_pillow",
 ]
-
-
-def pillow_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pillow's BILINEAR ``precompute_coeffs`` for one axis, re-stated exactly.
-
-  Vectorised over output coordinates; every float64 operation is the one Pillow performs,
-  in the same order, so the weights are bit-identical.
-
-  Args:
-    in_size: source length along the axis.
-    out_size: output length along the axis.
-
-  Returns:
-    ``(bounds, kk)``: ``bounds`` int64 (out_size, 2) holds ``(xmin, n_taps)`` per output
-    coordinate; ``kk`` float64 (out_size, ksize) the normalised weights (zero-padded).
-  """
-  if in_size < 1 or out_size < 1:
-    raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
-  # Pillow: scale = (double)(in1 - in0) / outSize, where in0/in1 are the float box edges.
-  scale = float(np.float32(in_size) - np.float32(0.0)) / out_size
-  filterscale = max(scale, 1.0)
-  support = 1.0 * filterscale
-  ksize = int(math.ceil(support)) * 2 + 1
-  ss = 1.0 / filterscale
-  center = 0.0 + (np.arange(out_size, dtype=np.float64) + 0.5) * scale
-  xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)  # C int cast
-  xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
-  t = np.arange(ksize)
-  arg = np.abs(((t[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * ss)
-  w = np.where((arg < 1.0) & (t[None, :] < xmax[:, None]), 1.0 - arg, 0.0)  # bilinear_filter
-  ww = np.zeros(out_size)
-  for x in range(ksize):  # Pillow sums in tap order; unused taps add an exact 0.0
-    ww = ww + w[:, x]
-  safe = np.where(ww != 0.0, ww, 1.0)
-  kk = np.where(ww[:, None] != 0.0, w / safe[:, None], w)
-  return np.stack([xmin, xmax], axis=1), kk
 
 
 class PillowTaps(NamedTuple):
@@ -99,15 +66,15 @@ class PillowTaps(NamedTuple):
 
 
 def pillow_taps(in_size: int, out_size: int) -> PillowTaps:
-  """Two-tap table of Pillow's BILINEAR resize for ``in_size -> out_size``.
+  """Two-tap table of Pillow's BILINEAR upsampling ``in_size -> out_size`` (the sparse tally's
+  patches are built from it; a general resize uses :func:`nemjax.ops.resample.tap_table`).
 
   Raises:
-    ValueError: when ``out_size < in_size`` (downsampling needs more than two taps and is not
-      what dissection does).
+    ValueError: when ``out_size < in_size`` (downsampling reads more than two taps).
   """
   if out_size < in_size:
-    raise ValueError(
-        f"only upsampling is supported, got in_size={in_size} > out_size={out_size}")
+    raise ValueError(f"pillow_taps is the two-tap table of an upsampling, got in_size={in_size} "
+                     f"> out_size={out_size}; use nemjax.ops.resample.tap_table")
   bounds, kk = pillow_coeffs(in_size, out_size)
   n = bounds[:, 1]
   if np.any(n < 1) or np.any(n > 2):
@@ -195,26 +162,61 @@ def lerp2_f32(a: jax.Array, b: jax.Array, wa: jax.Array, wb: jax.Array,
   return (pa + pb).astype(jnp.float32)
 
 
+def resample_f32(v: jax.Array, taps: TapTable, axis: int, zero: jax.Array,
+                 signed_zero: bool = False) -> jax.Array:
+  """One Pillow pass along ``axis``: ``float32(sum_t float64(v[.., idx[:, t], ..]) * w[:, t])``.
+
+  Products are rounded separately (:func:`no_contract`) and summed left to right, as Pillow.
+  With two columns this is :func:`lerp2_f32`.
+
+  Args:
+    v: float32 array; its ``axis`` has the source length.
+    taps: :class:`~nemjax.ops.resample.TapTable` (as arrays: ``idx`` (out, T) int32, ``w``
+      (out, T) float64).
+    axis: the axis resampled (negative counts from the end).
+    zero: () int64 runtime zero.
+    signed_zero: start the sum from ``+0.0`` as Pillow does (see :func:`lerp2_f32`).
+
+  Returns:
+    ``v`` with ``axis`` resized to ``out``, float32.
+  """
+  idx, w = taps
+  axis = axis % v.ndim
+  wshape = [1] * v.ndim
+  wshape[axis] = idx.shape[0]
+  total = None
+  for t in range(idx.shape[1]):
+    p = no_contract(jnp.take(v, idx[:, t], axis=axis).astype(jnp.float64)
+                    * w[:, t].reshape(wshape), zero)
+    if total is None:
+      total = p + no_contract(jnp.zeros_like(p), zero) if signed_zero else p
+    else:
+      total = total + p
+  return total.astype(jnp.float32)
+
+
 @jax.jit
-def _upsample_impl(maps, ix0, ix1, wx0, wx1, iy0, iy1, wy0, wy1, zero):
-  """maps (M, h, w) f32 -> (M, sh, sw) f32."""
-  hp = lerp2_f32(jnp.take(maps, ix0, axis=2), jnp.take(maps, ix1, axis=2), wx0, wx1, zero,
-                 True)
-  return lerp2_f32(jnp.take(hp, iy0, axis=1), jnp.take(hp, iy1, axis=1),
-                   wy0[:, None], wy1[:, None], zero, True)
+def _resize_impl(maps, tx, ty, zero):
+  """maps (M, h, w) f32 -> (M, sh, sw) f32; ``tx`` / ``ty`` None skip a pass (as Pillow)."""
+  if tx is not None:
+    maps = resample_f32(maps, tx, 2, zero, signed_zero=True)
+  if ty is not None:
+    maps = resample_f32(maps, ty, 1, zero, signed_zero=True)
+  return maps
 
 
-def upsample_bilinear_pillow(maps, out_size: Sequence[int]) -> jax.Array:
-  """Upsamples maps exactly as Pillow's BILINEAR resize of a float32 ('F') image.
+def resize_bilinear_pillow(maps, out_size: Sequence[int]) -> jax.Array:
+  """Resizes maps exactly as Pillow's BILINEAR resize of a float32 ('F') image.
 
-  Equals ``Image.fromarray(m, 'F').resize((sw, sh), Image.BILINEAR)`` bit for bit for every
-  finite float32 map ``m`` whose values and results are not float32 subnormals
-  (``0 < |x| < 1.18e-38``): XLA on CPU flushes those to zero, Pillow does not.
-  Non-finite values are not supported.
+  Equals ``Image.fromarray(m, 'F').resize((sw, sh), Image.BILINEAR)`` bit for bit, up- or
+  downsampling either axis, for every finite float32 map ``m`` whose values and results are
+  not float32 subnormals (``0 < |x| < 1.18e-38``): XLA on CPU flushes those to zero, Pillow
+  does not. Non-finite values are not supported. Horizontal pass first (see the module
+  docstring for Pillow 13's order on some non-square shapes).
 
   Args:
     maps: (..., h, w) array, cast to float32.
-    out_size: ``(sh, sw)`` with ``sh >= h`` and ``sw >= w``.
+    out_size: ``(sh, sw)``, positive.
 
   Returns:
     (..., sh, sw) float32 jax array.
@@ -226,13 +228,20 @@ def upsample_bilinear_pillow(maps, out_size: Sequence[int]) -> jax.Array:
   if len(out_size) != 2:
     raise ValueError(f"out_size must be (sh, sw), got {out_size!r}")
   sh, sw = int(out_size[0]), int(out_size[1])
+  if sh < 1 or sw < 1:
+    raise ValueError(f"out_size must be positive, got {(sh, sw)} for maps {tuple(maps.shape)}")
   h, w = maps.shape[-2:]
-  if sh < h or sw < w:
-    raise ValueError(f"only upsampling is supported: maps {tuple(maps.shape)} to {(sh, sw)}")
-  tx, ty = pillow_taps(w, sw), pillow_taps(h, sh)
+  if h < 1 or w < 1:
+    raise ValueError(f"maps must have non-empty (h, w), got {tuple(maps.shape)}")
+  tx = tap_table(w, sw) if sw != w else None
+  ty = tap_table(h, sh) if sh != h else None
   lead = maps.shape[:-2]
   with jax.enable_x64(True):
     flat = jnp.asarray(maps, jnp.float32).reshape((-1, h, w))
-    out = _upsample_impl(flat, tx.idx0, tx.idx1, tx.w0, tx.w1, ty.idx0, ty.idx1, ty.w0, ty.w1,
-                         np.int64(0))
+    out = _resize_impl(flat, tx, ty, np.int64(0))
   return out.reshape(lead + (sh, sw))
+
+
+def upsample_bilinear_pillow(maps, out_size: Sequence[int]) -> jax.Array:
+  """:func:`resize_bilinear_pillow` (the name from when only upsampling was supported)."""
+  return resize_bilinear_pillow(maps, out_size)
