@@ -143,6 +143,15 @@ def test_kendall_many_ties_small_n_exact():
                                      rtol=1e-12, atol=1e-15, equal_nan=True)
 
 
+def test_inversion_count_matches_brute_force():
+  from nemjax.metrics import ranking
+  rng = _rng(13)
+  for n, hi in ((1, 1), (2, 2), (7, 3), (40, 1000), (33, 40)):
+    s = rng.integers(0, hi, size=(3, n))
+    want = [sum(int(r[i] > r[j]) for i in range(n) for j in range(i + 1, n)) for r in s]
+    np.testing.assert_array_equal(ranking._inversions(s), want)
+
+
 def test_kendall_nan_like_scipy():
   a = np.arange(8.0)
   b = a.copy()

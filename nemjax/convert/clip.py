@@ -55,18 +55,17 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     name -> NumPy array (float16 / bfloat16 tensors become float32).
   """
   p = Path(path)
-  try:
+  if not (p.is_file() and _is_torchscript(p)):
     return load_state_dict(p)
-  except ValueError as e:
-    if not _is_torchscript(p):
-      raise
-    first = e
-  import torch  # load_state_dict already needed it for this file
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError(f"reading the TorchScript archive {p} needs PyTorch: pip install "
+                      "'nemjax[torch]'") from None
   try:
     sd = torch.jit.load(str(p), map_location="cpu").state_dict()
   except Exception as e:  # noqa: BLE001 - any reader failure is reported as one line
-    raise ValueError(f"cannot read {p} as a state dict ({first}) nor as a TorchScript archive: "
-                     f"{_first_line(e)}") from None
+    raise ValueError(f"cannot read {p} as a TorchScript archive: {_first_line(e)}") from None
   return {str(k): _tensor_to_numpy(v) for k, v in sd.items()}
 
 

