@@ -155,3 +155,19 @@ def load_sweep_target(args, target: SweepTarget, progress: bool) -> tuple[Any, A
   from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
   embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
   return checkpoint.load(target.weights, arch=embedded.ARCH), broden.load_probe(target.probe_dir)
+
+
+def load_embedder_flag(spec: str) -> Any:
+  """``--embedder SPEC`` -> the CLIP-δ/W image embedder (``None``: the original model's pooled
+  features); a bad spec, path or state dict ends the script with one line naming the flag."""
+  from nemjax import metrics  # pylint: disable=import-outside-toplevel
+  try:
+    return metrics.load_embedder(spec)
+  except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+    fail(f"--embedder {spec}: {e}")
+
+
+EMBEDDER_HELP = ("image embedder of CLIP-δ / CLIP-W: 'model' (default: the original model's "
+                 "pooled --embed-layer features, a stand-in for CLIP) or 'clip:PATH' (a CLIP "
+                 "ViT image tower, e.g. OpenAI's ViT-B-32.pt, from a local state dict: .pt / "
+                 ".pth / .npz / .safetensors; 'clip-gelu:PATH' for OpenCLIP models with GELU)")

@@ -81,6 +81,7 @@ def parse_args(argv=None):
                  help="train only parameters of this module and later ones (default: all)")
   p.add_argument("--embed-layer", default="avgpool",
                  help="pooled features used as the CLIP stand-in (default avgpool)")
+  p.add_argument("--embedder", default="model", metavar="SPEC", help=_common.EMBEDDER_HELP)
   p.add_argument("--train-folder", type=Path, help="training stream: class-per-subfolder tree")
   p.add_argument("--tfds", metavar="NAME", help="training stream: TensorFlow Datasets name")
   p.add_argument("--tfds-split", default="train")
@@ -203,6 +204,8 @@ def main(argv=None) -> None:
   except ValueError as e:
     fail(str(e))
 
+  embedder = _common.load_embedder_flag(args.embedder)
+
   progress = not args.no_progress
   if embedded:
     from nemjax.embedded import build_embedded_default
@@ -217,6 +220,7 @@ def main(argv=None) -> None:
         train_folder=args.train_folder, tfds_name=args.tfds, tfds_split=args.tfds_split,
         tfds_dir=args.tfds_dir, decoy_class=args.decoy_class, decoy_folder=args.decoy_folder,
         num_decoys=args.num_decoys, group_concept=group_concept)
+    inputs.embedder, run_info = embedder, dict(run_info, embedder=args.embedder)
     summary = X.run_experiment(config, inputs, args.out, run_info=run_info, progress=progress)
   except (ValueError, FileNotFoundError, ImportError) as e:
     fail(str(e))

@@ -44,6 +44,7 @@ def parse_args(argv=None):
   p.add_argument("--eval-every", type=int, default=10)
   p.add_argument("--train-folder", type=Path, help="training stream (default: embedded / probe)")
   p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"])
+  p.add_argument("--embedder", default="model", metavar="SPEC", help=_common.EMBEDDER_HELP)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=Path, default=Path("runs/prune_defence"))
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"))
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
       attack="push-down", layers=(args.layer,), k=args.k, epochs=args.epochs,
       learning_rate=args.lr, batch_size=args.batch_size,
       attack_batch_size=args.attack_batch_size, eval_every=args.eval_every, seed=args.seed)
+  embedder = _common.load_embedder_flag(args.embedder)
   progress = not args.no_progress
   if embedded:
     from nemjax.embedded import build_embedded_default
@@ -95,7 +97,9 @@ def main(argv=None) -> None:
     inputs, run_info = minputs.load_inputs(config, probe_dir=probe_dir, weights=weights,
                                      normalize=args.normalize, embedded_train_dir=train_dir,
                                      train_folder=args.train_folder)
+    inputs.embedder = embedder
     write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
+                                          "embedder": args.embedder,
                                           "l1_rates": args.l1_rates,
                                           "vulnerability_rates": args.vulnerability_rates,
                                           "recover_steps": args.recover_steps})
@@ -107,7 +111,7 @@ def main(argv=None) -> None:
   table = report.format_table(rows, overlap_k=config.overlap_k)
   atomic_write_text(args.out / "results.csv", report.csv_text(rows))
   note = ("\n\nΔ acc. = accuracy after the attack − accuracy of the pruned model. *CLIP-δ with "
-          "the original model's pooled features as the embedding (stand-in for CLIP).*\n")
+          f"{X.embedder_description(inputs, config)} as the embedding.*\n")
   atomic_write_text(args.out / "results.md", "# Pruning defence (push-down attack)\n\n" + table
                     + note)
   report.plot_prune_defence(args.out / "prune_defence.png", rows,

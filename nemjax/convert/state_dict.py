@@ -32,7 +32,8 @@ from flax import nnx
 
 from nemjax.models import registry, vgg
 
-__all__ = ["load_state_dict", "normalize_keys", "convert_state_dict", "expected_keys"]
+__all__ = ["load_state_dict", "normalize_keys", "convert_state_dict", "expected_keys",
+           "mismatch_parts"]
 
 # Final classifier weight of each arch: its first dimension is num_classes.
 _FINAL = {"alexnet": "classifier.6.weight", "vgg16": "classifier.6.weight",
@@ -137,6 +138,40 @@ def normalize_keys(arch: str, sd: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def mismatch_parts(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, Any]) -> list[str]:
+  """What keeps ``sd`` from matching ``expected`` (name -> shape), one entry per kind of problem.
+
+  Lists missing, unexpected and mis-shaped keys, non-floating tensors and tensors holding
+  NaN / ±inf (named); an empty list means a strict match. Callers join the parts into one
+  ValueError.
+  """
+  missing = [f"{k} {shape}" for k, shape in expected.items() if k not in sd]
+  unexpected = [f"{k} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
+  misshaped, bad_dtype, non_finite = [], [], []
+  for k, shape in expected.items():
+    if k in sd:
+      got = tuple(np.shape(sd[k]))
+      arr = np.asarray(sd[k])
+      if got != shape:
+        misshaped.append(f"{k}: expected {shape}, got {got}")
+      elif not np.issubdtype(arr.dtype, np.floating):
+        bad_dtype.append(f"{k}: {arr.dtype}")
+      elif not np.isfinite(arr).all():
+        non_finite.append(f"{k}: {int(np.isnan(arr).sum())} NaN, {int(np.isinf(arr).sum())} inf")
+  parts = []
+  if missing:
+    parts.append(f"{len(missing)} missing [{', '.join(missing)}]")
+  if unexpected:
+    parts.append(f"{len(unexpected)} unexpected [{', '.join(unexpected)}]")
+  if misshaped:
+    parts.append(f"{len(misshaped)} mis-shaped [{'; '.join(misshaped)}]")
+  if bad_dtype:
+    parts.append(f"{len(bad_dtype)} not floating point [{'; '.join(bad_dtype)}]")
+  if non_finite:
+    parts.append(f"{len(non_finite)} holding NaN or inf [{'; '.join(non_finite)}]")
+  return parts
+
+
 def _torch_name(path: tuple[Any, ...]) -> str:
   return ".".join(str(p) for p in path[:-1]) + "." + _LEAF[str(path[-1])]
 
@@ -199,31 +234,9 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
   graphdef, state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(state))
   expected = {_torch_name(path): (path, _torch_shape(tuple(v.shape), str(path[-1]))) for path, v in flat}
-  missing = [f"{k} {shape}" for k, (_, shape) in expected.items() if k not in sd]
-  unexpected = [f"{k} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
-  misshaped, bad_dtype, non_finite = [], [], []
-  for k, (_, shape) in expected.items():
-    if k in sd:
-      got = tuple(np.shape(sd[k]))
-      if got != shape:
-        misshaped.append(f"{k}: expected {shape}, got {got}")
-      elif not np.issubdtype(np.asarray(sd[k]).dtype, np.floating):
-        bad_dtype.append(f"{k}: {np.asarray(sd[k]).dtype}")
-      elif not np.isfinite(np.asarray(sd[k])).all():
-        bad = np.asarray(sd[k])
-        non_finite.append(f"{k}: {int(np.isnan(bad).sum())} NaN, {int(np.isinf(bad).sum())} inf")
-  if missing or unexpected or misshaped or bad_dtype or non_finite:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} missing [{', '.join(missing)}]")
-    if unexpected:
-      parts.append(f"{len(unexpected)} unexpected [{', '.join(unexpected)}]")
-    if misshaped:
-      parts.append(f"{len(misshaped)} mis-shaped [{'; '.join(misshaped)}]")
-    if bad_dtype:
-      parts.append(f"{len(bad_dtype)} not floating point [{'; '.join(bad_dtype)}]")
-    if non_finite:
-      parts.append(f"{len(non_finite)} with non-finite values [{'; '.join(non_finite)}]")
+  parts = mismatch_parts({k: shape for k, (_, shape) in expected.items()}, sd)
+  if parts:
+    missing = [k for k in expected if k not in sd]
     hint = ""
     if len(missing) > len(expected) // 2:
       hint = " (is the architecture right?)"

@@ -32,7 +32,8 @@ Decisions (documented departures from the papers, all switchable):
   default ``avgpool``) as the image embedding — :func:`nemjax.metrics.penultimate_embedder`'s
   definition, computed from the same forward pass as the initial activations. It stands in for
   CLIP, which needs weights nemjax cannot download; any ``embedder(images uint8) -> (n, D)`` can
-  be passed instead (e.g. a wrapper of :func:`nemjax.metrics.openclip_embedder`).
+  be passed instead, e.g. CLIP ViT-B/32 from a local state dict
+  (:func:`nemjax.metrics.load_embedder` ``("clip:PATH")``, the CLIs' ``--embedder``).
 * **Loss scale.** The papers' push-down loss is a plain sum of energies. Minimised as stated
   on the embedded SmallCNN (block4 feeds a linear classifier through global pooling) it shrinks
   every channel uniformly — we measured the mean energy fall to 7·10⁻⁴ of its value with the
@@ -748,6 +749,14 @@ def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
   return rows, channel_rows, topk_after
 
 
+def embedder_description(inputs: ExperimentInputs, config: ManipulateConfig) -> str:
+  """What CLIP-δ / CLIP-W embed images with, for reports."""
+  if inputs.embedder is None:
+    return (f"the original model's pooled `{config.embed_layer}` features (stand-in for CLIP; "
+            "`--embedder clip:PATH` for CLIP)")
+  return getattr(inputs.embedder, "description", "a custom embedder")
+
+
 def _nanmean(x: np.ndarray) -> float:
   x = np.asarray(x, np.float64)
   return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
@@ -860,8 +869,8 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   table = report.format_table(rows, overlap_k=config.overlap_k)
   atomic_write_text(out / "metrics.csv", report.csv_text(rows))
   atomic_write_text(out / "channels.csv", report.csv_text(channel_rows))
-  note = ("\n\n*CLIP-δ / CLIP-W computed with the original model's pooled "
-          f"`{config.embed_layer}` features as the image embedding (stand-in for CLIP).* "
+  note = (f"\n\n*CLIP-δ / CLIP-W computed with {embedder_description(inputs, config)} as the "
+          "image embedding.* "
           f"Means over attacked channels; rankings over {ref.images.shape[0]} images; "
           f"accuracy on {ref.num_eval} evaluation images.\n")
   atomic_write_text(out / "metrics.md",

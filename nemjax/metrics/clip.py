@@ -23,8 +23,9 @@ The mean pairwise cosine of two sets is the dot product of their mean unit embed
 
 Embedders: any callable ``images (n, H, W, 3) -> (n, D)``. :func:`penultimate_embedder` (a
 model's pooled features) is the default stand-in for CLIP that needs no extra weights;
-:func:`openclip_embedder` wraps an OpenCLIP model from local weights when ``open_clip`` is
-installed.
+:func:`clip_embedder` embeds with a CLIP ViT image tower in Flax
+(:mod:`nemjax.models.clip_vit`, weights from a local state dict via :mod:`nemjax.convert.clip`);
+:func:`load_embedder` turns a command-line spec (``model`` / ``clip:PATH``) into either.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ __all__ = [
     "clip_w",
     "embed_sets",
     "penultimate_embedder",
-    "openclip_embedder",
+    "clip_embedder",
+    "load_embedder",
 ]
 
 Embedder = Callable[[Any], Any]
@@ -213,53 +215,77 @@ def penultimate_embedder(apply_fn: Callable, state: Any, layer: str) -> Embedder
   return embed
 
 
-# OpenAI CLIP preprocessing constants (as used by the CLIP and open_clip repositories).
-_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+def clip_embedder(model: Any, *, description: str = "CLIP") -> Embedder:
+  """Embed images with a CLIP image tower (:class:`nemjax.models.clip_vit.CLIPVisionTransformer`).
 
-
-def openclip_embedder(model_name: str, pretrained_path: str, *, device: str = "cpu") -> Embedder:
-  """OpenCLIP image embedder from weights on local disk (optional dependency).
-
-  ``open_clip`` and ``torch`` are imported lazily; nothing is downloaded.
+  Preprocessing happens inside: images are ``(n, H, W, 3)`` RGB, uint8 (0..255) or floating
+  point in [0, 1] (told apart by the dtype), resized (shorter side, bicubic) and centre-cropped
+  to the model's input size and CLIP-normalised (:func:`nemjax.models.clip_vit.preprocess`).
 
   Args:
-    model_name: OpenCLIP architecture name, e.g. ``"ViT-B-32"``.
-    pretrained_path: path of the checkpoint file for that architecture.
-    device: torch device string.
+    model: the CLIP image tower (e.g. from ``nemjax.convert.clip.load_clip_vision``).
+    description: what the embedder is, for reports (``embedder.description``).
 
   Returns:
-    ``embedder(images (n, H, W, 3) float in [0, 1]) -> (n, D)`` numpy float32 image embeddings
-    (images are resized bicubically to the model's input size and CLIP-normalised).
+    ``embedder(images) -> (n, D)`` NumPy float32 L2-normalised embeddings, jitted once per
+    input shape; ``embedder.description`` says what it is.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from nemjax.models import clip_vit  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(model)
+  size = model.config.image_size
+
+  @jax.jit
+  def forward(state, images):
+    e = nnx.merge(graphdef, state)(clip_vit.preprocess(images, size))
+    return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+  def embed(images: Any) -> np.ndarray:
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"clip_embedder: expected (n, H, W, 3) images, got {x.shape}")
+    if x.dtype != np.uint8:
+      if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"clip_embedder: images must be uint8 (0..255) or float in [0, 1], got "
+                         f"dtype {x.dtype}")
+      if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or not np.isfinite(x).all()):
+        raise ValueError(f"clip_embedder: float images must lie in [0, 1] (uint8 for 0..255), got "
+                         f"values in [{np.nanmin(x)}, {np.nanmax(x)}]")
+    return np.asarray(forward(state, x), np.float32)
+
+  embed.description = description
+  return embed
+
+
+def load_embedder(spec: str, model_embedder: Embedder | None = None) -> Embedder | None:
+  """The image embedder a command-line spec names.
+
+  Args:
+    spec: ``"model"`` — ``model_embedder`` (the original model's pooled features, a stand-in
+      for CLIP; ``None`` lets the experiment use its own); ``"clip:PATH"`` — the CLIP ViT image
+      tower of the state dict file PATH (OpenAI JIT archive, ``.pt``/``.pth``, ``.npz`` or
+      ``.safetensors``; QuickGELU, as OpenAI's weights); ``"clip-gelu:PATH"`` — the same with
+      exact GELU (OpenCLIP models trained without ``-quickgelu``).
+    model_embedder: what ``"model"`` returns.
+
+  Returns:
+    The embedder (see :func:`clip_embedder`), or ``model_embedder`` for ``"model"``.
 
   Raises:
-    ImportError: ``open_clip`` (or ``torch``) is not installed.
-    FileNotFoundError: ``pretrained_path`` does not exist.
+    ValueError / FileNotFoundError: unknown spec, missing file or a state dict that does not
+      convert (every mismatch listed).
   """
-  if not os.path.isfile(pretrained_path):
-    raise FileNotFoundError(f"openclip_embedder: no checkpoint at {pretrained_path!r} "
-                            "(weights are never downloaded; put the file on disk first)")
-  try:
-    import open_clip  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError("openclip_embedder needs the optional packages `open_clip_torch` and "
-                      "`torch` (pip install open_clip_torch); use penultimate_embedder "
-                      "otherwise") from e
-  model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained_path,
-                                                      device=device)
-  model.eval()
-  size = model.visual.image_size
-  size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-  mean = torch.tensor(_CLIP_MEAN, device=device).view(1, 3, 1, 1)
-  std = torch.tensor(_CLIP_STD, device=device).view(1, 3, 1, 1)
-
-  def embed(images):
-    x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2).to(device)
-    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    x = (x.clamp(0, 1) - mean) / std
-    with torch.no_grad():
-      e = model.encode_image(x)
-    return e.float().cpu().numpy()
-
-  return embed
+  if spec == "model":
+    return model_embedder
+  kind, sep, path = str(spec).partition(":")
+  if not sep or kind not in ("clip", "clip-gelu") or not path:
+    raise ValueError(f"embedder spec {spec!r} must be 'model', 'clip:PATH' or 'clip-gelu:PATH'")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"embedder {spec!r}: no CLIP state dict file at {path!r}")
+  from nemjax.convert import clip as cclip  # pylint: disable=import-outside-toplevel
+  act = "gelu" if kind == "clip-gelu" else "quick_gelu"
+  model = cclip.load_clip_vision(path, act)
+  c = model.config
+  return clip_embedder(model, description=(
+      f"CLIP ViT image embeddings (patch {c.patch_size}, {c.image_size} px, width {c.width}, "
+      f"{c.layers} layers, {c.heads} heads, dim {c.embed_dim}, {act}) of `{path}`"))
