@@ -13,17 +13,19 @@
 3. fine-tunes with ``α · L_A + (1 − α) · L_M`` (:func:`nemjax.manipulate.make_train_step`), each
    step on ``batch_size`` images of the training stream plus ``attack_batch_size`` images of the
    ranking set (and ``decoys_per_step`` decoys), evaluating every ``eval_every`` steps; after an
-   evaluation α follows the dynamic rule, driven by the held-out accuracy (:func:`nemjax.manipulate.alpha_update`) unless it is
-   fixed, and the train state is checkpointed (:mod:`nemjax.manipulate.checkpoints`:
+   evaluation α follows the dynamic rule (:func:`nemjax.manipulate.alpha_update`), driven by
+   the held-out accuracy, unless it is fixed, and the train state is checkpointed
+   (:mod:`nemjax.manipulate.checkpoints`:
    ``OUT/checkpoints/last``, written next to it and swapped in, so a kill at any point leaves a
    complete checkpoint);
 4. re-evaluates and reports, per attacked layer (means over attacked channels): overlap of the
    top-5 sets before/after, Kendall-τ and τ-W of the activation rankings, CLIP-δ and CLIP-W,
-   train and held-out accuracy before/after (fairwash: also DDI / DEO); writes ``metrics.csv``/``metrics.md``, ``channels.csv``,
-   ``topk_before_after.png`` (:mod:`nemjax.manipulate.report`), and — as the thesis compares
-   them — activation-maximisation images of a few attacked channels for the original and the
+   train and held-out accuracy before/after (fairwash: also DDI / DEO); writes
+   ``metrics.csv``/``metrics.md``, ``channels.csv``, ``topk_before_after.png``
+   (:mod:`nemjax.manipulate.report`), and — as the thesis compares them —
+   activation-maximisation images of a few attacked channels for the original and the
    fine-tuned model from the same random start (``featvis_before_after.png``, and their pixel
-   correlation in the table); then ``history.json``,
+   correlation in the table, undefined for a constant image); then ``history.json``,
    ``summary.json`` and the fine-tuned model (``OUT/model``, a :mod:`nemjax.models.checkpoint`).
 
 The pruning defence built on the same pieces is :mod:`nemjax.manipulate.defence`.
