@@ -410,8 +410,16 @@ def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_mode
       return evaluate(params, images, logits_only)
     return wrapped
 
+  fed_to_alpha = []
+  alpha_update = X.alpha_rule.alpha_update
+
+  def spy_alpha(state, accuracy, cfg):
+    fed_to_alpha.append(float(accuracy))
+    return alpha_update(state, accuracy, cfg)
+
   monkeypatch.setattr(mtrain, "make_train_step", spy_step)
   monkeypatch.setattr(X, "make_evaluator", spy_evaluator)
+  monkeypatch.setattr(X.alpha_rule, "alpha_update", spy_alpha)
   summary = X.run_experiment(cfg, inputs, tmp_path, run_info=info, progress=False,
                              log=lambda s: None)
   assert len(trained) == 6 and len(ranked) >= 3
@@ -424,7 +432,9 @@ def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_mode
     for x, _ in inputs.train_batches(e):
       assert not (X.image_fingerprints(x) & held)
   assert not (X.image_fingerprints(inputs.probe_images) & held)
-  assert [h["heldout_accuracy"] for h in summary["history"]]
+  # the α rule is fed the held-out accuracy of every evaluation (the train one only reported)
+  assert fed_to_alpha == [h["heldout_accuracy"] for h in summary["history"]]
+  assert len(fed_to_alpha) == 2 and all("train_accuracy" in h for h in summary["history"])
 
 
 def test_heldout_images_shared_with_probe_or_stream_are_refused(tiny_probe_dir, tiny_model_dir,
