@@ -14,6 +14,10 @@ Default (embedded SmallCNN, block4, all channels, k = 10): attack = 1 epoch (30 
 16 + 16 images, Adam lr 1e-3, dynamic α, evaluation every 10 steps); recovery = 15 steps;
 L1 rates 0.5 0.875; vulnerability rates 0.25 0.5. Writes OUT/results.csv, results.md,
 prune_defence.png and config.json (no resume: a rerun starts over).
+
+Every accuracy column comes twice: on held-out images that neither the recovery nor the attack
+trains on (the embedded default's held-out set, or --val-folder with --probe/--weights; the α
+rule reads it) and on a fixed sample of the training stream.
 """
 from __future__ import annotations
 
@@ -42,7 +46,17 @@ def parse_args(argv=None):
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--attack-batch-size", type=int, default=16)
   p.add_argument("--eval-every", type=int, default=10)
-  p.add_argument("--train-folder", type=Path, help="training stream (default: embedded / probe)")
+  p.add_argument("--train-folder", type=Path,
+                 help="training stream (default: embedded / probe; needs --val-folder)")
+  p.add_argument("--val-folder", type=Path,
+                 help="held-out images: class-per-subfolder tree, sorted names = the model's "
+                      "classes; required with --probe")
+  p.add_argument("--val-unlabelled", action="store_true",
+                 help="--val-folder images carry no class labels: report top-1 agreement with "
+                      "the original model instead of accuracy")
+  p.add_argument("--val-size", type=int, help="fixed random subset of held-out images")
+  p.add_argument("--train-eval-size", type=int, default=200,
+                 help="training-stream images of the train accuracy (default 200)")
   p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"])
   p.add_argument("--embedder", default="model", metavar="SPEC", help=_common.EMBEDDER_HELP)
   p.add_argument("--seed", type=int, default=0)
@@ -66,6 +80,22 @@ def main(argv=None) -> None:
       fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if not args.lr > 0:
     fail(f"--lr must be > 0, got {args.lr}")
+  for name in ("val_size", "train_eval_size"):
+    v = getattr(args, name)
+    if v is not None and v < 1:
+      fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+  if embedded and (args.val_folder is not None or args.train_folder is not None):
+    fail("--val-folder / --train-folder need --probe and --weights (the embedded default has "
+         "its own held-out and training sets)")
+  if not embedded and args.val_folder is None:
+    fail("--probe/--weights need --val-folder: accuracy is measured only on held-out images "
+         "(--val-unlabelled for images without class labels: agreement with the original model)")
+  if args.val_unlabelled and args.val_folder is None:
+    fail("--val-unlabelled applies to --val-folder")
+  for name in ("train_folder", "val_folder"):
+    d = getattr(args, name)
+    if d is not None and not d.is_dir():
+      fail(f"--{name.replace('_', '-')}: directory not found: {d}")
 
   from nemjax import models
   from nemjax.models import checkpoint
@@ -81,7 +111,8 @@ def main(argv=None) -> None:
   from nemjax.manipulate import inputs as minputs
   from nemjax.manipulate import report
   config = X.ManipulateConfig(
-      attack="push-down", layers=(args.layer,), k=args.k, epochs=args.epochs,
+      attack="push-down", layers=(args.layer,), k=args.k, overlap_k=min(5, args.k),
+      epochs=args.epochs,
       learning_rate=args.lr, batch_size=args.batch_size,
       attack_batch_size=args.attack_batch_size, eval_every=args.eval_every, seed=args.seed)
   embedder = _common.load_embedder_flag(args.embedder)
@@ -89,14 +120,17 @@ def main(argv=None) -> None:
   if embedded:
     from nemjax.embedded import build_embedded_default
     default = build_embedded_default(args.cache, seed=args.seed, progress=progress)
-    probe_dir, weights, train_dir = default.probe_dir, default.checkpoint_dir, default.train_dir
+    probe_dir, weights = default.probe_dir, default.checkpoint_dir
+    train_dir, heldout_dir = default.train_dir, default.heldout_dir
   else:
-    probe_dir, weights, train_dir = args.probe, args.weights, None
+    probe_dir, weights, train_dir, heldout_dir = args.probe, args.weights, None, None
   try:
     config.validate()
-    inputs, run_info = minputs.load_inputs(config, probe_dir=probe_dir, weights=weights,
-                                     normalize=args.normalize, embedded_train_dir=train_dir,
-                                     train_folder=args.train_folder)
+    inputs, run_info = minputs.load_inputs(
+        config, probe_dir=probe_dir, weights=weights, normalize=args.normalize,
+        embedded_train_dir=train_dir, heldout_dir=heldout_dir, train_folder=args.train_folder,
+        val_folder=args.val_folder, val_unlabelled=args.val_unlabelled, val_size=args.val_size,
+        train_eval_size=args.train_eval_size)
     inputs.embedder = embedder
     write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
                                           "embedder": args.embedder,
@@ -110,14 +144,16 @@ def main(argv=None) -> None:
     fail(str(e))
   table = report.format_table(rows, overlap_k=config.overlap_k)
   atomic_write_text(args.out / "results.csv", report.csv_text(rows))
-  note = ("\n\nΔ acc. = accuracy after the attack − accuracy of the pruned model. *CLIP-δ with "
-          f"{X.embedder_description(inputs, config)} as the embedding.*\n")
+  note = ("\n\nΔ held-out acc. = held-out accuracy after the attack − that of the pruned model. "
+          f"*CLIP-δ with {X.embedder_description(inputs, config)} as the embedding.* "
+          f"{X.accuracy_note(inputs)}\n")
   atomic_write_text(args.out / "results.md", "# Pruning defence (push-down attack)\n\n" + table
                     + note)
   report.plot_prune_defence(args.out / "prune_defence.png", rows,
                        title=f"pruning defence: push-down on {args.layer}")
   print()
   print(table)
+  print(f"\n{X.accuracy_note(inputs)}")
   print(f"\nwrote {args.out}/results.csv, results.md, prune_defence.png")
 
 

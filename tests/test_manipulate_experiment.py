@@ -1,6 +1,8 @@
 """Fine-tuning attack orchestration: end-to-end run on a tiny probe set, outputs agree with a
-fresh measurement of the saved model, SIGKILL + re-run continues from the checkpoint and ends
-where an uninterrupted run ends, bad flags fail early, data adapters, scale-free objectives."""
+fresh measurement of the saved model, held-out images are never trained or ranked on,
+SIGKILL + re-run continues from the checkpoint and ends where an uninterrupted run ends, bad
+flags fail early, the pruning defence end to end, data adapters, scale-free objectives,
+feature-visualisation similarity."""
 import csv
 import json
 import os
@@ -8,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +47,40 @@ def _config(**kw):
 SCRIPT_ENV = dict(os.environ, NEMJAX_XLA_TUNING="0")
 
 
-def _script(probe, weights, out, extra=()):
-  return [sys.executable, str(REPO / "experiments" / "manipulate.py"), "--probe", str(probe),
-          "--weights", str(weights), "--out", str(out), "--no-progress", *FLAGS, *extra]
+@pytest.fixture(scope="module")
+def heldout_probe_dir(tmp_path_factory):
+  """A second synthetic Broden-format set (another seed): held-out images as the embedded
+  default has them."""
+  from nemjax.data import synthetic
+  return synthetic.make_probe_set(tmp_path_factory.mktemp("heldout") / "heldout", num_images=10,
+                                  seed=11)
 
 
 @pytest.fixture(scope="module")
-def whole_run(tiny_probe_dir, tiny_model_dir, tmp_path_factory):
+def val_folder(heldout_probe_dir, tmp_path_factory):
+  """The held-out set as a class-per-subfolder tree (sorted names = the model's class order)."""
+  root = tmp_path_factory.mktemp("val") / "val"
+  x, y, classes = mdata.probe_classification_arrays(heldout_probe_dir, normalize=None)
+  for k, name in enumerate(classes):
+    (root / f"{k}_{name}").mkdir(parents=True)
+  for i, (img, k) in enumerate(zip(x, y)):
+    Image.fromarray(img).save(root / f"{k}_{classes[k]}" / f"{i:03d}.png")
+  return root
+
+
+def _script(probe, weights, val, out, extra=(), name="manipulate.py", flags=FLAGS):
+  return [sys.executable, str(REPO / "experiments" / name), "--probe", str(probe),
+          "--weights", str(weights), "--val-folder", str(val), "--out", str(out),
+          "--no-progress", *flags, *extra]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_probe_dir, tiny_model_dir, val_folder, tmp_path_factory):
   """The uninterrupted in-process run (probe images as the training stream)."""
   out = tmp_path_factory.mktemp("whole")
   cfg = _config()
-  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                                     val_folder=val_folder)
   summary = X.run_experiment(cfg, inputs, out, run_info=info, progress=False, log=lambda s: None)
   return out, summary, inputs
 
@@ -84,8 +108,8 @@ def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir)
   assert -1.0 <= float(rows[0]["featvis_corr"]) <= 1.0
   # the saved model is the one measured: recompute overlap and Kendall-τ from scratch
   from scipy import stats
-  e0 = _energies(tiny_model_dir, inputs.eval_images)
-  e1 = _energies(out / "model", inputs.eval_images)
+  e0 = _energies(tiny_model_dir, inputs.probe_images)
+  e1 = _energies(out / "model", inputs.probe_images)
   with open(out / "channels.csv", newline="") as f:
     chans = list(csv.DictReader(f))
   for r in chans:
@@ -103,20 +127,32 @@ def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir)
   assert set(attacked) <= set(range(12))
   assert float(rows[0]["top2_overlap"]) == pytest.approx(
       np.mean([float(r["top2_overlap"]) for r in chans]), abs=1e-5)
-  acc_before, acc_after = float(rows[0]["acc_before"]), float(rows[0]["acc_after"])
-  labels = inputs.eval_labels
-  model = checkpoint.load(out / "model")
-  logits = X.make_evaluator(model, preprocess.netdissect_normalize, ["block4"], None, 24)(
-      nnx.state(model), inputs.eval_images).logits
-  assert acc_after == pytest.approx(100 * np.mean(logits.argmax(1)[labels >= 0] ==
-                                                  labels[labels >= 0]), abs=1e-4)
-  assert 0 <= acc_before <= 100
+  # both accuracies, before and after, recomputed from the saved models: held-out on the
+  # held-out images, train on the first images of the training stream
+  assert (inputs.heldout_labels >= 0).all() and len(inputs.heldout_labels) == 10
+  for col, model_dir in (("before", tiny_model_dir), ("after", out / "model")):
+    model = checkpoint.load(model_dir)
+    ev = X.make_evaluator(model, preprocess.netdissect_normalize, ["block4"], None, 24)
+    for kind, x, y in (("heldout", inputs.heldout_images, inputs.heldout_labels),
+                       ("train", inputs.train_eval_images, inputs.train_eval_labels)):
+      pred = ev(nnx.state(model), x).logits.argmax(1)
+      assert float(rows[0][f"{kind}_acc_{col}"]) == pytest.approx(
+          100 * np.mean(pred[y >= 0] == y[y >= 0]), abs=1e-4), (kind, col)
+  assert summary["history"][-1]["heldout_accuracy"] == pytest.approx(
+      float(rows[0]["heldout_acc_after"]), abs=1e-4)
+  # the table reports train and held-out accuracy side by side, and says what they are
+  md = (out / "metrics.md").read_text()
+  for title in ("train acc. before (%)", "train acc. after (%)", "held-out acc. before (%)",
+                "held-out acc. after (%)"):
+    assert title in md
+  assert "top-1 accuracy on 10 held-out images" in md and "agreement" not in md
 
 
 def test_alpha_zero_baseline_moves_less_than_push_down(tiny_probe_dir, tiny_model_dir, tmp_path,
-                                                       whole_run):
+                                                       whole_run, heldout_probe_dir):
   cfg = _config(alpha_fixed=0.0, epochs=1, eval_every=6)
-  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                                     heldout_dir=heldout_probe_dir)
   summary = X.run_experiment(cfg, inputs, tmp_path, run_info=info, progress=False,
                              log=lambda s: None)
   base, attacked = summary["rows"][0], whole_run[1]["rows"][0]
@@ -127,9 +163,9 @@ def test_alpha_zero_baseline_moves_less_than_push_down(tiny_probe_dir, tiny_mode
 
 @pytest.mark.slow
 def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir, tmp_path,
-                                                  whole_run):
+                                                  whole_run, val_folder):
   out = tmp_path / "killed"
-  proc = subprocess.Popen(_script(tiny_probe_dir, tiny_model_dir, out), cwd=REPO,
+  proc = subprocess.Popen(_script(tiny_probe_dir, tiny_model_dir, val_folder, out), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True, env=SCRIPT_ENV)
   meta = out / "checkpoints" / "last" / "meta.json"
@@ -142,7 +178,7 @@ def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir
   step = checkpoints.read_checkpoint_meta(out / "checkpoints")["step"]
   assert 3 <= step < 12
   assert not (out / "metrics.csv").exists()
-  r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, out), cwd=REPO,
+  r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, val_folder, out), cwd=REPO,
                      capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming from the checkpoint at step {step}/12" in r.stdout
@@ -156,7 +192,8 @@ def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir
   for a, b in zip(jax.tree.leaves(p_whole), jax.tree.leaves(p_res)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   # a different configuration in the same directory is refused
-  r2 = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, out, ["--seed", "1"]), cwd=REPO,
+  r2 = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, val_folder, out, ["--seed", "1"]),
+                      cwd=REPO,
                       capture_output=True, text=True, timeout=300)
   assert r2.returncode == 2 and "another configuration" in r2.stderr
 
@@ -169,9 +206,13 @@ def test_sigkill_resume_continues_from_checkpoint(tiny_probe_dir, tiny_model_dir
     (["--attack", "push-up"], "--decoy-class"),
     (["--group-concept", "red"], "fairwash"),
     (["--train-from", "nowhere"], "nowhere"),
+    (["--train-folder", "/nonexistent-train"], "--train-folder"),
+    (["--val-size", "0"], "--val-size"),
 ])
-def test_bad_flags_fail_before_work(tiny_probe_dir, tiny_model_dir, tmp_path, extra, message):
-  r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, tmp_path / "o", extra), cwd=REPO,
+def test_bad_flags_fail_before_work(tiny_probe_dir, tiny_model_dir, val_folder, tmp_path, extra,
+                                    message):
+  r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, val_folder, tmp_path / "o", extra),
+                     cwd=REPO,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2, r.stderr[-2000:]
   assert message in r.stderr and "Traceback" not in r.stderr
@@ -186,8 +227,20 @@ def test_probe_without_weights_fails(tiny_probe_dir, tmp_path):
   assert r.returncode == 2 and "--weights" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("name", ["manipulate.py", "prune_defence.py"])
+def test_probe_run_without_heldout_images_is_refused(tiny_probe_dir, tiny_model_dir, tmp_path,
+                                                     name):
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / name), "--probe",
+                      str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--out",
+                      str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 2 and "--val-folder" in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("attack", ["push-up", "fairwash"])
-def test_push_up_and_fairwash_run(tiny_probe_dir, tiny_model_dir, tmp_path, attack):
+def test_push_up_and_fairwash_run(tiny_probe_dir, tiny_model_dir, heldout_probe_dir, tmp_path,
+                                  attack):
   decoys = tmp_path / "decoys"
   decoys.mkdir()
   rng = np.random.default_rng(0)
@@ -197,8 +250,9 @@ def test_push_up_and_fairwash_run(tiny_probe_dir, tiny_model_dir, tmp_path, atta
   cfg = _config(attack=attack, layers=(layer,), channels=None, epochs=1, eval_every=6,
                 decoys_per_step=2)
   inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
-                               decoy_folder=decoys if attack == "push-up" else None,
-                               group_concept="red" if attack == "fairwash" else None)
+                                     heldout_dir=heldout_probe_dir,
+                                     decoy_folder=decoys if attack == "push-up" else None,
+                                     group_concept="red" if attack == "fairwash" else None)
   summary = X.run_experiment(cfg, inputs, tmp_path / "out", run_info=info, progress=False,
                              log=lambda s: None)
   row = summary["rows"][0]
@@ -206,6 +260,20 @@ def test_push_up_and_fairwash_run(tiny_probe_dir, tiny_model_dir, tmp_path, atta
     assert 0 <= row["decoy_share_before"] <= 1 and 0 <= row["decoy_share_after"] <= 1
   else:
     assert 0 <= row["ks_before"] <= 1 and 0 <= row["ks_after"] <= 1
+    # DDI / DEO before and after, as a fresh measurement of both models on the probe images
+    from nemjax import metrics as nm
+    classes = np.arange(4)
+    for side, model_dir in (("before", tiny_model_dir), ("after", tmp_path / "out" / "model")):
+      model = checkpoint.load(model_dir)
+      logits = X.make_evaluator(model, preprocess.netdissect_normalize, [layer], None, 24)(
+          nnx.state(model), inputs.probe_images).logits
+      ddi = np.asarray(nm.ddi(logits, inputs.groups, classes))
+      deo = np.asarray(nm.deo(logits, inputs.probe_labels, inputs.groups, classes))
+      assert row[f"ddi_{side}"] == pytest.approx(np.nanmean(ddi), abs=1e-6)
+      assert row[f"deo_{side}"] == pytest.approx(np.nanmean(deo), abs=1e-6, nan_ok=True)
+      assert 0 <= row[f"ddi_{side}"] <= 1
+    md = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| DDI before | DDI after | DEO before | DEO after |" in md
   assert np.isfinite(summary["history"][-1]["attack_loss"])
 
 
@@ -244,20 +312,6 @@ def test_image_folder_batches(tmp_path):
   assert norm.dtype == np.float32
   with pytest.raises(FileNotFoundError):
     mdata.list_image_folder(tmp_path / "missing")
-
-
-def test_tfds_batches_with_a_fake_module(monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-  with pytest.raises(ImportError, match="nemjax\\[tfds\\]"):
-    next(mdata.tfds_batches("x", "train", None, 2, image_size=8, key=None))
-  records = [{"image": np.full((10, 12, 3), i, np.uint8), "label": i % 3} for i in range(7)]
-  fake = types.SimpleNamespace(data_source=lambda name, split, data_dir=None: records)
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-  assert mdata.tfds_num_examples("x", "train", None) == 7
-  batches = list(mdata.tfds_batches("x", "train", "/d", 3, image_size=8, key=jax.random.key(1)))
-  assert len(batches) == 2 and batches[0][0].shape == (3, 8, 8, 3)
-  for images, labels in batches:
-    np.testing.assert_array_equal(images[:, 0, 0, 0] % 3, labels)
 
 
 def test_probe_classification_arrays(tiny_probe_dir):
@@ -320,6 +374,160 @@ def test_feature_visualisations_same_start_for_both_models(tiny_model_dir):
   a, b = vis(params), vis(params)
   assert a.shape == (2, 32, 32, 3) and a.min() >= 0.0 and a.max() <= 1.0
   np.testing.assert_array_equal(a, b)  # deterministic in the key
-  np.testing.assert_allclose(X._pixel_corr(a, b), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(X.pixel_correlation(a, b), 1.0, rtol=1e-6)
   other = jax.tree.map(lambda v: v * 1.5 if jnp.issubdtype(v.dtype, jnp.floating) else v, params)
   assert not np.array_equal(vis(other), a)  # another model, another visualisation
+
+
+# ------------------------------------------------------------------------- held-out images
+def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_model_dir,
+                                                       heldout_probe_dir, tmp_path, monkeypatch):
+  """Every image a train step sees and every image ranked is fingerprinted: none is held-out;
+  the accuracy (and so the α rule) is computed on exactly the held-out images."""
+  from nemjax.manipulate import train as mtrain
+  cfg = _config(epochs=1, eval_every=3, featvis_channels=0)
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                                     heldout_dir=heldout_probe_dir, train_eval_size=8)
+  held = X.image_fingerprints(inputs.heldout_images)
+  trained, ranked, scored = [], [], []
+  make_step = mtrain.make_train_step
+
+  def spy_step(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def wrapped(state, batch, alpha):
+      trained.append(X.image_fingerprints(np.asarray(batch["image"])))
+      return step(state, batch, alpha)
+    return wrapped
+
+  make_eval = X.make_evaluator
+
+  def spy_evaluator(*args, **kwargs):
+    evaluate = make_eval(*args, **kwargs)
+
+    def wrapped(params, images, logits_only=False):
+      (scored if logits_only else ranked).append(X.image_fingerprints(images))
+      return evaluate(params, images, logits_only)
+    return wrapped
+
+  fed_to_alpha = []
+  alpha_update = X.alpha_rule.alpha_update
+
+  def spy_alpha(state, accuracy, cfg):
+    fed_to_alpha.append(float(accuracy))
+    return alpha_update(state, accuracy, cfg)
+
+  monkeypatch.setattr(mtrain, "make_train_step", spy_step)
+  monkeypatch.setattr(X, "make_evaluator", spy_evaluator)
+  monkeypatch.setattr(X.alpha_rule, "alpha_update", spy_alpha)
+  summary = X.run_experiment(cfg, inputs, tmp_path, run_info=info, progress=False,
+                             log=lambda s: None)
+  assert len(trained) == 6 and len(ranked) >= 3
+  assert all(not (f & held) for f in trained + ranked)
+  assert held in scored                                   # accuracy: the held-out set itself
+  assert X.image_fingerprints(inputs.train_eval_images) in scored
+  assert all(f == held or f == X.image_fingerprints(inputs.train_eval_images) for f in scored)
+  # the stream's images over every epoch and the probe are disjoint from the held-out set
+  for e in range(2):
+    for x, _ in inputs.train_batches(e):
+      assert not (X.image_fingerprints(x) & held)
+  assert not (X.image_fingerprints(inputs.probe_images) & held)
+  # the α rule is fed the held-out accuracy of every evaluation (the train one only reported)
+  assert fed_to_alpha == [h["heldout_accuracy"] for h in summary["history"]]
+  assert len(fed_to_alpha) == 2 and all("train_accuracy" in h for h in summary["history"])
+
+
+def test_heldout_images_shared_with_probe_or_stream_are_refused(tiny_probe_dir, tiny_model_dir,
+                                                                tmp_path):
+  cfg = _config()
+  with pytest.raises(ValueError, match="also probe images"):   # the probe as "held-out"
+    minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                        heldout_dir=tiny_probe_dir)
+  with pytest.raises(ValueError, match="exactly one held-out source"):
+    minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
+  # one probe image copied into an otherwise unseen folder
+  x = loader.load_images(broden.load_probe(tiny_probe_dir))
+  (tmp_path / "val").mkdir()
+  Image.fromarray(np.full((224, 224, 3), 7, np.uint8)).save(tmp_path / "val" / "a.png")
+  Image.fromarray(x[5]).save(tmp_path / "val" / "b.png")
+  with pytest.raises(ValueError, match="1 of the 2 held-out images are also probe images"):
+    minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                        val_folder=tmp_path / "val", val_unlabelled=True)
+  with pytest.raises(ValueError, match="class sub-directories, the model 4 outputs"):
+    minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                        val_folder=tmp_path)
+
+
+def test_unlabelled_heldout_images_report_agreement(tiny_probe_dir, tiny_model_dir, val_folder):
+  cfg = _config()
+  inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                                     val_folder=val_folder, val_unlabelled=True, val_size=6)
+  assert (inputs.heldout_labels == -1).all() and len(inputs.heldout_images) == 6
+  assert info["heldout_accuracy"] == "top-1 agreement with the original model"
+  note = X.accuracy_note(inputs)
+  assert "agreement with the original model" in note and "not accuracy" in note
+  logits = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1]]
+  other = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 3, 3]]
+  assert X.accuracy_percent(other, inputs.heldout_labels, logits) == pytest.approx(400 / 6)
+
+
+# ------------------------------------------------------------------------- pruning defence
+def test_prune_defence_cli_end_to_end(tiny_probe_dir, tiny_model_dir, val_folder, tmp_path):
+  out = tmp_path / "prune"
+  flags = ["--layer", "block4", "--k", "4", "--epochs", "1", "--batch-size", "4",
+           "--attack-batch-size", "4", "--eval-every", "3", "--recover-steps", "2",
+           "--l1-rates", "0.5", "--vulnerability-rates", "0.25", "--train-eval-size", "8"]
+  r = subprocess.run(_script(tiny_probe_dir, tiny_model_dir, val_folder, out,
+                             name="prune_defence.py", flags=flags),
+                     cwd=REPO, capture_output=True, text=True, timeout=600, env=SCRIPT_ENV)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(out / "results.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["method"], float(r["rate"])) for r in rows] == [
+      ("none", 0.0), ("l1", 0.5), ("vulnerability", 0.25)]
+  assert float(rows[0]["pruned_fraction"]) == 0.0
+  assert float(rows[1]["pruned_fraction"]) == pytest.approx(0.5, abs=1e-3)
+  assert 0 < float(rows[2]["pruned_fraction"]) < 0.5
+  # the original model's held-out and train accuracy, measured afresh
+  x, y = [], []
+  paths, labels, _ = mdata.list_image_folder(val_folder)
+  held = mdata.load_image_files(paths, 224)
+  model = checkpoint.load(tiny_model_dir)
+  ev = X.make_evaluator(model, preprocess.netdissect_normalize, ["block4"], None, 24)
+  acc = 100 * np.mean(ev(nnx.state(model), held).logits.argmax(1) == labels)
+  for row in rows:
+    assert float(row["heldout_acc_original"]) == pytest.approx(acc, abs=1e-3)
+    for col in ("train_acc_original", "heldout_acc_pruned", "train_acc_pruned",
+                "heldout_acc_attacked", "train_acc_attacked"):
+      assert 0.0 <= float(row[col]) <= 100.0, col
+    assert float(row["delta_heldout_acc"]) == pytest.approx(
+        float(row["heldout_acc_attacked"]) - float(row["heldout_acc_pruned"]), abs=1e-3)
+    assert np.isfinite(float(row["clip_delta"])) and int(row["channels"]) > 0
+  assert float(rows[0]["heldout_acc_pruned"]) == pytest.approx(acc, abs=1e-3)
+  md = (out / "results.md").read_text()
+  assert "held-out acc. after attack (%)" in md and "train acc. after attack (%)" in md
+  assert "top-1 accuracy on" in md and "held-out images" in md
+  Image.open(out / "prune_defence.png").verify()
+
+
+# ---------------------------------------------------------------- feature-visualisation r
+def test_pixel_correlation_of_a_constant_image_is_undefined():
+  rng = np.random.default_rng(0)
+  a = rng.uniform(size=(4, 8, 8, 3)).astype(np.float32)
+  b = a.copy()
+  b[1] = 0.5                                                      # blank grey
+  b[2] = 0.3 + rng.normal(scale=1e-7, size=b[2].shape)            # grey + rounding noise
+  b[3] = 1.0 - a[3]
+  a[0] = a[0]
+  r = X.pixel_correlation(a, b)
+  assert r[0] == pytest.approx(1.0) and r[3] == pytest.approx(-1.0, abs=1e-6)
+  assert np.isnan(r[1]) and np.isnan(r[2])
+  grey = np.full((2, 8, 8, 3), 0.5, np.float32)
+  assert np.isnan(X.pixel_correlation(grey, grey)).all()        # never r = 1 for two blanks
+  np.testing.assert_allclose(r[0], np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1], rtol=1e-6)
+  from nemjax.manipulate import report
+  table = report.format_table([{"layer": "l", "featvis_corr": X._nanmean(r[1:3]),
+                                "featvis_undefined": 2}])
+  assert "| l | undefined | 2 |" in table
+  with pytest.raises(ValueError, match="one shape"):
+    X.pixel_correlation(a, b[:2])

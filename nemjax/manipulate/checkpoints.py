@@ -81,6 +81,6 @@ def restore_checkpoint(ckpt_root: Path, template: train.TrainState
     restored = _checkpointer().restore(found / "state", target)
   except Exception as e:  # orbax raises many types; one clear line
     raise ValueError(f"cannot restore the fine-tuning checkpoint {found}: {type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
   state = treedef.unflatten([restored[f"{i:05d}"] for i in range(len(leaves))])
   return state, json.loads((found / _META).read_text())

@@ -13,8 +13,6 @@ Adapters:
 * :func:`image_folder_batches` — a class-per-subfolder tree (``root/<class>/<image>``, classes
   in sorted order as torchvision's ``ImageFolder``), decoded with Pillow, resized (shorter side
   to ``image_size``, bilinear) and centre-cropped to ``image_size × image_size``.
-* :func:`tfds_batches` — a TensorFlow Datasets split already on disk (optional extra
-  ``nemjax[tfds]``; ``tensorflow_datasets`` is imported lazily, nothing is downloaded).
 * :func:`probe_classification_arrays` — the images and scene targets of a synthetic
   Broden-format probe set (the embedded default's classification task).
 
@@ -49,8 +47,6 @@ __all__ = [
     "load_image",
     "load_image_files",
     "image_folder_batches",
-    "tfds_batches",
-    "tfds_num_examples",
     "probe_classification_arrays",
     "shuffled_order",
 ]
@@ -140,10 +136,10 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
   try:
     with Image.open(path) as im:
       return _resize_crop(im.convert("RGB"), int(image_size))
-  except FileNotFoundError:
-    raise FileNotFoundError(f"image not found: {path}") from None
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"image not found: {path}") from e
   except OSError as e:
-    raise ValueError(f"cannot decode image {path}: {e}") from None
+    raise ValueError(f"cannot decode image {path}: {e}") from e
 
 
 def load_image_files(paths: Sequence[str | os.PathLike], image_size: int, *,
@@ -210,77 +206,6 @@ def image_folder_batches(root: str | os.PathLike, batch_size: int, *, image_size
     yield _finish(images, normalize), labels[idx]
 
 
-def _resize_array(img: np.ndarray, image_size: int) -> np.ndarray:
-  img = np.asarray(img)
-  if img.ndim == 2:
-    img = np.repeat(img[:, :, None], 3, axis=2)
-  if img.shape[-1] == 1:
-    img = np.repeat(img, 3, axis=2)
-  return _resize_crop(Image.fromarray(img[..., :3].astype(np.uint8)), int(image_size))
-
-
-def _import_tfds():
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ImportError("tfds_batches needs the optional dependency tensorflow-datasets: "
-                      "pip install 'nemjax[tfds]'") from None
-  return tfds
-
-
-def tfds_batches(name: str, split: str, data_dir: str | os.PathLike | None, batch_size: int, *,
-                 image_size: int, key: jax.Array | None, image_key: str = "image",
-                 label_key: str | None = "label", drop_remainder: bool = True,
-                 normalize: Normalize | None = None) -> Iterator[Batch]:
-  """One epoch of ``(images, labels)`` batches from a TensorFlow Datasets split on disk.
-
-  Uses ``tfds.data_source`` (random access, no TensorFlow needed; datasets prepared in the
-  ArrayRecord format), so the shuffle is an exact permutation drawn from ``key``. Nothing is
-  downloaded: prepare the dataset first (``tfds build NAME --data_dir DIR``).
-
-  Args:
-    name: dataset name, e.g. ``"imagenette/320px-v2"``.
-    split: split spec, e.g. ``"train"`` or ``"train[:10%]"``.
-    data_dir: TFDS data directory (``None``: TFDS's default).
-    batch_size: images per batch.
-    image_size: square side after resize of the shorter side + centre crop.
-    key: ``jax.random`` key of this epoch's shuffle (``None``: dataset order).
-    image_key / label_key: feature names (``label_key=None``: labels are ``-1``).
-    drop_remainder: skip the last partial batch.
-    normalize: as in :func:`image_folder_batches`.
-
-  Yields:
-    ``(images (B, S, S, 3) uint8 or float32, labels (B,) int32)``.
-
-  Raises:
-    ImportError: ``tensorflow_datasets`` is not installed (extra ``nemjax[tfds]``).
-  """
-  tfds = _import_tfds()
-  if int(batch_size) < 1:
-    raise ValueError(f"tfds_batches: batch_size must be >= 1, got {batch_size}")
-  kwargs = {"split": split}
-  if data_dir is not None:
-    kwargs["data_dir"] = os.fspath(data_dir)
-  source = tfds.data_source(name, **kwargs)
-  n = len(source)
-  if n == 0:
-    raise ValueError(f"tfds_batches: split {split!r} of {name!r} is empty")
-  order = shuffled_order(n, key)
-  stop = n - n % batch_size if drop_remainder else n
-  for start in range(0, stop, batch_size):
-    idx = order[start:start + batch_size]
-    records = [source[int(i)] for i in idx]
-    if image_key not in records[0]:
-      raise ValueError(f"tfds_batches: {name!r} has no feature {image_key!r}; "
-                       f"features: {sorted(records[0])}")
-    images = np.stack([_resize_array(r[image_key], image_size) for r in records])
-    if label_key is None:
-      labels = np.full((len(records),), -1, np.int32)
-    else:
-      labels = np.asarray([int(r[label_key]) for r in records], np.int32)
-    yield _finish(images, normalize), labels
-
-
 def probe_classification_arrays(probe_dir: str | os.PathLike, *,
                                 normalize: Normalize | None | str = "netdissect",
                                 keep_unlabelled: bool = False
@@ -319,12 +244,3 @@ def probe_classification_arrays(probe_dir: str | os.PathLike, *,
     raise ValueError(f"probe_classification_arrays: normalize must be 'netdissect', None or a "
                      f"function, got {normalize!r}")
   return _finish(images, normalize), targets[keep], classes
-
-
-def tfds_num_examples(name: str, split: str, data_dir: str | os.PathLike | None) -> int:
-  """Number of examples of a TFDS split on disk (see :func:`tfds_batches`)."""
-  tfds = _import_tfds()
-  kwargs = {"split": split}
-  if data_dir is not None:
-    kwargs["data_dir"] = os.fspath(data_dir)
-  return len(tfds.data_source(name, **kwargs))

@@ -14,9 +14,9 @@ from flax import nnx
 
 from nemjax import models
 from nemjax.manipulate import prune
-from nemjax.manipulate.experiment import (ExperimentInputs, ManipulateConfig, attack_metrics,
-                                          canonical_layers, finetune, make_evaluator,
-                                          make_reference)
+from nemjax.manipulate.experiment import (Accuracies, ExperimentInputs, ManipulateConfig,
+                                          attack_metrics, canonical_layers, finetune,
+                                          make_evaluator, make_reference)
 
 __all__ = ["channel_param_prefixes", "run_prune_defence"]
 
@@ -56,9 +56,14 @@ def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
      only (teacher: the unpruned model, masks re-applied after every update), then run the same
      attack on the pruned model (teacher: the pruned model) with the masks kept.
 
+  Every accuracy is measured twice, on the held-out images (``heldout_acc_*``, which neither
+  the recovery nor the attack ever trains on; the α rule reads it) and on the fixed sample of
+  the training stream (``train_acc_*``).
+
   Returns:
-    One row per (method, rate): accuracy after pruning + recovery, accuracy after the attack,
-    top-n overlap, Kendall-τ, CLIP-δ (means over attacked, unpruned channels).
+    One row per (method, rate): train and held-out accuracy of the original model, after
+    pruning + recovery and after the attack, the held-out change the attack caused, top-n
+    overlap, Kendall-τ, CLIP-δ (means over attacked, unpruned channels).
   """
   model = inputs.model
   layers = canonical_layers(model, config.layers)
@@ -73,20 +78,25 @@ def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
   ok = config.overlap_k
   quiet = lambda s: None
 
-  def attack(p, masks, method, rate, acc_pruned):
+  def attack(p, masks, method, rate, acc_pruned: Accuracies):
     # channels pruned to a constant are left out of the attack and the means by make_reference
     ref = make_reference(config, inputs, evaluate, p, log=quiet)
     res = finetune(config, inputs, ref, evaluate, p, masks=masks, progress=progress, log=quiet)
     rows, chans, _ = attack_metrics(config, ref, res.after, res.accuracy)
     r = rows[0]
+    orig = ref_original.accuracy
     row = {"method": method, "rate": float(rate),
            "pruned_fraction": 0.0 if masks is None else prune.pruned_fraction(masks, p),
-           "acc_original": ref_original.accuracy, "acc_pruned": acc_pruned,
-           "acc_attacked": res.accuracy, "delta_acc": res.accuracy - acc_pruned,
+           "train_acc_original": orig.train, "heldout_acc_original": orig.heldout,
+           "train_acc_pruned": acc_pruned.train, "heldout_acc_pruned": acc_pruned.heldout,
+           "train_acc_attacked": res.accuracy.train,
+           "heldout_acc_attacked": res.accuracy.heldout,
+           "delta_heldout_acc": res.accuracy.heldout - acc_pruned.heldout,
            f"top{ok}_overlap": r[f"top{ok}_overlap"], "kendall_tau": r["kendall_tau"],
            "clip_delta": r["clip_delta"], "channels": r["channels"]}
-    log(f"{method} {rate:.3g}: accuracy {acc_pruned:.2f}% after pruning, "
-        f"{res.accuracy:.2f}% after the attack; CLIP-δ {r['clip_delta']:.3f}, "
+    log(f"{method} {rate:.3g}: held-out accuracy {acc_pruned.heldout:.2f}% after pruning, "
+        f"{res.accuracy.heldout:.2f}% after the attack (train {acc_pruned.train:.2f}% / "
+        f"{res.accuracy.train:.2f}%); CLIP-δ {r['clip_delta']:.3f}, "
         f"top-{ok} overlap {r[f'top{ok}_overlap']:.2f}")
     return row, chans
 

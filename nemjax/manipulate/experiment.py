@@ -3,25 +3,29 @@
 ``experiments/manipulate.py`` is a thin CLI over :func:`nemjax.manipulate.inputs.load_inputs`
 (model and data from paths) and :func:`run_experiment`, which
 
-1. evaluates the original model on the *ranking set* (the evaluation images, plus the decoys
-   for push-up): per-channel activations ``E[n, j] = ‖f^{(l,j)}(x_n)‖²``, logits, pooled
-   features for the embedder, and accuracy;
+1. evaluates the original model on the *ranking set* (the probe images, plus the decoys for
+   push-up): per-channel activations ``E[n, j] = ‖f^{(l,j)}(x_n)‖²``, logits and pooled
+   features for the embedder; and its accuracy on the *held-out images* (which no fine-tuning
+   step, distillation batch or top-k reference ever sees) and on a fixed sample of the
+   training stream;
 2. takes each channel's initial top-k images and builds the attack (push-down on the top-k
    images, push-up towards decoy images, or fairwashing between two groups);
 3. fine-tunes with ``α · L_A + (1 − α) · L_M`` (:func:`nemjax.manipulate.make_train_step`), each
    step on ``batch_size`` images of the training stream plus ``attack_batch_size`` images of the
    ranking set (and ``decoys_per_step`` decoys), evaluating every ``eval_every`` steps; after an
-   evaluation α follows the dynamic rule (:func:`nemjax.manipulate.alpha_update`) unless it is
-   fixed, and the train state is checkpointed (:mod:`nemjax.manipulate.checkpoints`:
+   evaluation α follows the dynamic rule (:func:`nemjax.manipulate.alpha_update`), driven by
+   the held-out accuracy, unless it is fixed, and the train state is checkpointed
+   (:mod:`nemjax.manipulate.checkpoints`:
    ``OUT/checkpoints/last``, written next to it and swapped in, so a kill at any point leaves a
    complete checkpoint);
 4. re-evaluates and reports, per attacked layer (means over attacked channels): overlap of the
    top-5 sets before/after, Kendall-τ and τ-W of the activation rankings, CLIP-δ and CLIP-W,
-   accuracy before/after; writes ``metrics.csv``/``metrics.md``, ``channels.csv``,
-   ``topk_before_after.png`` (:mod:`nemjax.manipulate.report`), and — as the thesis compares
-   them — activation-maximisation images of a few attacked channels for the original and the
+   train and held-out accuracy before/after (fairwash: also DDI / DEO); writes
+   ``metrics.csv``/``metrics.md``, ``channels.csv``, ``topk_before_after.png``
+   (:mod:`nemjax.manipulate.report`), and — as the thesis compares them —
+   activation-maximisation images of a few attacked channels for the original and the
    fine-tuned model from the same random start (``featvis_before_after.png``, and their pixel
-   correlation in the table); then ``history.json``,
+   correlation in the table, undefined for a constant image); then ``history.json``,
    ``summary.json`` and the fine-tuned model (``OUT/model``, a :mod:`nemjax.models.checkpoint`).
 
 The pruning defence built on the same pieces is :mod:`nemjax.manipulate.defence`.
@@ -48,8 +52,12 @@ Decisions (documented departures from the papers, all switchable):
   each channel by its initial value. ``"sum"`` is the papers' statement
   (:mod:`nemjax.manipulate.losses`). Channels that are constant on the ranking set (dead
   after a ReLU) have no top-k set and are left out of the attack and the means.
-* **Accuracy.** Top-1 (%) on the labelled evaluation images; with no labels, top-1 agreement
-  (%) with the original model's predictions.
+* **Accuracy.** Top-1 (%) on the held-out images (``heldout_*``: they must share no image
+  with the probe, the decoys or the training sample, checked by pixel fingerprints), next to
+  the same on a fixed sample of the training stream (``train_*``). A set without labels
+  (every label ``-1``) reports top-1 *agreement* (%) with the original model's predictions
+  instead, and the report says so (:func:`accuracy_kind`). The α rule reads the held-out
+  accuracy.
 * **Resume.** Batches are a pure function of ``(seed, step)`` (training stream: one seeded
   permutation per epoch; ranking-set and decoy samples from a generator seeded with
   ``(seed, stream, step)``), so a run resumed from ``OUT/checkpoints/last`` sees exactly the
@@ -90,7 +98,13 @@ __all__ = [
     "Reference",
     "canonical_layers",
     "make_evaluator",
+    "Accuracies",
     "accuracy_percent",
+    "accuracy_kind",
+    "measure_accuracy",
+    "accuracy_note",
+    "image_fingerprints",
+    "check_disjoint",
     "make_reference",
     "build_attack",
     "trainable_from",
@@ -132,6 +146,7 @@ class ManipulateConfig:
   eval_batch_size: int = 50
   featvis_channels: int = 4              # channels per layer visualised before/after (0: off)
   featvis_steps: int = 128               # activation-maximisation steps per visualisation
+  featvis_tolerance: float = 1e-4        # pixel std below which a visualisation is "constant"
   seed: int = 0
 
   def validate(self) -> None:
@@ -148,6 +163,8 @@ class ManipulateConfig:
                  "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if not self.featvis_tolerance >= 0:
+      raise ValueError(f"featvis_tolerance must be >= 0, got {self.featvis_tolerance}")
     if self.featvis_channels < 0 or self.featvis_steps < 1:
       raise ValueError(f"featvis_channels must be >= 0 and featvis_steps >= 1, got "
                        f"{self.featvis_channels} and {self.featvis_steps}")
@@ -188,19 +205,30 @@ class ExperimentInputs:
   """Model and data of an experiment.
 
   Images are raw RGB ``(n, H, W, 3)`` in 0..255 (uint8); ``normalize`` maps them to model
-  inputs inside ``jit``. Labels are int class indices, ``-1`` for unknown.
+  inputs inside ``jit``. Labels are int class indices of the model, ``-1`` for unknown; a set
+  whose labels are all ``-1`` is scored as agreement with the original model.
+
+  Three disjoint roles: the *probe* images are what is explained and attacked (top-k sets,
+  CLIP-δ, the attack rows of every step); the *held-out* images only ever measure accuracy;
+  ``train_eval_*`` is a fixed sample of the training stream whose accuracy is reported next to
+  the held-out one.
   """
   model: nnx.Module
   normalize: Callable[[jax.Array], jax.Array]
-  eval_images: np.ndarray                 # (n, H, W, 3) uint8: images whose top-k is explained
-  eval_labels: np.ndarray                 # (n,) int32, -1 = unlabelled
+  probe_images: np.ndarray                # (n, H, W, 3) uint8: images whose top-k is explained
+  probe_labels: np.ndarray                # (n,) int32, -1 = unlabelled (figure captions only)
+  heldout_images: np.ndarray              # (m, H', W', 3) uint8: accuracy only, never trained on
+  heldout_labels: np.ndarray              # (m,) int32, all -1: agreement with the original
+  train_eval_images: np.ndarray           # (t, H', W', 3) uint8: fixed sample of the stream
+  train_eval_labels: np.ndarray           # (t,) int32, all -1: agreement with the original
   train_batches: TrainBatches             # epoch -> iterable of (images (B,H,W,3), labels (B,))
   steps_per_epoch: int                    # batches taken from each epoch of the stream
   class_names: Sequence[str] | None = None
   decoy_images: np.ndarray | None = None  # push-up: (m, H, W, 3) uint8
-  groups: np.ndarray | None = None        # fairwash: (n,) group ids of eval images (0/1)
+  groups: np.ndarray | None = None        # fairwash: (n,) group ids of probe images (0/1)
   group_name: str = ""                    # what group 1 is (for the report)
   embedder: Callable[[np.ndarray], Any] | None = None  # default: original pooled features
+  heldout_source: str = "held-out images"  # where the held-out images come from (report)
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -214,10 +242,12 @@ class EvalOutputs(NamedTuple):
 
 def make_evaluator(model: nnx.Module, normalize: Callable, layers: Sequence[str],
                    embed_layer: str | None, batch_size: int):
-  """``evaluate(params, images) -> EvalOutputs`` over ``images`` (n, H, W, 3) uint8.
+  """``evaluate(params, images, logits_only=False) -> EvalOutputs`` over ``images``
+  (n, H, W, 3) uint8.
 
-  The forward pass is jitted once per batch shape; the last batch is padded, so every call
-  compiles at most once.
+  ``logits_only=True`` runs a second program that taps nothing (energies ``{}``, embedding
+  ``None``), for accuracy sets. Each program is jitted once per batch shape; the last batch is
+  padded, so every call compiles at most once.
   """
   taps = tuple(dict.fromkeys(tuple(layers) + ((embed_layer,) if embed_layer else ())))
   apply_fn, _ = models.pure_apply(model, taps=taps)
@@ -236,24 +266,68 @@ def make_evaluator(model: nnx.Module, normalize: Callable, layers: Sequence[str]
       emb = jnp.mean(e, axis=(1, 2)) if e.ndim == 4 else e.reshape(e.shape[0], -1)
     return logits, energy, mean, emb
 
-  def evaluate(params, images: np.ndarray) -> EvalOutputs:
+  logits_fn, _ = models.pure_apply(model, taps=())
+
+  @jax.jit
+  def forward_logits(params, x):
+    return logits_fn(params, normalize(x))[0], {}, {}, None
+
+  def evaluate(params, images: np.ndarray, logits_only: bool = False) -> EvalOutputs:
     n = int(images.shape[0])
+    if n == 0:
+      raise ValueError("evaluate: no images")
+    fn, names = (forward_logits, ()) if logits_only else (forward, tuple(layers))
     parts = []
     for start in range(0, n, batch_size):
       x = images[start:start + batch_size]
       m = x.shape[0]
       if m < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
-      out = jax.device_get(forward(params, jnp.asarray(x)))
+      out = jax.device_get(fn(params, jnp.asarray(x)))
       parts.append(jax.tree.map(lambda a, m=m: np.asarray(a)[:m], out))
     cat = lambda *xs: np.concatenate(xs, axis=0)
     logits = cat(*[p[0] for p in parts])
-    energy = {k: cat(*[p[1][k] for p in parts]) for k in layers}
-    mean = {k: cat(*[p[2][k] for p in parts]) for k in layers}
-    emb = cat(*[p[3] for p in parts]) if embed_layer else None
+    energy = {k: cat(*[p[1][k] for p in parts]) for k in names}
+    mean = {k: cat(*[p[2][k] for p in parts]) for k in names}
+    emb = cat(*[p[3] for p in parts]) if embed_layer and not logits_only else None
     return EvalOutputs(energy, mean, logits.astype(np.float32), emb)
 
   return evaluate
+
+
+class Accuracies(NamedTuple):
+  """Accuracy (%) of one model on the held-out images and on the training sample."""
+  heldout: float
+  train: float
+
+
+def accuracy_kind(labels: np.ndarray) -> str:
+  """What :func:`accuracy_percent` measures on a set with these labels: ``"top-1 accuracy"``
+  or, with no label, ``"top-1 agreement with the original model"``."""
+  return ("top-1 accuracy" if (np.asarray(labels) >= 0).any()
+          else "top-1 agreement with the original model")
+
+
+def image_fingerprints(images: np.ndarray) -> set[bytes]:
+  """A 16-byte BLAKE2 digest of the pixels (and shape) of each image ``(n, H, W, 3)``."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  images = np.ascontiguousarray(images)
+  return {hashlib.blake2b(repr(x.shape).encode() + x.tobytes(), digest_size=16).digest()
+          for x in images}
+
+
+def check_disjoint(heldout: np.ndarray, others: Mapping[str, np.ndarray | None],
+                   where: str = "held-out images") -> None:
+  """ValueError if an image of ``heldout`` (pixel for pixel) is also in one of ``others``
+  (``{name: (n, H, W, 3) or None}``): held-out accuracy must come from unseen images."""
+  held = image_fingerprints(heldout)
+  for name, imgs in others.items():
+    if imgs is None or len(imgs) == 0:
+      continue
+    shared = len(held & image_fingerprints(imgs))
+    if shared:
+      raise ValueError(f"{shared} of the {len(heldout)} {where} are also {name}; held-out "
+                       "accuracy needs images the fine-tune and the rankings never see")
 
 
 def accuracy_percent(logits: np.ndarray, labels: np.ndarray,
@@ -275,12 +349,14 @@ class Reference:
   """The original model on the ranking set, and each layer's initial top-k sets."""
   layers: tuple[str, ...]            # canonical layer names
   attacked: dict[str, np.ndarray]    # {layer: (C,) bool} attacked channels
-  images: np.ndarray                 # (n_rank, H, W, 3) uint8: eval images then decoys
+  images: np.ndarray                 # (n_rank, H, W, 3) uint8: probe images then decoys
   labels: np.ndarray                 # (n_rank,) int32, -1 for decoys / unlabelled
-  num_eval: int                      # rows [0, num_eval) are evaluation images
+  num_probe: int                     # rows [0, num_probe) are probe images
   before: EvalOutputs                # original model on the ranking set
   topk: dict[str, np.ndarray]        # {layer: (C, k) int32 initial top-k row indices}
-  accuracy: float                    # original accuracy (%) on the evaluation images
+  accuracy: Accuracies               # original accuracy (%), held-out and training sample
+  heldout_logits: np.ndarray         # (m, K) original logits on the held-out images
+  train_logits: np.ndarray           # (t, K) original logits on the training sample
   embeddings: np.ndarray             # (n_rank, D) float32 image embeddings (CLIP stand-in)
   groups: np.ndarray | None          # (n_rank,) fairwash groups (-1 for decoys)
   spatial: dict[str, float]          # {layer: h·w} positions per channel map (1 for dense)
@@ -312,23 +388,74 @@ def _channel_masks(config: ManipulateConfig, model: nnx.Module, layers: tuple[st
   return out
 
 
+def measure_accuracy(evaluate, params: PyTree, inputs: ExperimentInputs,
+                     heldout_logits: np.ndarray | None = None,
+                     train_logits: np.ndarray | None = None) -> tuple[Accuracies, np.ndarray,
+                                                                      np.ndarray]:
+  """Accuracy of ``params`` on the held-out images and the training sample.
+
+  Args:
+    evaluate: from :func:`make_evaluator`.
+    params: the model's variables.
+    inputs: the held-out and training-sample images and labels.
+    heldout_logits, train_logits: the original model's logits, the reference of an
+      unlabelled set (``None``: ``params`` is the original model).
+
+  Returns:
+    ``(Accuracies, heldout logits (m, K), train-sample logits (t, K))``.
+  """
+  lh = evaluate(params, inputs.heldout_images, logits_only=True).logits
+  lt = evaluate(params, inputs.train_eval_images, logits_only=True).logits
+  acc = Accuracies(
+      accuracy_percent(lh, inputs.heldout_labels, lh if heldout_logits is None else heldout_logits),
+      accuracy_percent(lt, inputs.train_eval_labels, lt if train_logits is None else train_logits))
+  return acc, lh, lt
+
+
+def accuracy_note(inputs: ExperimentInputs) -> str:
+  """One sentence per accuracy column of the tables: what is measured, on how many images."""
+  held, train = accuracy_kind(inputs.heldout_labels), accuracy_kind(inputs.train_eval_labels)
+  text = (f"Held-out accuracy: {held} on {len(inputs.heldout_images)} held-out images "
+          f"({inputs.heldout_source}) that no fine-tuning step, distillation batch or top-k "
+          f"reference sees; the α rule reads it. Train accuracy: {train} on a fixed sample of "
+          f"{len(inputs.train_eval_images)} training-stream images.")
+  if "agreement" in held:
+    text += (" The held-out images have no labels of the model's classes, so the held-out "
+             "column is agreement with the original model's predictions, not accuracy.")
+  return text
+
+
+def _check_inputs(inputs: ExperimentInputs) -> None:
+  """Shapes of the image sets and their labels; held-out images seen nowhere else."""
+  for name in ("probe", "heldout", "train_eval"):
+    images = np.asarray(getattr(inputs, f"{name}_images"))
+    labels = np.asarray(getattr(inputs, f"{name}_labels"))
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+      raise ValueError(f"{name}_images must be a non-empty (n, H, W, 3) array, got "
+                       f"{images.shape}")
+    if labels.shape != images.shape[:1]:
+      raise ValueError(f"{name}_labels must be ({images.shape[0]},), got {labels.shape}")
+  check_disjoint(inputs.heldout_images, {"probe images": inputs.probe_images,
+                                         "decoy images": inputs.decoy_images,
+                                         "training-stream images": inputs.train_eval_images})
+
+
 def make_reference(config: ManipulateConfig, inputs: ExperimentInputs, evaluate,
                    params: PyTree, *, log: Callable[[str], None] = print) -> Reference:
   """Evaluate the original model and take each channel's initial top-k sets."""
   model = inputs.model
   layers = canonical_layers(model, config.layers)
-  images = np.asarray(inputs.eval_images)
-  labels = np.asarray(inputs.eval_labels, np.int32)
+  _check_inputs(inputs)
+  images = np.asarray(inputs.probe_images)
+  labels = np.asarray(inputs.probe_labels, np.int32)
   n_eval = images.shape[0]
-  if labels.shape != (n_eval,):
-    raise ValueError(f"eval_labels must be ({n_eval},), got {labels.shape}")
   groups = None
   if config.attack == "push-up":
     if inputs.decoy_images is None or len(inputs.decoy_images) == 0:
       raise ValueError("push-up needs decoy images")
     decoys = np.asarray(inputs.decoy_images)
     if decoys.shape[1:] != images.shape[1:]:
-      raise ValueError(f"decoy images are {decoys.shape[1:]}, eval images {images.shape[1:]}")
+      raise ValueError(f"decoy images are {decoys.shape[1:]}, probe images {images.shape[1:]}")
     images = np.concatenate([images, decoys])
     labels = np.concatenate([labels, np.full((decoys.shape[0],), -1, np.int32)])
   if config.attack == "fairwash":
@@ -336,7 +463,7 @@ def make_reference(config: ManipulateConfig, inputs: ExperimentInputs, evaluate,
     if g is None or g.shape != (n_eval,):
       raise ValueError(f"fairwash needs groups of shape ({n_eval},)")
     if not ((g == 0).any() and (g == 1).any()):
-      raise ValueError("fairwash needs evaluation images in both groups 0 and 1")
+      raise ValueError("fairwash needs probe images in both groups 0 and 1")
     groups = g
   if images.shape[0] <= config.k:
     raise ValueError(f"the ranking set has {images.shape[0]} images; need more than k={config.k}")
@@ -347,7 +474,7 @@ def make_reference(config: ManipulateConfig, inputs: ExperimentInputs, evaluate,
   t0 = time.time()
   before = evaluate(params, images)
   log(f"original model evaluated on {images.shape[0]} images in {time.time() - t0:.1f} s")
-  acc = accuracy_percent(before.logits[:n_eval], labels[:n_eval], before.logits[:n_eval])
+  acc, heldout_logits, train_logits = measure_accuracy(evaluate, params, inputs)
   for name in layers:  # a constant channel (e.g. dead after its ReLU) has no ranking to attack
     e = before.energy[name]
     const = e.max(0) == e.min(0)
@@ -365,8 +492,8 @@ def make_reference(config: ManipulateConfig, inputs: ExperimentInputs, evaluate,
   else:
     emb = np.concatenate([np.asarray(inputs.embedder(images[i:i + 64]), np.float32)
                           for i in range(0, images.shape[0], 64)])
-  return Reference(layers, attacked, images, labels, n_eval, before, topk, acc, emb, groups,
-                   spatial)
+  return Reference(layers, attacked, images, labels, n_eval, before, topk, acc, heldout_logits,
+                   train_logits, emb, groups, spatial)
 
 
 # ------------------------------------------------------------------------------ the attack
@@ -395,7 +522,7 @@ def build_attack(config: ManipulateConfig, ref: Reference) -> Attack:
   relative = config.loss_scale == "relative"
   layers = ref.layers
   nb = config.attack_batch_size
-  n_eval = ref.num_eval
+  n_eval = ref.num_probe
   mean0 = {n: ref.before.energy[n].mean(0) for n in layers}  # (C,) mean initial energy
   eps = {n: np.maximum(1e-3 * mean0[n], 1e-12).astype(np.float32) for n in layers}
 
@@ -517,7 +644,7 @@ def trainable_from(arch: str, first: str | None) -> Callable[[str, Any], bool] |
 class FinetuneResult(NamedTuple):
   params: PyTree                # fine-tuned variables (nnx.State)
   after: EvalOutputs            # the last evaluation on the ranking set
-  accuracy: float               # its accuracy (%)
+  accuracy: Accuracies          # accuracy (%) at the last evaluation
   alpha: float                  # α used in the last steps
   history: list[dict]           # one record per evaluation
   steps: int                    # total steps
@@ -585,7 +712,7 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
 
   cfg = config.alpha_config()
   fixed = 0.0 if not attack else config.alpha_fixed
-  alpha_state = None if fixed is not None else alpha_rule.alpha_init(ref.accuracy, cfg)
+  alpha_state = None if fixed is not None else alpha_rule.alpha_init(ref.accuracy.heldout, cfg)
   history: list[dict] = []
   start, seconds = 0, 0.0
   if ckpt_root is not None and ckpt.find_checkpoint(ckpt_root) is not None:
@@ -598,7 +725,7 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
     if alpha_state is not None:
       alpha_state = alpha_rule.AlphaState(
           alpha=jnp.asarray(meta["alpha"], jnp.float32),
-          reference_accuracy=jnp.asarray(ref.accuracy, jnp.float32),
+          reference_accuracy=jnp.asarray(ref.accuracy.heldout, jnp.float32),
           count=jnp.asarray(meta["alpha_count"], jnp.int32))
     if int(state.step) != start:
       raise ValueError(f"corrupt checkpoint in {ckpt_root}: step {int(state.step)} != {start}")
@@ -621,9 +748,9 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
         next(it)
     try:
       x, _ = next(it)
-    except StopIteration:
+    except StopIteration as stop:
       raise ValueError(f"the training stream yielded fewer than steps_per_epoch="
-                       f"{inputs.steps_per_epoch} batches in epoch {e}") from None
+                       f"{inputs.steps_per_epoch} batches in epoch {e}") from stop
     x = np.asarray(x)
     if x.shape[0] != n_train:
       raise ValueError(f"training batch has {x.shape[0]} images, expected {n_train}")
@@ -640,8 +767,8 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
     done = s + 1
     if done % eval_every == 0 or done == total:
       after = evaluate(state.params, ref.images)
-      acc = accuracy_percent(after.logits[:ref.num_eval], ref.labels[:ref.num_eval],
-                             ref.before.logits[:ref.num_eval])
+      acc = measure_accuracy(evaluate, state.params, inputs, ref.heldout_logits,
+                             ref.train_logits)[0]
       train_m = {k: float(np.mean([float(p[k]) for p in pending])) for k in pending[0]}
       pending = []
       overlap = float(np.mean([
@@ -649,16 +776,18 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
                    np.asarray(nm.topk_from_scores(after.energy[n], config.overlap_k).indices)
                    [ref.attacked[n]]).mean() for n in layers]))
       record = {"step": done, "epoch": done / inputs.steps_per_epoch, "alpha": alpha,
-                "accuracy": acc, f"top{config.overlap_k}_overlap": overlap, **train_m}
-      if alpha_state is not None:
-        alpha_state = alpha_rule.alpha_update(alpha_state, acc, cfg)
+                "heldout_accuracy": acc.heldout, "train_accuracy": acc.train,
+                f"top{config.overlap_k}_overlap": overlap, **train_m}
+      if alpha_state is not None:  # the rule reads the held-out accuracy, never the train one
+        alpha_state = alpha_rule.alpha_update(alpha_state, acc.heldout, cfg)
       now = time.time()
       seconds += now - t_last
       t_last = now
       record["seconds"] = seconds
       history.append(record)
-      bar.set_postfix(acc=f"{acc:.1f}", overlap=f"{overlap:.2f}", alpha=f"{alpha:.3g}")
-      log(f"step {done}/{total}: accuracy {acc:.2f}% (original {ref.accuracy:.2f}%), "
+      bar.set_postfix(acc=f"{acc.heldout:.1f}", overlap=f"{overlap:.2f}", alpha=f"{alpha:.3g}")
+      log(f"step {done}/{total}: held-out accuracy {acc.heldout:.2f}% (original "
+          f"{ref.accuracy.heldout:.2f}%), train {acc.train:.2f}% ({ref.accuracy.train:.2f}%), "
           f"top-{config.overlap_k} overlap {overlap:.2f}, α {alpha:.3g} -> {current_alpha():.3g}, "
           f"L_A {train_m['attack_loss']:.4g}, L_M {train_m['distill_loss']:.4g}")
       if ckpt_root is not None:
@@ -673,8 +802,8 @@ def finetune(config: ManipulateConfig, inputs: ExperimentInputs, ref: Reference,
   bar.close()
   if after is None:  # resumed from a checkpoint of the finished run
     after = evaluate(state.params, ref.images)
-    acc = accuracy_percent(after.logits[:ref.num_eval], ref.labels[:ref.num_eval],
-                           ref.before.logits[:ref.num_eval])
+    acc = measure_accuracy(evaluate, state.params, inputs, ref.heldout_logits,
+                           ref.train_logits)[0]
   last_alpha = history[-1]["alpha"] if history else current_alpha()
   return FinetuneResult(state.params, after, acc, last_alpha, history, total, start, seconds)
 
@@ -685,8 +814,14 @@ class _Stopped(Exception):
 
 # ---------------------------------------------------------------------------------- metrics
 def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
-                   accuracy_after: float) -> tuple[list[dict], list[dict], dict]:
+                   accuracy_after: Accuracies) -> tuple[list[dict], list[dict], dict]:
   """Before/after metrics.
+
+  Accuracy columns: ``train_acc_*`` on the training sample and ``heldout_acc_*`` on the
+  held-out images (``delta_heldout_acc`` = after − before). Fairwash adds the KS distance and
+  top-k balance per channel and the model's DDI / DEO on the probe images (the images the
+  groups are defined on): ``|p(ŷ=c | z=0) − p(ŷ=c | z=1)|`` and the same given ``y = c``,
+  averaged over the classes ``c`` where defined (DEO needs labelled probe images, else NaN).
 
   Returns:
     ``(rows, channel_rows, topk_after)``: one summary row per layer (means over attacked
@@ -694,7 +829,16 @@ def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
     ``{layer: (C, k) top-k rows after}``.
   """
   rows, channel_rows, topk_after = [], [], {}
-  n_eval = ref.num_eval
+  n_eval = ref.num_probe
+  fair = {}
+  if config.attack == "fairwash":
+    classes = np.arange(ref.before.logits.shape[1])
+    y = ref.labels[:n_eval]
+    sides = (("before", ref.before.logits[:n_eval]), ("after", after.logits[:n_eval]))
+    for side, logits in sides:
+      fair[f"ddi_{side}"] = _nanmean(nm.ddi(logits, ref.groups, classes))
+    for side, logits in sides:
+      fair[f"deo_{side}"] = _nanmean(nm.deo(logits, y, ref.groups, classes))
   for name in ref.layers:
     att = np.flatnonzero(ref.attacked[name])
     e0, e1 = ref.before.energy[name], after.energy[name]
@@ -719,8 +863,10 @@ def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
            "silenced": int(silenced[att].sum()), "alpha": None, f"top{ok}_overlap": _nanmean(overlap[att]),
            "kendall_tau": _nanmean(tau[att]), "kendall_tau_w": _nanmean(tau_w[att]),
            "clip_delta": _nanmean(cd[att]), "clip_w": _nanmean(cw[att]),
-           "acc_before": ref.accuracy, "acc_after": accuracy_after,
-           "delta_acc": accuracy_after - ref.accuracy}
+           "train_acc_before": ref.accuracy.train, "train_acc_after": accuracy_after.train,
+           "heldout_acc_before": ref.accuracy.heldout,
+           "heldout_acc_after": accuracy_after.heldout,
+           "delta_heldout_acc": accuracy_after.heldout - ref.accuracy.heldout}
     extra_cols = {}
     if config.attack == "push-up":
       is_decoy = np.arange(ref.images.shape[0]) >= n_eval
@@ -735,7 +881,7 @@ def attack_metrics(config: ManipulateConfig, ref: Reference, after: EvalOutputs,
       b0 = np.asarray(nm.topk_balance(t0, g, minority=minority))
       b1 = np.asarray(nm.topk_balance(t1, g, minority=minority))
       row.update(ks_before=_nanmean(ks0[att]), ks_after=_nanmean(ks1[att]),
-                 balance_before=_nanmean(b0[att]), balance_after=_nanmean(b1[att]))
+                 balance_before=_nanmean(b0[att]), balance_after=_nanmean(b1[att]), **fair)
       extra_cols = {"ks_before": ks0[att], "ks_after": ks1[att],
                     "balance_before": b0[att], "balance_after": b1[att]}
     rows.append(row)
@@ -786,12 +932,24 @@ def feature_visualisations(model: nnx.Module, normalize: Callable, params: PyTre
                                                size=size, steps=steps))
 
 
-def _pixel_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """(n,) Pearson correlation of each pair of images ``a[i]``, ``b[i]`` (n, H, W, 3)."""
-  a = a.reshape(a.shape[0], -1) - a.reshape(a.shape[0], -1).mean(1, keepdims=True)
-  b = b.reshape(b.shape[0], -1) - b.reshape(b.shape[0], -1).mean(1, keepdims=True)
-  den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-  return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+def pixel_correlation(a: np.ndarray, b: np.ndarray, tolerance: float = 1e-4) -> np.ndarray:
+  """(n,) Pearson correlation of each pair of images ``a[i]``, ``b[i]`` (n, H, W, 3), in float64.
+
+  A correlation with a constant image is undefined: where either image's pixel standard
+  deviation is at most ``tolerance`` (pixel units; the default is 1/40 of an 8-bit level in
+  [0, 1]), the result is NaN — never ±1 from rounding noise around a flat image.
+  """
+  if np.shape(a) != np.shape(b) or np.ndim(a) < 2:
+    raise ValueError(f"pixel_correlation: expected two (n, ...) image arrays of one shape, got "
+                     f"{np.shape(a)} and {np.shape(b)}")
+  a = np.asarray(a, np.float64).reshape(np.shape(a)[0], -1)
+  b = np.asarray(b, np.float64).reshape(np.shape(b)[0], -1)
+  a = a - a.mean(1, keepdims=True)
+  b = b - b.mean(1, keepdims=True)
+  sa, sb = np.sqrt((a * a).mean(1)), np.sqrt((b * b).mean(1))
+  ok = (sa > tolerance) & (sb > tolerance)
+  den = np.where(ok, sa * sb, 1.0) * a.shape[1]
+  return np.where(ok, (a * b).sum(1) / den, np.nan)
 
 
 # ---------------------------------------------------------------------------- the experiment
@@ -823,7 +981,9 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   cfg_json = {"config": config.to_json(), "run": dict(run_info or {}),
               "arch": model.arch, "num_classes": int(model.num_classes),
               "steps_per_epoch": int(inputs.steps_per_epoch),
-              "num_eval_images": int(len(inputs.eval_images)),
+              "num_probe_images": int(len(inputs.probe_images)),
+              "num_heldout_images": int(len(inputs.heldout_images)),
+              "num_train_eval_images": int(len(inputs.train_eval_images)),
               "num_decoys": 0 if inputs.decoy_images is None else int(len(inputs.decoy_images))}
   # what the fine-tune depends on (the feature-visualisation settings only change the report)
   trained = {k: v for k, v in cfg_json["config"].items() if not k.startswith("featvis_")}
@@ -840,7 +1000,9 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   evaluate = make_evaluator(model, inputs.normalize, layers, config.embed_layer,
                             config.eval_batch_size)
   ref = make_reference(config, inputs, evaluate, params, log=log)
-  log(f"original accuracy {ref.accuracy:.2f}% on {ref.num_eval} evaluation images; "
+  log(f"original model: held-out {accuracy_kind(inputs.heldout_labels)} "
+      f"{ref.accuracy.heldout:.2f}% ({len(inputs.heldout_images)} images), train "
+      f"{ref.accuracy.train:.2f}% ({len(inputs.train_eval_images)} images); "
       f"attacking {sum(int(m.sum()) for m in ref.attacked.values())} channels of "
       f"{', '.join(layers)} ({config.attack}, k={config.k})")
   try:
@@ -861,9 +1023,12 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
                                                steps=config.featvis_steps)
                   for name, js in shown.items()}
            for side, p in (("before", params), ("after", result.params))}
-    corr = {name: _pixel_corr(vis["before"][name], vis["after"][name]) for name in shown}
-    for r in rows:
-      r["featvis_corr"] = _nanmean(corr[r["layer"]]) if r["layer"] in corr else float("nan")
+    corr = {name: pixel_correlation(vis["before"][name], vis["after"][name],
+                                    config.featvis_tolerance) for name in shown}
+    for r in rows:  # constant visualisations have no correlation: counted, not averaged
+      c = corr.get(r["layer"], np.zeros((0,)))
+      r["featvis_corr"] = _nanmean(c)
+      r["featvis_undefined"] = int(np.isnan(c).sum())
     report.plot_featvis(out / "featvis_before_after.png", vis["before"], vis["after"], shown,
                         corr, title=f"{config.attack}: activation maximisation before / after")
   table = report.format_table(rows, overlap_k=config.overlap_k)
@@ -872,7 +1037,14 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   note = (f"\n\n*CLIP-δ / CLIP-W computed with {embedder_description(inputs, config)} as the "
           "image embedding.* "
           f"Means over attacked channels; rankings over {ref.images.shape[0]} images; "
-          f"accuracy on {ref.num_eval} evaluation images.\n")
+          f"{accuracy_note(inputs)}")
+  if config.featvis_channels:
+    note += (" Feature-visualisation r: mean pixel correlation of the defined pairs; a pair with "
+             "a constant image has none (`featvis_undefined` counts them).")
+  if config.attack == "fairwash":
+    note += (" DDI / DEO: the model's disparate-impact / equal-opportunity differences between "
+             "the two groups on the probe images, averaged over classes.")
+  note += "\n"
   atomic_write_text(out / "metrics.md",
                     f"# {config.attack} fine-tuning attack ({model.arch})\n\n" + table + note)
   write_json(out / "history.json", result.history)
@@ -886,6 +1058,7 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
                               "fingerprint": fingerprint}, overwrite=True)
   summary = {"rows": rows, "history": result.history, "steps": result.steps,
              "resumed_from": result.resumed_from, "train_seconds": result.train_seconds,
-             "seconds_this_run": time.time() - t_start, "fingerprint": fingerprint}
+             "seconds_this_run": time.time() - t_start, "fingerprint": fingerprint,
+             "accuracy_note": accuracy_note(inputs)}
   write_json(out / "summary.json", summary)
   return summary

@@ -22,15 +22,25 @@ _COLUMN_TITLES = {
     "attack": "attack", "layer": "layer", "channels": "channels", "silenced": "silenced",
     "alpha": "α (last)",
     "kendall_tau": "Kendall-τ", "kendall_tau_w": "Kendall-τ-W", "clip_delta": "CLIP-δ*",
-    "clip_w": "CLIP-W*", "acc_before": "acc. before (%)", "acc_after": "acc. after (%)",
-    "delta_acc": "Δ acc.", "decoy_share_before": "decoys in top-k before",
+    "clip_w": "CLIP-W*", "train_acc_before": "train acc. before (%)",
+    "train_acc_after": "train acc. after (%)", "heldout_acc_before": "held-out acc. before (%)",
+    "heldout_acc_after": "held-out acc. after (%)", "delta_heldout_acc": "Δ held-out acc.",
+    "decoy_share_before": "decoys in top-k before",
     "decoy_share_after": "decoys in top-k after", "ks_before": "KS before",
     "ks_after": "KS after", "balance_before": "top-k balance before",
-    "balance_after": "top-k balance after", "featvis_corr": "feat. vis. r (before/after)",
-    "method": "method", "rate": "rate",
-    "pruned_fraction": "pruned fraction", "acc_original": "acc. original (%)",
-    "acc_pruned": "acc. pruned + recovered (%)", "acc_attacked": "acc. after attack (%)",
+    "balance_after": "top-k balance after", "ddi_before": "DDI before", "ddi_after": "DDI after",
+    "deo_before": "DEO before", "deo_after": "DEO after",
+    "featvis_corr": "feat. vis. r (before/after)", "featvis_undefined": "feat. vis. r undefined",
+    "method": "method", "rate": "rate", "pruned_fraction": "pruned fraction",
+    "train_acc_original": "train acc. original (%)",
+    "heldout_acc_original": "held-out acc. original (%)",
+    "train_acc_pruned": "train acc. pruned + recovered (%)",
+    "heldout_acc_pruned": "held-out acc. pruned + recovered (%)",
+    "train_acc_attacked": "train acc. after attack (%)",
+    "heldout_acc_attacked": "held-out acc. after attack (%)",
 }
+# columns where NaN means "no value exists" (not a failed computation)
+_UNDEFINED_WHEN_NAN = ("featvis_corr",)
 
 
 def _fmt(v: Any) -> str:
@@ -49,8 +59,14 @@ def format_table(rows: Sequence[dict], *, overlap_k: int = 5) -> str:
   titles = [_COLUMN_TITLES.get(c, f"top-{overlap_k} overlap" if c.endswith("_overlap") else c)
             for c in cols]
   lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(cols)]
+  def cell(r: dict, c: str) -> str:
+    v = r[c]
+    if c in _UNDEFINED_WHEN_NAN and isinstance(v, float) and math.isnan(v):
+      return "undefined"
+    return _fmt(v)
+
   for r in rows:
-    lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    lines.append("| " + " | ".join(cell(r, c) for c in cols) + " |")
   return "\n".join(lines)
 
 
@@ -89,7 +105,8 @@ def plot_featvis(path: Path, before: Mapping[str, np.ndarray], after: Mapping[st
   Args:
     before, after: ``{layer: (n, H, W, 3)}`` images in [0, 1].
     channels: ``{layer: [channel, ...]}`` (n per layer).
-    corr: ``{layer: (n,)}`` Pearson correlation of each before/after pair.
+    corr: ``{layer: (n,)}`` Pearson correlation of each before/after pair (NaN: undefined, a
+      constant image).
   """
   plt = figures.pyplot()
   rows = [(name, i, j) for name, js in channels.items() for i, j in enumerate(js)]
@@ -100,7 +117,8 @@ def plot_featvis(path: Path, before: Mapping[str, np.ndarray], after: Mapping[st
       ax.imshow(np.clip(imgs[name][i], 0.0, 1.0))
       ax.set_xticks([])
       ax.set_yticks([])
-      ax.set_title(f"{side}" + (f"  (r = {corr[name][i]:.2f})" if c else ""), fontsize=7)
+      r_txt = "undefined" if np.isnan(corr[name][i]) else f"{corr[name][i]:.2f}"
+      ax.set_title(f"{side}" + (f"  (r = {r_txt})" if c else ""), fontsize=7)
       if c == 0:
         ax.set_ylabel(f"{name}\nch {j}", fontsize=7)
   if title:
@@ -124,7 +142,7 @@ def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], 
                            squeeze=False)
 
   def caption(row: int) -> str:
-    if row >= ref.num_eval:
+    if row >= ref.num_probe:
       return "decoy"
     y = int(ref.labels[row])
     if y < 0:
@@ -162,19 +180,21 @@ def plot_topk(path: Path, ref: Reference, topk_after: Mapping[str, np.ndarray], 
 
 
 def plot_prune_defence(path: Path, rows: Sequence[dict], *, title: str = "") -> None:
-  """Two panels vs pruning rate: accuracy (after pruning, after the attack) and CLIP-δ."""
+  """Two panels vs pruning rate: held-out accuracy (after pruning, after the attack) and
+  CLIP-δ."""
   plt = figures.pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
   base = next(r for r in rows if r["method"] == "none")
   for method, color in (("l1", "tab:blue"), ("vulnerability", "tab:red")):
     rs = [base] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["rate"])
     x = [r["rate"] for r in rs]
-    ax1.plot(x, [r["acc_pruned"] for r in rs], "o-", color=color, label=f"{method}: pruned")
-    ax1.plot(x, [r["acc_attacked"] for r in rs], "s--", color=color,
+    ax1.plot(x, [r["heldout_acc_pruned"] for r in rs], "o-", color=color,
+             label=f"{method}: pruned")
+    ax1.plot(x, [r["heldout_acc_attacked"] for r in rs], "s--", color=color,
              label=f"{method}: pruned + attacked")
     ax2.plot(x, [r["clip_delta"] for r in rs], "o-", color=color, label=method)
   ax1.set_xlabel("pruning rate")
-  ax1.set_ylabel("accuracy (%)")
+  ax1.set_ylabel("held-out accuracy (%)")
   ax1.legend(fontsize=7)
   ax2.set_xlabel("pruning rate")
   ax2.set_ylabel("CLIP-δ* (mean over attacked channels)")
