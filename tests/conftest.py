@@ -41,3 +41,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("ckpt") / "smallcnn"
   checkpoint.save(model, out, arch="smallcnn", num_classes=4)
   return out
+
+
+@pytest.fixture(scope="session")
+def heldout_probe_dir(tmp_path_factory) -> Path:
+  """A second synthetic Broden-format set (another seed): held-out images as the embedded
+  default has them."""
+  from nemjax.data import synthetic
+  return synthetic.make_probe_set(tmp_path_factory.mktemp("heldout") / "heldout", num_images=10,
+                                  seed=11)
+
+
+@pytest.fixture(scope="session")
+def val_folder(heldout_probe_dir, tmp_path_factory) -> Path:
+  """The held-out set as a class-per-subfolder tree (sorted names = the model's class order)."""
+  from PIL import Image
+  from nemjax.manipulate import data as mdata
+  root = tmp_path_factory.mktemp("val") / "val"
+  x, y, classes = mdata.probe_classification_arrays(heldout_probe_dir, normalize=None)
+  for k, name in enumerate(classes):
+    (root / f"{k}_{name}").mkdir(parents=True)
+  for i, (img, k) in enumerate(zip(x, y)):
+    Image.fromarray(img).save(root / f"{k}_{classes[k]}" / f"{i:03d}.png")
+  return root

@@ -240,7 +240,8 @@ def test_load_embedder_specs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- end to end
-def test_embedder_reaches_clip_metrics_of_the_experiment(tiny_probe_dir, tiny_model_dir, tmp_path):
+def test_embedder_reaches_clip_metrics_of_the_experiment(tiny_probe_dir, tiny_model_dir, val_folder,
+                                                         tmp_path):
   from nemjax.manipulate import experiment as X
   from nemjax.manipulate import inputs as minputs
   m = _torch_clip(seed=8, **TINY)
@@ -248,7 +249,8 @@ def test_embedder_reaches_clip_metrics_of_the_experiment(tiny_probe_dir, tiny_mo
   torch.save(m.state_dict(), path)
   cfg = X.ManipulateConfig(attack="push-down", layers=("block4",), k=4, overlap_k=2,
                            eval_batch_size=24)
-  inputs, _ = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir)
+  inputs, _ = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
+                                  val_folder=val_folder)
   inputs.embedder = metrics.load_embedder(f"clip:{path}")
   evaluate = X.make_evaluator(inputs.model, inputs.normalize, ["features.14"], cfg.embed_layer, 24)
   from flax import nnx
@@ -269,12 +271,13 @@ def test_embedder_reaches_clip_metrics_of_the_experiment(tiny_probe_dir, tiny_mo
 
 
 @pytest.mark.parametrize("script", ["manipulate.py", "prune_defence.py"])
-def test_bad_embedder_flag_fails_before_work(tiny_probe_dir, tiny_model_dir, tmp_path, script):
+def test_bad_embedder_flag_fails_before_work(tiny_probe_dir, tiny_model_dir, val_folder, tmp_path,
+                                            script):
   for spec, message in (("clip:" + str(tmp_path / "none.pt"), "no CLIP state dict file"),
                         ("clap:x", "must be 'model', 'clip:PATH'")):
     cmd = [sys.executable, str(REPO / "experiments" / script), "--probe", str(tiny_probe_dir),
-           "--weights", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress",
-           "--embedder", spec]
+           "--weights", str(tiny_model_dir), "--val-folder", str(val_folder),
+           "--out", str(tmp_path / "o"), "--no-progress", "--embedder", spec]
     if script == "manipulate.py":
       cmd += ["--layers", "block4"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -47,27 +47,6 @@ def _config(**kw):
 SCRIPT_ENV = dict(os.environ, NEMJAX_XLA_TUNING="0")
 
 
-@pytest.fixture(scope="module")
-def heldout_probe_dir(tmp_path_factory):
-  """A second synthetic Broden-format set (another seed): held-out images as the embedded
-  default has them."""
-  from nemjax.data import synthetic
-  return synthetic.make_probe_set(tmp_path_factory.mktemp("heldout") / "heldout", num_images=10,
-                                  seed=11)
-
-
-@pytest.fixture(scope="module")
-def val_folder(heldout_probe_dir, tmp_path_factory):
-  """The held-out set as a class-per-subfolder tree (sorted names = the model's class order)."""
-  root = tmp_path_factory.mktemp("val") / "val"
-  x, y, classes = mdata.probe_classification_arrays(heldout_probe_dir, normalize=None)
-  for k, name in enumerate(classes):
-    (root / f"{k}_{name}").mkdir(parents=True)
-  for i, (img, k) in enumerate(zip(x, y)):
-    Image.fromarray(img).save(root / f"{k}_{classes[k]}" / f"{i:03d}.png")
-  return root
-
-
 def _script(probe, weights, val, out, extra=(), name="manipulate.py", flags=FLAGS):
   return [sys.executable, str(REPO / "experiments" / name), "--probe", str(probe),
           "--weights", str(weights), "--val-folder", str(val), "--out", str(out),
