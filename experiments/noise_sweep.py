@@ -2,10 +2,10 @@
 
     python experiments/noise_sweep.py            # embedded default
 
-% of units (those labelled with clean IoU > --min-iou, default 0.04) whose label changes for
-σ ∈ {0.01 … 0.05} × poisoned fraction {20 … 100 %} × noise type (gaussian, uniform,
-bernoulli). Resumable: results.csv is appended as cells finish, keyed by (layer, kind, σ,
-fraction, delivery, seed), so another --seed or --delivery adds rows to the same directory;
+% of units (labelled with clean IoU > --min-iou: 0.04, or 0.02 on the embedded default) whose
+label changes for σ ∈ {0.01 … 0.05} × poisoned fraction {20 … 100 %} × noise type (gaussian,
+uniform, bernoulli). Resumable: results.csv is appended as cells finish, keyed by (layer, kind,
+σ, fraction, delivery, seed), so another --seed or --delivery adds rows to the same directory;
 other settings (probe, weights, quantile, batch size, min IoU) are guarded by OUT/config.json.
 Writes OUT/summary.json and OUT/noise_sweep.png. Every flag is checked before any work starts
 (the embedded model is not trained for a bad flag). Noise is keyed by (seed, architecture,
@@ -40,8 +40,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--quantile", type=float, default=0.005)
-  p.add_argument("--min-iou", type=float, default=0.04,
-                 help="count only units with a clean label of IoU above this")
+  p.add_argument("--min-iou", type=float, help="count only these units: " + _common.MIN_IOU_HELP)
   p.add_argument("--out", type=Path, default=Path("runs/noise_sweep"))
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--no-progress", action="store_true")
@@ -51,6 +50,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
   args = parse_args(argv)
   progress = not args.no_progress
+  try:
+    args.min_iou = _common.min_iou(args)
+  except ValueError as e:
+    _common.fail(str(e))
   grid = dict(sigmas=args.sigmas, fractions=args.fractions, kinds=args.kinds,
               delivery=args.delivery, jpeg_quality=args.jpeg_quality, seed=args.seed,
               batch_size=args.batch_size, quantile=args.quantile, min_iou=args.min_iou)

@@ -4,7 +4,7 @@
 
 With no arguments: a synthetic Broden-format probe set and a SmallCNN trained on it (cached in
 cache/embedded/seed<S>), layers block3 and block4, 8 units each among those labelled with
-clean IoU > 0.04, ε ∈ {2,4,6}/255, 10 steps of 2ε/10 from the clean image, modes U2 and
+clean IoU > 0.02 (0.04 on a real probe set), ε ∈ {2,4,6}/255, 10 steps of 2ε/10 from the clean image, modes U2 and
 targeted, plus the control `noise` (random ±ε sign noise on the images U2 poisons). Poisoned:
 the images holding the unit's concept, then those holding the target's, in probe order, at
 most 10 % of the probe set (the paper's rule; `--poison-order activation` takes the images
@@ -43,8 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--num-units", type=int, default=8,
                  help="units per layer, a seeded choice among the eligible ones (see --min-iou); "
                       "fails if fewer are eligible")
-  p.add_argument("--min-iou", type=float, default=0.04,
-                 help="eligible units: clean label with IoU above this (not applied to --units)")
+  p.add_argument("--min-iou", type=float, help=_common.MIN_IOU_HELP + "; not applied to --units")
   p.add_argument("--eps", nargs="+", type=float, default=[2, 4, 6], help="ε values in /255 units")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--step-size", type=float, help="in /255 units (default 2ε/steps)")
@@ -91,8 +90,7 @@ def check_plain_flags(args) -> None:
   if args.poison_order not in pgd_sweep.POISON_ORDERS:
     raise ValueError(f"--poison-order must be one of {list(pgd_sweep.POISON_ORDERS)}, "
                      f"got {args.poison_order!r}")
-  if not 0 <= args.min_iou < 1:
-    raise ValueError(f"--min-iou must lie in [0, 1), got {args.min_iou}")
+  args.min_iou = _common.min_iou(args)
   if not 0 < args.quantile < 1:
     raise ValueError(f"--quantile must lie in (0, 1), got {args.quantile}")
   if not 1 <= args.jpeg_quality <= 100:
