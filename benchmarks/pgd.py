@@ -25,7 +25,9 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +240,12 @@ def worker(args) -> None:
   for name in names:
     try:
       r = jax_run(args, CONFIGS[name])
-    except Exception as e:  # report and go on with the next configuration
-      print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      # A benchmark reports a failing configuration as a failed row (with its error and, on
+      # stderr, the traceback) and goes on with the next one.
+      traceback.print_exc(file=sys.stderr)
+      err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+      print("FAILED " + json.dumps({"name": name, "error": err}), flush=True)
       continue
     rec = dict(name=name, first=r["first"], best=r["best"], cpu=r["cpu"], loss0=r["loss0"])
     if ref is not None and r["x_adv"] is not None:
@@ -290,24 +296,31 @@ def main() -> None:
   groups: dict[str, list[str]] = {}
   for n in names:
     groups.setdefault(CONFIGS[n].get("flags", ""), []).append(n)
-  results = {}
+  results, failed = {}, {}
   for flags, group in groups.items():
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, __file__, "--worker", json.dumps(group), "--ref", str(ref_path),
            "--images", str(args.images), "--steps", str(args.steps), "--reps", str(args.reps),
            "--arch", args.arch]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    for line in proc.stdout:
-      if line.startswith("RESULT "):
-        rec = json.loads(line[7:])
-        results[rec["name"]] = rec
-        print(f"{rec['name']}: {n_work / rec['best']:.1f} img·steps/s "
-              f"(first call {rec['first']:.1f}s)", flush=True)
-      elif line.startswith("FAILED "):
-        print(line.rstrip(), flush=True)
-    if proc.wait() != 0:
-      print(f"worker for XLA_FLAGS={flags!r} exited with {proc.returncode}", flush=True)
+    with tempfile.TemporaryFile("w+") as err_file:
+      proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+      for line in proc.stdout:
+        if line.startswith("RESULT "):
+          rec = json.loads(line[7:])
+          results[rec["name"]] = rec
+          print(f"{rec['name']}: {n_work / rec['best']:.1f} img·steps/s "
+                f"(first call {rec['first']:.1f}s)", flush=True)
+        elif line.startswith("FAILED "):
+          rec = json.loads(line[7:])
+          failed[rec["name"]] = rec["error"]
+          print(f"FAILED {rec['name']}: {rec['error']}", flush=True)
+      if proc.wait() != 0:
+        err_file.seek(0)
+        tail = " ".join(err_file.read().strip().splitlines()[-1:])[:300] or "no stderr"
+        for n in group:
+          if n not in results and n not in failed:
+            failed[n] = f"worker (XLA_FLAGS={flags!r}) exited with {proc.returncode}: {tail}"
+        print(f"worker for XLA_FLAGS={flags!r} exited with {proc.returncode}: {tail}", flush=True)
   ref_path.unlink(missing_ok=True)
   t_end = torch_run(args, channels_last=True)
   torch_rows.append(("PyTorch channels_last (end)", t_end))
@@ -328,7 +341,8 @@ def main() -> None:
                  f"{r['cpu']:.1f} | {r['first']:.1f} | – | – |")
   for n in names:
     if n not in results:
-      lines.append(f"| JAX: {n} | failed | | | | | |")
+      err = failed.get(n, "no result reported").replace("|", "\\|")
+      lines.append(f"| JAX: {n} | failed: {err} | | | | | |")
       continue
     rec = results[n]
     l0 = np.asarray(rec["loss0"])

@@ -2,12 +2,14 @@
 
     python experiments/noise_sweep.py            # embedded default
 
-% of units whose label changes for σ ∈ {0.01 … 0.05} × poisoned fraction {20 … 100 %} ×
-noise type (gaussian, uniform, bernoulli). Resumable: results.csv is appended as cells finish,
-keyed by (layer, kind, σ, fraction, delivery, seed), so another --seed or --delivery adds rows
-to the same directory; other settings (probe, weights, quantile, batch size) are guarded by
-OUT/config.json. Writes OUT/summary.json and OUT/noise_sweep.png. Every flag is checked before
-any work starts (the embedded model is not trained for a bad flag).
+% of units (labelled with clean IoU > --min-iou: 0.04, or 0.02 on the embedded default) whose
+label changes for σ ∈ {0.01 … 0.05} × poisoned fraction {20 … 100 %} × noise type (gaussian,
+uniform, bernoulli). Resumable: results.csv is appended as cells finish, keyed by (layer, kind,
+σ, fraction, delivery, seed), so another --seed or --delivery adds rows to the same directory;
+other settings (probe, weights, quantile, batch size, min IoU) are guarded by OUT/config.json.
+Writes OUT/summary.json and OUT/noise_sweep.png. Every flag is checked before any work starts
+(the embedded model is not trained for a bad flag). Noise is keyed by (seed, architecture,
+kind, σ, fraction, image), never by list positions.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--quantile", type=float, default=0.005)
+  p.add_argument("--min-iou", type=float, help="count only these units: " + _common.MIN_IOU_HELP)
   p.add_argument("--out", type=Path, default=Path("runs/noise_sweep"))
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--no-progress", action="store_true")
@@ -47,9 +50,13 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
   args = parse_args(argv)
   progress = not args.no_progress
+  try:
+    args.min_iou = _common.min_iou(args)
+  except ValueError as e:
+    _common.fail(str(e))
   grid = dict(sigmas=args.sigmas, fractions=args.fractions, kinds=args.kinds,
               delivery=args.delivery, jpeg_quality=args.jpeg_quality, seed=args.seed,
-              batch_size=args.batch_size, quantile=args.quantile)
+              batch_size=args.batch_size, quantile=args.quantile, min_iou=args.min_iou)
   try:
     check_noise_args(**grid)
     target = _common.sweep_target(args)
@@ -58,7 +65,8 @@ def main(argv=None) -> None:
     run_info = {"probe": str(Path(target.probe_dir).resolve()),
                 "weights": str(Path(target.weights).resolve()), "arch": target.model.arch}
     check_noise_out_dir(args.out, noise_record(batch_size=args.batch_size, quantile=args.quantile,
-                                               jpeg_quality=args.jpeg_quality, run_info=run_info))
+                                               jpeg_quality=args.jpeg_quality,
+                                               min_iou=args.min_iou, run_info=run_info))
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
 
@@ -68,6 +76,9 @@ def main(argv=None) -> None:
                            **grid)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
+  counts = {r["layer"]: r["units"] for r in rows}
+  print("eligible units (clean label with IoU > %g): %s" % (
+      args.min_iou, ", ".join(f"{l} {counts[l]}" for l in layers)))
   for layer in layers:
     for kind in args.kinds:
       print(f"\n% of {layer} units whose label changed, {kind} noise "

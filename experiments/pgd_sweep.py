@@ -3,10 +3,14 @@
     python experiments/pgd_sweep.py                      # embedded default, < 10 min on 2 CPU cores
 
 With no arguments: a synthetic Broden-format probe set and a SmallCNN trained on it (cached in
-cache/embedded/seed<S>), layers block3 and block4, 8 labelled units each, ε ∈ {2,4,6}/255,
-modes U2 and targeted, plus the control `noise` (random ±ε sign noise on the images U2
-poisons). Results are appended to OUT/results.csv as they finish; re-running the same command
-resumes. Writes OUT/summary.json, OUT/pgd_sweep.png and the clean dissection in OUT/clean/.
+cache/embedded/seed<S>), layers block3 and block4, 8 units each among those labelled with
+clean IoU > 0.02 (0.04 on a real probe set), ε ∈ {2,4,6}/255, 10 steps of 2ε/10 from the clean image, modes U2 and
+targeted, plus the control `noise` (random ±ε sign noise on the images U2 poisons). Poisoned:
+the images holding the unit's concept, then those holding the target's, in probe order, at
+most 10 % of the probe set (the paper's rule; `--poison-order activation` takes the images
+where the unit fires most instead). Results are appended to OUT/results.csv as they finish;
+re-running the same command resumes. Writes OUT/summary.json, OUT/pgd_sweep.png and the clean
+dissection in OUT/clean/.
 Every flag is checked before any work starts (the embedded model is not trained for a bad
 flag).
 """
@@ -34,8 +38,12 @@ def parse_args(argv=None):
   p.add_argument("--arch", help="architecture check against the checkpoint's metadata")
   p.add_argument("--weights", type=Path, help="orbax checkpoint from `python -m nemjax.convert`")
   p.add_argument("--layers", nargs="+", help="layers to attack (default: embedded block3 block4)")
-  p.add_argument("--units", nargs="+", metavar="LAYER:U1,U2,...", help="explicit units per layer")
-  p.add_argument("--num-units", type=int, default=8, help="labelled units per layer (seeded choice)")
+  p.add_argument("--units", nargs="+", metavar="LAYER:U1,U2,...",
+                 help="explicit units per layer; they bypass the --min-iou bar")
+  p.add_argument("--num-units", type=int, default=8,
+                 help="units per layer, a seeded choice among the eligible ones (see --min-iou); "
+                      "fails if fewer are eligible")
+  p.add_argument("--min-iou", type=float, help=_common.MIN_IOU_HELP + "; not applied to --units")
   p.add_argument("--eps", nargs="+", type=float, default=[2, 4, 6], help="ε values in /255 units")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--step-size", type=float, help="in /255 units (default 2ε/steps)")
@@ -44,6 +52,10 @@ def parse_args(argv=None):
   p.add_argument("--mask-source", default="labels", choices=["labels", "clean"],
                  help="concept masks from ground-truth labels or from the clean run (Eq. 8)")
   p.add_argument("--poison-fraction", type=float, default=0.1, help="cap on poisoned images / N")
+  p.add_argument("--poison-order", default="concept",
+                 help="which candidates fill the cap: 'concept' (the paper's code: images holding "
+                      "the source concept, then the target's, in probe order) or 'activation' "
+                      "(highest clean activation of the unit first)")
   p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
                  help="uint8/jpeg also measure the float result and report its survival")
   p.add_argument("--jpeg-quality", type=int, default=90)
@@ -75,6 +87,10 @@ def check_plain_flags(args) -> None:
     raise ValueError(f"--modes must be among {list(pgd_sweep.MODES)}, got {bad}")
   if not 0 < args.poison_fraction <= 1:
     raise ValueError(f"--poison-fraction must lie in (0, 1], got {args.poison_fraction}")
+  if args.poison_order not in pgd_sweep.POISON_ORDERS:
+    raise ValueError(f"--poison-order must be one of {list(pgd_sweep.POISON_ORDERS)}, "
+                     f"got {args.poison_order!r}")
+  args.min_iou = _common.min_iou(args)
   if not 0 < args.quantile < 1:
     raise ValueError(f"--quantile must lie in (0, 1), got {args.quantile}")
   if not 1 <= args.jpeg_quality <= 100:
@@ -117,11 +133,12 @@ def main(argv=None) -> None:
     if export:
       checks.check_units({export[0]: (export[1],)}, widths, flag="--export-unit")
     config = pgd_sweep.PGDSweepConfig(
-        layers=tuple(layers), units=units, num_units=args.num_units,
+        layers=tuple(layers), units=units, num_units=args.num_units, min_iou=args.min_iou,
         eps=tuple(e / 255 for e in args.eps), steps=args.steps,
         step_size=None if args.step_size is None else args.step_size / 255,
         modes=tuple(args.modes), mask_source=args.mask_source,
-        poison_fraction=args.poison_fraction, delivery=args.delivery,
+        poison_fraction=args.poison_fraction, poison_order=args.poison_order,
+        delivery=args.delivery,
         jpeg_quality=args.jpeg_quality, seed=args.seed, batch_size=args.batch_size,
         units_per_call=args.units_per_call, quantile=args.quantile)
     config.validate()
@@ -138,6 +155,10 @@ def main(argv=None) -> None:
                                       run_info=run_info)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
+  elig = ", ".join(f"{l} {e['eligible']}/{e['units']}" for l, e in summary["eligible_units"].items())
+  print(f"\neligible units (clean label with IoU > {args.min_iou:g}): {elig}"
+        + ("; explicit --units bypass the bar" if units else ""))
+  print(f"poisoned images: '{args.poison_order}' order, at most {args.poison_fraction:g}·N")
   print("\n% of units manipulated (units attacked in parentheses); "
         "untargeted = label changed, targeted = label became the target, "
         "noise = label changed by random ±ε sign noise on the images U2 poisons\n")

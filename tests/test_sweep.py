@@ -124,12 +124,14 @@ def test_export_matches_the_sweeps_stored_row(setup, tmp_path, deliver_as):
 def test_summary_reports_delivery_survival():
   def row(unit, success, success_float, deliv="jpeg"):
     return {"layer": "l", "eps": "0.1", "mode": "u2", "unit": str(unit), "delivery": deliv,
+            "poison_order": "concept",
             "success": str(success), "success_float": str(success_float), "changed": str(success),
             "clean_category": "color", "clean_iou": "0.1", "source_iou_after": "0.05",
             "n_poisoned": "3"}
   rows = [row(0, 1, 1), row(1, 0, 1), row(2, 0, 0), row(3, 1, 0), row(4, 1, 1)]
   (t,) = summarise(rows, ["color"])["table"]
   assert t["pct_manipulated"] == 60.0 and t["pct_manipulated_float"] == 60.0
+  assert t["poison_order"] == "concept"
   assert (t["n_survived"], t["n_success_float"]) == (2, 3)
   assert t["survival_pct"] == pytest.approx(200 / 3)
   assert "60.0 -> 60.0, survived 2/3" in format_survival_table({"table": [t]})

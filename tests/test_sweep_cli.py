@@ -79,6 +79,9 @@ def _fails_early(cmd, message, tmp_path):
     (["--export-unit", "block4:128", "--export-dir", "EXPORT"], "out of range"),
     (["--export-unit", "block4:1", "--export-dir", "EXPORT", "--export-mode", "u1"], "--export-mode"),
     (["--export-eps", "4"], "--export-eps"),
+    (["--min-iou", "-0.1"], "--min-iou"),
+    (["--poison-order", "random"], "--poison-order"),
+    (["--min-iou", "0.9"], "labelled with IoU > 0.9"),  # no fallback to weaker units
 ])
 def test_bad_flags_fail_before_work(tiny_probe_dir, tiny_model_dir, tmp_path, extra, message):
   extra = [str(tmp_path / "export") if e == "EXPORT" else e for e in extra]

@@ -6,9 +6,13 @@ skips finished cells and a run with more σ values, another delivery or another 
 to the same table. What changes results but is not in the key (probe set, weights, quantile,
 batch size, JPEG quality) is recorded in ``config.json`` and must match on re-runs.
 
-Noise is drawn per image from a key folded from (seed, kind, σ, fraction, row), so it does not
-depend on the batch size; the corrupted images are the same ``round(fraction·N)`` rows for
-every layer.
+Noise is drawn per image from a key folded from (seed, architecture, kind name, σ, fraction,
+row) -- names and values, never list positions (:mod:`nemjax.sweep.keys`) -- so it depends
+neither on the batch size nor on which other kinds, σ, fractions or layers the run holds; the
+corrupted images are the same ``round(fraction·N)`` rows for every layer.
+
+Units counted: those with a clean label and clean IoU > ``min_iou`` (default 0.04, Network
+Dissection's bar for an interpretable unit); ``units`` in each row is how many were eligible.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import activation_fn, dissect, make_mesh
 from nemjax.files import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
+from nemjax.sweep.keys import item_key, micro_code
 from nemjax.sweep.measure import batched_activations, redissect
+from nemjax.sweep.units import eligible_units
 from nemjax.sweep import store as store_lib
 
 FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "seed", "n_corrupted", "units",
@@ -37,7 +43,7 @@ KEYS = ["layer", "kind", "sigma", "fraction", "delivery", "seed"]
 
 def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
                      kinds: Sequence[str], delivery: str, jpeg_quality: int, seed: int,
-                     batch_size: int, quantile: float) -> None:
+                     batch_size: int, quantile: float, min_iou: float = 0.04) -> None:
   """ValueError naming the first bad argument (nothing is loaded or computed)."""
   bad = [k for k in kinds if k not in NOISE_KINDS]
   if bad or not kinds:
@@ -54,13 +60,15 @@ def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
     raise ValueError(f"seed must be >= 0 and batch size >= 1, got {seed}, {batch_size}")
   if not 0 < quantile < 1:
     raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+  if not 0 <= min_iou < 1:
+    raise ValueError(f"min IoU must lie in [0, 1), got {min_iou}")
 
 
-def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int,
+def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int, min_iou: float = 0.04,
                  run_info: Mapping[str, Any] | None = None) -> dict:
   """What ``config.json`` holds: settings outside the row key, and the run's inputs."""
   return {"batch_size": batch_size, "quantile": quantile, "quantile_method": "linear",
-          "jpeg_quality": jpeg_quality, **(run_info or {})}
+          "jpeg_quality": jpeg_quality, "min_iou": min_iou, **(run_info or {})}
 
 
 def check_noise_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
@@ -68,11 +76,9 @@ def check_noise_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
   store_lib.check_out_dir(out_dir, record, FIELDS, KEYS)
 
 
-def _cell_key(seed: int, kind: str, sigma: float, fraction: float) -> jax.Array:
-  key = jax.random.key(seed)
-  for v in (NOISE_KINDS.index(kind), int(round(sigma * 1e6)), int(round(fraction * 1e6))):
-    key = jax.random.fold_in(key, v)
-  return key
+def _cell_key(seed: int, arch: str, kind: str, sigma: float, fraction: float) -> jax.Array:
+  """The key of one grid cell's image choice and noise, keyed by names and values."""
+  return item_key(seed, "noise/cell", arch, kind, micro_code(sigma), micro_code(fraction))
 
 
 def noisy_images(key: jax.Array, rows: np.ndarray, x01: np.ndarray, kind: str, sigma: float
@@ -89,22 +95,29 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
                     fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
                     kinds: Sequence[str] = NOISE_KINDS, delivery: str = "float",
                     jpeg_quality: int = 90, seed: int = 0, batch_size: int = 32,
-                    quantile: float = 0.005, progress: bool = True,
+                    quantile: float = 0.005, min_iou: float = 0.04, progress: bool = True,
                     run_info: Mapping[str, Any] | None = None) -> list[dict]:
   """Runs (or resumes) the sweep.
 
   Writes ``out_dir/results.csv`` (all rows, of every run in that directory), ``config.json``,
-  ``summary.json`` (this grid's rows) and ``noise_sweep.png``.
+  ``summary.json`` (this grid's rows, ``min_iou`` and the eligible units per layer) and
+  ``noise_sweep.png``. Only units with a clean label and IoU > ``min_iou`` are counted.
+
+  Raises:
+    ValueError: a bad argument, another configuration in ``out_dir``, or a layer without an
+      eligible unit.
 
   Returns:
     The rows of this grid (layers × kinds × σ × fractions at this delivery and seed), as
     stored (strings).
   """
   check_noise_args(sigmas=sigmas, fractions=fractions, kinds=kinds, delivery=delivery,
-                   jpeg_quality=jpeg_quality, seed=seed, batch_size=batch_size, quantile=quantile)
+                   jpeg_quality=jpeg_quality, seed=seed, batch_size=batch_size, quantile=quantile,
+                   min_iou=min_iou)
   out_dir = Path(out_dir)
+  arch = str(getattr(model, "arch", type(model).__name__))
   record = noise_record(batch_size=batch_size, quantile=quantile, jpeg_quality=jpeg_quality,
-                        run_info=run_info)
+                        min_iou=min_iou, run_info=run_info)
   store = store_lib.open_out_dir(out_dir, record, FIELDS, KEYS)
   cell = lambda l, k, s, f: dict(layer=l, kind=k, sigma=float(s), fraction=float(f),
                                  delivery=delivery, seed=seed)
@@ -117,8 +130,13 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
     labels = loader.load_labels(probe, np.arange(probe.num_images))
     fn = activation_fn(model, layers, mesh=mesh)
     shapes = {l: acts[l].shape[1:] for l in layers}
+    counted = {l: eligible_units(clean[l], min_iou) for l in layers}
+    empty = [l for l in layers if counted[l].size == 0]
+    if empty:
+      raise ValueError(f"layers {empty} have no unit labelled with IoU > {min_iou:g}; "
+                       "lower --min-iou")
   for kind, sigma, frac in tqdm(grid, desc="noise sweep", disable=not progress):
-    sel_key, noise_key = jax.random.split(_cell_key(seed, kind, sigma, frac))
+    sel_key, noise_key = jax.random.split(_cell_key(seed, arch, kind, sigma, frac))
     rows = np.flatnonzero(np.asarray(select_fraction(sel_key, probe.num_images, frac)))
     new = {l: [] for l in layers}
     for s in range(0, len(rows), batch_size):
@@ -132,16 +150,20 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
     for l in layers:
       new_l = np.concatenate(new[l]) if new[l] else np.zeros((0, *shapes[l]), np.float32)
       after = redissect(acts[l], rows, new_l, probe, labels, layer=l, quantile=quantile)
-      changed = after.best_label != clean[l].best_label
+      u = counted[l]
+      changed = after.best_label[u] != clean[l].best_label[u]
       results.append({
           **cell(l, kind, sigma, frac), "n_corrupted": len(rows), "units": int(len(changed)),
           "units_changed": int(changed.sum()), "pct_changed": 100.0 * float(changed.mean()),
-          "mean_iou_before": float(clean[l].score.mean()), "mean_iou_after": float(after.score.mean()),
+          "mean_iou_before": float(clean[l].score[u].mean()),
+          "mean_iou_after": float(after.score[u].mean()),
       })
     store.add(results)
   rows_out = [store.get(**cell(l, k, s, f))
               for l in layers for k in kinds for s in sigmas for f in fractions]
-  write_json(out_dir / "summary.json", {"delivery": delivery, "seed": seed, "rows": rows_out})
+  eligible = {l: int(next(r["units"] for r in rows_out if r["layer"] == l)) for l in layers}
+  write_json(out_dir / "summary.json", {"delivery": delivery, "seed": seed, "min_iou": min_iou,
+                                        "eligible_units": eligible, "rows": rows_out})
   plot_noise_sweep(rows_out, out_dir / "noise_sweep.png")
   return rows_out
 

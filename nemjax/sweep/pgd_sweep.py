@@ -5,6 +5,16 @@ Work is keyed by (layer, unit, ε, mode); each finished group of units is append
 ``results.csv`` atomically, so a re-run of the same command skips finished work and a SIGKILL
 loses at most the attack in flight.
 
+Poisoned images (:mod:`nemjax.sweep.poison`): the images holding the unit's source or target
+concept, at most ``poison_fraction·N``, taken in ``poison_order``: ``concept`` (default, the
+paper's public code: source holders, then target holders, in probe order) or ``activation``
+(highest clean activation of the unit first).
+
+Units (:mod:`nemjax.sweep.units`): ``num_units`` per layer among those with a clean label and
+IoU > ``min_iou``, unless named in ``units`` (which bypasses the bar). Every random draw (units,
+targets, noise) is keyed by names -- architecture, layer name, unit, mode, ε
+(:mod:`nemjax.sweep.keys`) -- so a layer's rows do not depend on what else the sweep attacks.
+
 Modes: ``u2`` (Eq. 9 with a random target), ``targeted`` (Eq. 9, target from the source's
 category), ``u1`` (Eq. 10), and the control ``noise``: random ±ε sign noise (Bernoulli, p = ½)
 on the very images U2 poisons, which shows how much of U2's effect is more than chance.
@@ -37,7 +47,9 @@ from nemjax.dissect.outputs import write_layer_outputs
 from nemjax.files import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
 from nemjax.sweep.measure import batched_activations, redissect
-from nemjax.sweep.poison import choose_poisoned, poison_cap
+from nemjax.sweep.keys import eps_code, item_key
+from nemjax.sweep.poison import POISON_ORDERS, choose_by_concept, choose_poisoned, poison_cap
+from nemjax.sweep.units import choose_units, eligible_units
 from nemjax.sweep import store as store_lib
 
 MODES = ("u2", "targeted", "u1", "noise")
@@ -45,7 +57,7 @@ MODE_TITLES = {"u2": "untargeted (U2)", "targeted": "targeted", "u1": "untargete
                "noise": "control: random ±ε noise"}
 MASK_SOURCES = ("labels", "clean")
 RESULT_FIELDS = [
-    "layer", "unit", "eps", "eps_255", "mode", "mask_source", "delivery",
+    "layer", "unit", "eps", "eps_255", "mode", "mask_source", "poison_order", "delivery",
     "clean_label", "clean_name", "clean_category", "clean_iou",
     "target_label", "target_name",
     "new_label", "new_name", "new_category", "new_iou",
@@ -61,13 +73,15 @@ class PGDSweepConfig:
   """What a sweep runs. Everything that changes results is part of ``config.json``."""
   layers: tuple[str, ...]
   units: Mapping[str, tuple[int, ...]] | None = None  # explicit units per layer
-  num_units: int = 8            # else: this many labelled units per layer, seeded choice
+  num_units: int = 8            # else: this many eligible units per layer, seeded choice
+  min_iou: float = 0.04         # eligible: labelled with clean IoU > min_iou (not for `units`)
   eps: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255)
   steps: int = 10
   step_size: float | None = None  # default 2·ε/steps
   modes: tuple[str, ...] = ("u2", "targeted")
   mask_source: str = "labels"   # 'labels' (ground truth) or 'clean' (Eq. 8)
   poison_fraction: float = 0.1
+  poison_order: str = "concept"  # 'concept' (the paper's code) or 'activation'
   delivery: str = "float"       # 'float' | 'uint8' | 'jpeg'
   jpeg_quality: int = 90
   seed: int = 0
@@ -96,6 +110,10 @@ class PGDSweepConfig:
     if not 1 <= self.jpeg_quality <= 100:
       raise ValueError(f"JPEG quality must lie in [1, 100], got {self.jpeg_quality}")
     poison_cap(10, self.poison_fraction)
+    if self.poison_order not in POISON_ORDERS:
+      raise ValueError(f"poison order must be one of {POISON_ORDERS}, got {self.poison_order!r}")
+    if not 0 <= self.min_iou < 1:
+      raise ValueError(f"min IoU must lie in [0, 1), got {self.min_iou}")
     if not 0 < self.quantile < 1:
       raise ValueError(f"quantile must lie in (0, 1), got {self.quantile}")
     if self.num_units < 1 or self.units_per_call < 1 or self.batch_size < 1:
@@ -123,31 +141,23 @@ def features_fn_for(model, layer: str) -> Callable[[jax.Array], jax.Array]:
   return features_fn
 
 
-def choose_units(result: LayerDissection, num_units: int, seed: int) -> tuple[int, ...]:
-  """``num_units`` units with a non-empty clean label and a positive threshold (units active in
-  fewer than η of positions have threshold 0 and nothing to attack), a seeded choice, sorted."""
-  labelled = np.flatnonzero((result.best_label > 0) & (result.thresholds > 0))
-  if labelled.size == 0:
-    labelled = np.arange(result.num_units)
-  rng = np.random.default_rng(seed)
-  pick = rng.choice(labelled, size=min(num_units, labelled.size), replace=False)
-  return tuple(int(u) for u in np.sort(pick))
+def _unit_key(seed: int, arch: str, layer: str, unit: int, mode: str) -> jax.Array:
+  """The PRNG key of one (arch, layer, unit, mode)'s target draw, keyed by names."""
+  return item_key(seed, "pgd/target", arch, layer, unit, mode)
 
 
-def _unit_key(seed: int, layer_index: int, unit: int, mode: str) -> jax.Array:
-  """The PRNG key of one (layer, unit, mode): its target draw and, for ``noise``, its noise."""
-  key = jax.random.key(seed)
-  for v in (layer_index, unit, MODES.index(mode)):
-    key = jax.random.fold_in(key, v)
-  return key
+def _noise_key(seed: int, arch: str, layer: str, unit: int, eps: float) -> jax.Array:
+  """The PRNG key of the ``noise`` control's ±ε signs of one (arch, layer, unit, ε)."""
+  return item_key(seed, "pgd/noise", arch, layer, unit, eps_code(eps))
 
 
 class _LayerContext:
   """Everything about one layer that every attack on it reuses."""
 
-  def __init__(self, model, probe, layer, layer_index, clean: LayerDissection, acts, labels,
+  def __init__(self, model, probe, layer, clean: LayerDissection, acts, labels,
                config: PGDSweepConfig, mesh):
-    self.layer, self.layer_index, self.clean, self.acts = layer, layer_index, clean, acts
+    self.layer, self.clean, self.acts = layer, clean, acts
+    self.arch = str(getattr(model, "arch", type(model).__name__))
     self.probe, self.labels, self.config, self.mesh = probe, labels, config, mesh
     self.features_fn = features_fn_for(model, layer)
     self.act_fn = activation_fn(model, [layer], mesh=mesh)
@@ -167,25 +177,45 @@ class _LayerContext:
     return self.attacks[(eps, mode)]
 
   def target_for(self, unit: int, mode: str) -> int:
-    """The target concept of ``unit`` in ``mode`` (0: none). ``noise`` uses U2's target, so
-    it poisons the same images as U2."""
+    """The target concept of ``unit`` in ``mode`` (0 for ``u1``). ``noise`` uses U2's target,
+    so it poisons the same images as U2.
+
+    Candidates: the labels present in the probe set (``mask_source='clean'``: the clean labels
+    of the layer's units); ``targeted`` keeps those of the source's category.
+
+    Raises:
+      ValueError: no candidate other than the source (no fallback to another rule).
+    """
     if mode == "u1":
       return 0
     if mode == "noise":
       mode = "u2"
     src = int(self.clean.best_label[unit])
     cands = self.present
+    where = "present in the probe set"
     if self.config.mask_source == "clean":
       cands = np.unique(self.clean.best_label[self.clean.best_label > 0])
+      where = f"that label a unit of {self.layer} (mask source 'clean')"
     if mode == "targeted":
-      same = cands[self.probe.primary_category[cands] == self.probe.primary_category[src]]
-      if np.any(same != src):
-        cands = same
+      cat = self.probe.primary_category[src]
+      cands = cands[self.probe.primary_category[cands] == cat]
+      where = f"of category {self.probe.category_names[cat]!r} {where}"
     cands = cands[(cands != src) & (cands != 0)]
     if cands.size == 0:
-      return 0
-    key = _unit_key(self.config.seed, self.layer_index, unit, mode)
+      raise ValueError(f"layer {self.layer} unit {unit} ({mode}): no target label other than "
+                       f"its clean label {self.probe.label_names[src]!r} is {where}")
+    key = _unit_key(self.config.seed, self.arch, self.layer, unit, mode)
     return int(random_targets(key, cands.astype(np.int32), np.array([src], np.int32))[0])
+
+  def poisoned_rows(self, source: int, target: int, unit: int) -> tuple[np.ndarray, int]:
+    """``(rows (P,) sorted int64, n_candidates)``: the images poisoned for ``unit`` (see
+    :mod:`nemjax.sweep.poison`) and the number holding the source or the target concept."""
+    has_src, has_tgt = self.contains(source), self.contains(target)
+    if self.config.poison_order == "concept":
+      rows = choose_by_concept(has_src, has_tgt, self.cap)
+    else:
+      rows = choose_poisoned(has_src | has_tgt, self.per_image_max[:, unit], self.cap)
+    return rows, int((has_src | has_tgt).sum())
 
   def masks(self, concept: int, rows: np.ndarray) -> np.ndarray:
     """(len(rows), sh, sw) float32 mask of ``concept`` (zeros for concept 0)."""
@@ -241,8 +271,7 @@ def _perturb(ctx: _LayerContext, plans: Sequence[_Plan], x01: np.ndarray, eps: f
   if mode == "noise":  # one key per unit: independent of how units are grouped into calls
     out, offset = [], 0
     for p in plans:
-      key = jax.random.fold_in(_unit_key(ctx.config.seed, ctx.layer_index, p.unit, mode),
-                               int(round(eps * 255 * 1000)))
+      key = _noise_key(ctx.config.seed, ctx.arch, ctx.layer, p.unit, eps)
       out.append(np.asarray(bernoulli_noise(key, x01[offset:offset + len(p.rows)], eps)))
       offset += len(p.rows)
     return np.concatenate(out)
@@ -275,9 +304,8 @@ def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode:
   plans = []
   for u in units:
     src, tgt = int(ctx.clean.best_label[u]), ctx.target_for(u, mode)
-    cand = ctx.contains(src) | ctx.contains(tgt)
-    rows = choose_poisoned(cand, ctx.per_image_max[:, u], ctx.cap)
-    plans.append(_Plan(u, src, tgt, int(cand.sum()), rows))
+    rows, n_cand = ctx.poisoned_rows(src, tgt, u)
+    plans.append(_Plan(u, src, tgt, n_cand, rows))
   all_rows = np.concatenate([p.rows for p in plans]) if plans else np.zeros(0, np.int64)
   x_adv = np.zeros((0, *probe.image_size, 3), np.float32)
   new_acts = new_acts_float = np.zeros((0, *ctx.acts.shape[1:]), np.float32)
@@ -305,7 +333,8 @@ def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode:
     name = lambda l: str(probe.label_names[l])
     out_rows.append({
         "layer": ctx.layer, "unit": u, "eps": float(eps), "eps_255": round(eps * 255, 4),
-        "mode": mode, "mask_source": c.mask_source, "delivery": c.delivery,
+        "mode": mode, "mask_source": c.mask_source, "poison_order": c.poison_order,
+        "delivery": c.delivery,
         "clean_label": src, "clean_name": name(src),
         "clean_category": probe.category_names[ctx.clean.best_category[u]],
         "clean_iou": float(ctx.clean.score[u]),
@@ -337,9 +366,9 @@ def prepare(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path | None
     for res in clean.values():
       write_layer_outputs(Path(out_dir) / "clean", res, probe)
   labels = loader.load_labels(probe, np.arange(probe.num_images))
-  contexts = {layer: _LayerContext(model, probe, layer, i, clean[layer], acts[layer], labels,
+  contexts = {layer: _LayerContext(model, probe, layer, clean[layer], acts[layer], labels,
                                    config, mesh)
-              for i, layer in enumerate(config.layers)}
+              for layer in config.layers}
   return contexts
 
 
@@ -363,12 +392,19 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
   record = run_record(config, run_info)
   store = store_lib.open_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS)
   contexts = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
-  work = []
+  work, eligible = [], {}
   for layer, ctx in contexts.items():
-    units = (config.units or {}).get(layer) or choose_units(ctx.clean, config.num_units, config.seed)
+    eligible[layer] = {"eligible": int(eligible_units(ctx.clean, config.min_iou).size),
+                       "units": int(ctx.clean.num_units)}
+    units = (config.units or {}).get(layer) or choose_units(
+        ctx.clean, config.num_units, config.seed, layer=layer, arch=ctx.arch,
+        min_iou=config.min_iou)
     bad = [u for u in units if not 0 <= u < ctx.clean.num_units]
     if bad:
       raise ValueError(f"units {bad} out of range for layer {layer} ({ctx.clean.num_units} units)")
+    for mode in config.modes:  # every target exists, checked before any attack runs
+      for u in units:
+        ctx.target_for(u, mode)
     for eps in config.eps:
       for mode in config.modes:
         todo = [u for u in units if not store.done(layer=layer, unit=u, eps=float(eps), mode=mode)]
@@ -382,6 +418,8 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
     bar.update(len(units))
   bar.close()
   summary = summarise(store.rows, probe.category_names)
+  summary.update(poison_order=config.poison_order, min_iou=config.min_iou,
+                 eligible_units=eligible)
   write_json(out_dir / "summary.json", summary)
   return summary
 
@@ -407,6 +445,7 @@ def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) 
     succ_f = np.array([int(r["success_float"]) for r in rs], bool)
     chg = np.array([int(r["changed"]) for r in rs])
     deliveries = sorted({r["delivery"] for r in rs})
+    orders = sorted({r["poison_order"] for r in rs})
     per_cat = {}
     for cat in category_names:
       sel = [int(r["success"]) for r in rs if r["clean_category"] == cat]
@@ -417,7 +456,7 @@ def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) 
         "layer": layer, "eps": eps, "eps_255": round(eps * 255, 4), "mode": mode,
         "units": len(rs), "pct_manipulated": 100.0 * float(succ.mean()),
         "pct_label_changed": 100.0 * float(chg.mean()),
-        "delivery": "/".join(deliveries),
+        "delivery": "/".join(deliveries), "poison_order": "/".join(orders),
         "pct_manipulated_float": 100.0 * float(succ_f.mean()),
         "n_success_float": int(succ_f.sum()),
         "n_survived": int((succ & succ_f).sum()),
