@@ -47,7 +47,7 @@ CONFIGS = {
   "scan": dict(loop="scan"),
   "unrolled in one jit": dict(loop="unroll"),
   "Python loop over jitted step, donated x_adv": dict(loop="python"),
-  # Gradient rewrites (nemjax.attacks.fastgrad).
+  # Gradient rewrites (nemjax.ops.fastgrad).
   "python + fast max-pool grad": dict(loop="python", fast="pool"),
   "python + fast max-pool + polyphase stem grad (default)": dict(loop="python", fast="pool+stem"),
   "python + fast max-pool + polyphase every strided conv": dict(loop="python",
@@ -180,7 +180,7 @@ def jax_run(args, cfg: dict) -> dict:
   import jax.numpy as jnp
   from nemjax import models, preprocess
   from nemjax.attacks import act_avg as aa
-  from nemjax.attacks import fastgrad
+  from nemjax.ops import fastgrad
   from nemjax.attacks import pgd as P
 
   tm = torch_model(args.arch)

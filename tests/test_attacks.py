@@ -498,7 +498,7 @@ def test_noise_bad_args():
 # ------------------------------------------------------------------------------------------------
 # fastgrad: forward-preserving rewrite for faster CPU input gradients.
 
-from nemjax.attacks import fastgrad  # noqa: E402
+from nemjax.ops import fastgrad  # noqa: E402
 
 
 def _pool_net(seed=0):

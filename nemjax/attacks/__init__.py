@@ -5,8 +5,8 @@
                                  concept masks from labels or from the clean run (Eq. 8).
 - :mod:`nemjax.attacks.pgd`      L∞ PGD from parts, targeted / U1 / U2 objectives,
                                  :func:`make_act_avg_attack`.
-- :mod:`nemjax.attacks.fastgrad` forward-preserving rewrite of a features function whose
-                                 max-pool / stem-conv gradients are slow on XLA's CPU backend.
+
+The gradient rewrite PGD uses on CPU lives in :mod:`nemjax.ops.fastgrad` (fine-tuning uses it too).
 
 The modules ``act_avg`` and ``pgd`` keep their names here (their namesake functions are
 ``attacks.act_avg.act_avg`` and ``attacks.pgd.pgd``); everything else is re-exported.
@@ -18,7 +18,7 @@ Example::
   x_adv = attack(x01, units, source_masks)
 """
 
-from nemjax.attacks import act_avg, fastgrad, noise, pgd
+from nemjax.attacks import act_avg, noise, pgd
 from nemjax.attacks.act_avg import (
   act_avg_upsampled,
   act_avg_weighted,
@@ -30,7 +30,6 @@ from nemjax.attacks.act_avg import (
   project_mask,
   upsample_bilinear,
 )
-from nemjax.attacks.fastgrad import cpu_fast_grad
 from nemjax.attacks.noise import (
   NOISE_KINDS,
   bernoulli_noise,
@@ -54,13 +53,12 @@ from nemjax.attacks.pgd import (
 )
 
 __all__ = [
-  "act_avg", "fastgrad", "noise", "pgd",
+  "act_avg", "noise", "pgd",
   "act_avg_upsampled", "act_avg_weighted", "concept_mask_from_labels",
   "concept_mask_from_unit_masks", "interp_matrices", "interp_matrix", "mask_weights",
   "project_mask", "upsample_bilinear",
   "NOISE_KINDS", "bernoulli_noise", "corrupt", "gaussian_noise", "select_fraction",
   "uniform_noise",
-  "cpu_fast_grad",
   "check_unit_range", "init_adv", "make_act_avg_attack", "objective_weights", "pgd_step",
   "project_linf", "random_targets", "sign_descent", "targeted_loss", "untargeted_loss",
   "weighted_loss",

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemjax.attacks import act_avg as aa
-from nemjax.attacks import fastgrad
+from nemjax.ops import fastgrad
 from nemjax.attacks._checks import check_images, is_number, is_traced
 
 __all__ = [
@@ -370,7 +370,7 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
       as one jitted program). On XLA:CPU the convolutions inside a ``while`` loop (fori, scan)
       miss the fast YNNPACK kernels and run 3-4x slower; "unroll" is as fast as "python" but
       compiles ``steps`` copies of the step. See ``benchmarks/pgd.py``.
-    fast_grad: wrap ``features_fn`` in :func:`nemjax.attacks.fastgrad.cpu_fast_grad` (same
+    fast_grad: wrap ``features_fn`` in :func:`nemjax.ops.fastgrad.cpu_fast_grad` (same
       forward values; max-pool and stem-convolution gradients without XLA CPU's slow paths).
       None: only when JAX's default backend is the CPU.
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemjax.attacks import fastgrad
+from nemjax.ops import fastgrad
 from nemjax.manipulate import losses
 from nemjax.manipulate import prune
 
@@ -190,7 +190,7 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
     optimizer: the optax transformation used in :func:`train_init` (default Adam lr 1e-5).
     trainable: the filter used in :func:`train_init`.
     donate: donate the train state's buffers (default ``True``).
-    fast_grad: run ``apply_fn`` through :func:`nemjax.attacks.fastgrad.cpu_fast_grad` (same
+    fast_grad: run ``apply_fn`` through :func:`nemjax.ops.fastgrad.cpu_fast_grad` (same
       forward values; max-pool and strided-stem gradients without XLA:CPU's slow paths).
       Default: on when JAX's default backend is the CPU.
 

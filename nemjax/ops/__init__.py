@@ -1,9 +1,13 @@
-"""Small numerical building blocks shared by the kernels (NumPy only; imports nothing above).
+"""Small numerical building blocks shared by the kernels (import nothing from nemjax above).
 
 - :mod:`nemjax.ops.resample`  Pillow's BILINEAR resampling coefficients (both directions), as
-                              per-output tap tables and as dense matrices.
+                              per-output tap tables and as dense matrices (NumPy).
+- :mod:`nemjax.ops.fastgrad`  forward-preserving rewrite of max-pool / strided-stem-conv
+                              gradients that avoids XLA:CPU's slow paths (PGD and fine-tuning).
 """
-from nemjax.ops import resample
+from nemjax.ops import fastgrad, resample
+from nemjax.ops.fastgrad import cpu_fast_grad
 from nemjax.ops.resample import TapTable, pillow_coeffs, resample_matrix, tap_table
 
-__all__ = ["resample", "TapTable", "pillow_coeffs", "resample_matrix", "tap_table"]
+__all__ = ["fastgrad", "resample", "cpu_fast_grad", "TapTable", "pillow_coeffs",
+           "resample_matrix", "tap_table"]
