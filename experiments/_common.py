@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -42,6 +43,25 @@ def bootstrap(extras: tuple[str, ...] = ("experiments",)) -> None:
   ``nemjax[extras]``), then sets the XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
   ensure_env(extras=extras)
   set_cpu_xla_flags()
+
+
+@contextlib.contextmanager
+def locked_output(out: Path, flag: str = "--out") -> Iterator[Path]:
+  """Holds the output directory's lock for the run (a second run on it is refused in one line)
+  and first removes the temp files a killed earlier run left there."""
+  from nemjax import files  # pylint: disable=import-outside-toplevel
+  with files.output_lock(out, flag=flag):
+    files.remove_stale_temps(out)
+    yield Path(out)
+
+
+def check_output(out: Path, flag: str = "--out") -> None:
+  """Fails (one line) unless ``out`` is, or can be created as, a writable directory."""
+  from nemjax import files  # pylint: disable=import-outside-toplevel
+  try:
+    files.check_output_dir(out, flag=flag)
+  except files.OutputError as e:
+    fail(str(e))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

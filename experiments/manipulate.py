@@ -230,6 +230,7 @@ def main(argv=None) -> None:
     fail(str(e))
 
   embedder = _common.load_embedder_flag(args.embedder)
+  _common.check_output(args.out)
 
   progress = not args.no_progress
   if embedded:
@@ -249,7 +250,9 @@ def main(argv=None) -> None:
         decoy_folder=args.decoy_folder, num_decoys=args.num_decoys,
         group_concept=group_concept)
     inputs.embedder, run_info = embedder, dict(run_info, embedder=args.embedder)
-    summary = X.run_experiment(config, inputs, args.out, run_info=run_info, progress=progress)
+    with _common.locked_output(args.out):
+      summary = X.run_experiment(config, inputs, args.out, run_info=run_info,
+                                 progress=progress)
   except (ValueError, FileNotFoundError) as e:
     fail(str(e))
   print()

@@ -72,8 +72,9 @@ def main(argv=None) -> None:
 
   try:
     model, probe = _common.load_sweep_target(args, target, progress)
-    rows = run_noise_sweep(model, probe, layers, args.out, progress=progress, run_info=run_info,
-                           **grid)
+    with _common.locked_output(args.out):
+      rows = run_noise_sweep(model, probe, layers, args.out, progress=progress,
+                             run_info=run_info, **grid)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
   counts = {r["layer"]: r["units"] for r in rows}

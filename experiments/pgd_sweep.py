@@ -151,8 +151,9 @@ def main(argv=None) -> None:
   # --- work: build the embedded default if needed, load, sweep ---------------------------
   try:
     model, probe = _common.load_sweep_target(args, target, progress)
-    summary = pgd_sweep.run_pgd_sweep(model, probe, config, args.out, progress=progress,
-                                      run_info=run_info)
+    with _common.locked_output(args.out):
+      summary = pgd_sweep.run_pgd_sweep(model, probe, config, args.out, progress=progress,
+                                        run_info=run_info)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
   elig = ", ".join(f"{l} {e['eligible']}/{e['units']}" for l, e in summary["eligible_units"].items())

@@ -115,7 +115,12 @@ def main(argv=None) -> None:
       epochs=args.epochs,
       learning_rate=args.lr, batch_size=args.batch_size,
       attack_batch_size=args.attack_batch_size, eval_every=args.eval_every, seed=args.seed)
+  try:
+    config.validate()
+  except ValueError as e:
+    fail(str(e))
   embedder = _common.load_embedder_flag(args.embedder)
+  _common.check_output(args.out)
   progress = not args.no_progress
   if embedded:
     from nemjax.embedded import build_embedded_default
@@ -124,33 +129,33 @@ def main(argv=None) -> None:
     train_dir, heldout_dir = default.train_dir, default.heldout_dir
   else:
     probe_dir, weights, train_dir, heldout_dir = args.probe, args.weights, None, None
-  try:
-    config.validate()
-    inputs, run_info = minputs.load_inputs(
-        config, probe_dir=probe_dir, weights=weights, normalize=args.normalize,
-        embedded_train_dir=train_dir, heldout_dir=heldout_dir, train_folder=args.train_folder,
-        val_folder=args.val_folder, val_unlabelled=args.val_unlabelled, val_size=args.val_size,
-        train_eval_size=args.train_eval_size)
-    inputs.embedder = embedder
-    write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
-                                          "embedder": args.embedder,
-                                          "l1_rates": args.l1_rates,
-                                          "vulnerability_rates": args.vulnerability_rates,
-                                          "recover_steps": args.recover_steps})
-    rows = defence.run_prune_defence(config, inputs, l1_rates=args.l1_rates,
-                               vulnerability_rates=args.vulnerability_rates,
-                               recover_steps=args.recover_steps, progress=progress)
-  except (ValueError, FileNotFoundError) as e:
-    fail(str(e))
-  table = report.format_table(rows, overlap_k=config.overlap_k)
-  atomic_write_text(args.out / "results.csv", report.csv_text(rows))
-  note = ("\n\nΔ held-out acc. = held-out accuracy after the attack − that of the pruned model. "
-          f"*CLIP-δ with {X.embedder_description(inputs, config)} as the embedding.* "
-          f"{X.accuracy_note(inputs)}\n")
-  atomic_write_text(args.out / "results.md", "# Pruning defence (push-down attack)\n\n" + table
-                    + note)
-  report.plot_prune_defence(args.out / "prune_defence.png", rows,
-                       title=f"pruning defence: push-down on {args.layer}")
+  with _common.locked_output(args.out):
+    try:
+      inputs, run_info = minputs.load_inputs(
+          config, probe_dir=probe_dir, weights=weights, normalize=args.normalize,
+          embedded_train_dir=train_dir, heldout_dir=heldout_dir, train_folder=args.train_folder,
+          val_folder=args.val_folder, val_unlabelled=args.val_unlabelled,
+          val_size=args.val_size, train_eval_size=args.train_eval_size)
+      inputs.embedder = embedder
+      write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
+                                            "embedder": args.embedder,
+                                            "l1_rates": args.l1_rates,
+                                            "vulnerability_rates": args.vulnerability_rates,
+                                            "recover_steps": args.recover_steps})
+      rows = defence.run_prune_defence(config, inputs, l1_rates=args.l1_rates,
+                                       vulnerability_rates=args.vulnerability_rates,
+                                       recover_steps=args.recover_steps, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+      fail(str(e))
+    table = report.format_table(rows, overlap_k=config.overlap_k)
+    atomic_write_text(args.out / "results.csv", report.csv_text(rows))
+    note = ("\n\nΔ held-out acc. = held-out accuracy after the attack − that of the pruned "
+            f"model. *CLIP-δ with {X.embedder_description(inputs, config)} as the embedding.* "
+            f"{X.accuracy_note(inputs)}\n")
+    atomic_write_text(args.out / "results.md", "# Pruning defence (push-down attack)\n\n"
+                      + table + note)
+    report.plot_prune_defence(args.out / "prune_defence.png", rows,
+                              title=f"pruning defence: push-down on {args.layer}")
   print()
   print(table)
   print(f"\n{X.accuracy_note(inputs)}")

@@ -204,16 +204,21 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-  """Removes what killed writers of this module left in ``directory`` (its own temp files and
-  directories, never other files); call it while holding :func:`output_lock`. Returns them."""
+  """Removes what killed writers of this module left under ``directory`` (its own temp files
+  and directories, at any depth; never other files); call it while holding :func:`output_lock`.
+  Returns what it removed."""
   directory = Path(directory)
-  removed = []
+  removed: list[Path] = []
   if not directory.is_dir():
     return removed
-  for p in directory.iterdir():
-    if _STALE.match(p.name) and p.name != LOCK_NAME:
+  for root, dirs, names in os.walk(directory):
+    for name in list(dirs) + names:
+      p = Path(root) / name
+      if not _STALE.match(name) or name == LOCK_NAME:
+        continue
       if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
+        dirs.remove(name)
       else:
         p.unlink(missing_ok=True)
       removed.append(p)

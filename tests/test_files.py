@@ -47,14 +47,17 @@ def test_output_lock_refuses_a_second_run_and_is_released(tmp_path):
 
 
 def test_remove_stale_temps_removes_only_its_own(tmp_path):
+  (tmp_path / "clean").mkdir()
+  (tmp_path / "clean" / ".block4_tally.csv.ab1.tmp").write_text("x")
   (tmp_path / ".results.csv.k2j3.tmp").write_text("x")
   (tmp_path / ".ckpt.tmp-abc12").mkdir()
   (tmp_path / ".ckpt.old-xyz9").mkdir()
   (tmp_path / "results.csv").write_text("keep")
   (tmp_path / ".hidden").write_text("keep")
   removed = files.remove_stale_temps(tmp_path)
-  assert len(removed) == 3
-  assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "results.csv"]
+  assert len(removed) == 4
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "clean", "results.csv"]
+  assert not list((tmp_path / "clean").iterdir())
 
 
 def test_check_output_dir(tmp_path):
