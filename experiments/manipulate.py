@@ -47,7 +47,8 @@ CUSTOM_DEFAULTS = {"lr": 1e-5, "epochs": 5, "eval_every": None}
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=_common.HelpFormatter)
-  p.add_argument("--attack", default="push-down", choices=["push-down", "push-up", "fairwash"])
+  p.add_argument("--attack", default="push-down", choices=["push-down", "push-up", "fairwash"],
+                 help="the manipulation objective")
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--weights", type=Path, help="orbax model checkpoint (default: embedded)")
   p.add_argument("--arch", help="architecture check against the checkpoint's metadata")
@@ -62,12 +63,13 @@ def parse_args(argv=None):
                                        "(name or index)")
   p.add_argument("--decoy-folder", type=Path, help="push-up: decoys = the images in this folder")
   p.add_argument("--num-decoys", type=int, default=100, help="decoy set size (default 100)")
-  p.add_argument("--decoys-per-step", type=int, default=8)
+  p.add_argument("--decoys-per-step", type=int, default=8,
+                 help="push-up: decoy images per fine-tuning step")
   p.add_argument("--group-concept", default=None,
                  help="fairwash: group 1 = probe images showing this label (default 'red')")
-  p.add_argument("--alpha-init", type=float, default=0.1)
-  p.add_argument("--alpha-min", type=float, default=1e-3)
-  p.add_argument("--alpha-max", type=float, default=0.9)
+  p.add_argument("--alpha-init", type=float, default=0.1, help="initial α of the dynamic rule")
+  p.add_argument("--alpha-min", type=float, default=1e-3, help="lower bound of α")
+  p.add_argument("--alpha-max", type=float, default=0.9, help="upper bound of α")
   p.add_argument("--alpha-tolerance", type=float, default=0.5,
                  help="allowed accuracy drop in points before α is halved (default 0.5)")
   p.add_argument("--alpha-fixed", type=float, default=None,
@@ -108,12 +110,15 @@ def parse_args(argv=None):
                       "before and after (default 4; 0 turns it off)")
   p.add_argument("--featvis-steps", type=int, default=128,
                  help="activation-maximisation steps per visualisation (default 128)")
-  p.add_argument("--eval-batch-size", type=int, default=50)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", type=Path, default=Path("runs/manipulate"))
+  p.add_argument("--eval-batch-size", type=int, default=50,
+                 help="images per forward pass when evaluating")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of every random draw (and of the embedded default)")
+  p.add_argument("--out", type=Path, default=Path("runs/manipulate"),
+                 help="output directory (re-running resumes from its checkpoints)")
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"),
                  help="embedded default cache")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p.parse_args(argv)
 
 

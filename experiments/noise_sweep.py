@@ -32,18 +32,26 @@ def parse_args(argv=None):
   p.add_argument("--weights", type=Path, help="orbax checkpoint from `python -m nemjax.convert`")
   p.add_argument("--arch", help="architecture check against the checkpoint's metadata")
   p.add_argument("--layers", nargs="+", help="layers to dissect (default: embedded block3 block4)")
-  p.add_argument("--sigmas", nargs="+", type=float, default=[0.01, 0.02, 0.03, 0.04, 0.05])
-  p.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8, 1.0])
-  p.add_argument("--kinds", nargs="+", default=["gaussian", "uniform", "bernoulli"])
-  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"])
-  p.add_argument("--jpeg-quality", type=int, default=90)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--quantile", type=float, default=0.005)
+  p.add_argument("--sigmas", nargs="+", type=float, default=[0.01, 0.02, 0.03, 0.04, 0.05],
+                 help="noise strengths σ, in [0, 1] pixel units")
+  p.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8, 1.0],
+                 help="fractions of the probe images corrupted, in (0, 1]")
+  p.add_argument("--kinds", nargs="+", default=["gaussian", "uniform", "bernoulli"],
+                 help="noise kinds (gaussian: N(0, σ²); uniform and bernoulli: bounded by σ)")
+  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
+                 help="how corrupted images reach the model")
+  p.add_argument("--jpeg-quality", type=int, default=90,
+                 help="JPEG quality (1-100) for --delivery jpeg")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of every random draw (and of the embedded default)")
+  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
+  p.add_argument("--quantile", type=float, default=0.005,
+                 help="η: the top fraction of activations a unit's threshold keeps")
   p.add_argument("--min-iou", type=float, help="count only these units: " + _common.MIN_IOU_HELP)
-  p.add_argument("--out", type=Path, default=Path("runs/noise_sweep"))
+  p.add_argument("--out", type=Path, default=Path("runs/noise_sweep"),
+                 help="output directory (re-running resumes)")
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p.parse_args(argv)
 
 

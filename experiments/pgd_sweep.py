@@ -45,7 +45,7 @@ def parse_args(argv=None):
                       "fails if fewer are eligible")
   p.add_argument("--min-iou", type=float, help=_common.MIN_IOU_HELP + "; not applied to --units")
   p.add_argument("--eps", nargs="+", type=float, default=[2, 4, 6], help="ε values in /255 units")
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--steps", type=int, default=10, help="PGD steps per attack")
   p.add_argument("--step-size", type=float, help="in /255 units (default 2ε/steps)")
   p.add_argument("--modes", nargs="+", default=DEFAULT_MODES,
                  help=f"among {', '.join(pgd_sweep.MODES)} (noise: random ±ε control)")
@@ -58,19 +58,23 @@ def parse_args(argv=None):
                       "(highest clean activation of the unit first)")
   p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
                  help="uint8/jpeg also measure the float result and report its survival")
-  p.add_argument("--jpeg-quality", type=int, default=90)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--jpeg-quality", type=int, default=90,
+                 help="JPEG quality (1-100) for --delivery jpeg")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of every random draw (and of the embedded default)")
+  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
   p.add_argument("--units-per-call", type=int, default=4, help="units attacked in one compiled call")
-  p.add_argument("--quantile", type=float, default=0.005)
-  p.add_argument("--out", type=Path, default=Path("runs/pgd_sweep"))
+  p.add_argument("--quantile", type=float, default=0.005,
+                 help="η: the top fraction of activations a unit's threshold keeps")
+  p.add_argument("--out", type=Path, default=Path("runs/pgd_sweep"),
+                 help="output directory (re-running resumes)")
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--export-unit", metavar="LAYER:UNIT", help="export this unit's corrupted probe set")
   p.add_argument("--export-dir", type=Path, help="where to write the exported Broden directory")
   p.add_argument("--export-eps", type=float, help="ε (/255) of the export (default: the largest)")
   p.add_argument("--export-mode", help="mode of the export (default: the first of --modes)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p.parse_args(argv)
 
 

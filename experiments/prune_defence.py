@@ -36,16 +36,20 @@ def parse_args(argv=None):
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--weights", type=Path, help="orbax model checkpoint (default: embedded)")
   p.add_argument("--layer", default="block4", help="attacked layer (default block4)")
-  p.add_argument("--l1-rates", nargs="*", type=float, default=[0.5, 0.875])
-  p.add_argument("--vulnerability-rates", nargs="*", type=float, default=[0.25, 0.5])
+  p.add_argument("--l1-rates", nargs="*", type=float, default=[0.5, 0.875],
+                 help="L1 unstructured pruning rates, in [0, 1)")
+  p.add_argument("--vulnerability-rates", nargs="*", type=float, default=[0.25, 0.5],
+                 help="fractions of the channels most vulnerable to the attack pruned, in [0, 1)")
   p.add_argument("--recover-steps", type=int, default=15,
                  help="distillation-only steps after pruning (default 15)")
-  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--k", type=int, default=10, help="top-k set size")
   p.add_argument("--epochs", type=int, default=1, help="attack epochs (default 1)")
   p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--attack-batch-size", type=int, default=16)
-  p.add_argument("--eval-every", type=int, default=10)
+  p.add_argument("--batch-size", type=int, default=16, help="training-stream images per step")
+  p.add_argument("--attack-batch-size", type=int, default=16,
+                 help="attacked (top-k) images per step")
+  p.add_argument("--eval-every", type=int, default=10,
+                 help="steps between held-out evaluations (and α updates)")
   p.add_argument("--train-folder", type=Path,
                  help="training stream (default: embedded / probe; needs --val-folder)")
   p.add_argument("--val-folder", type=Path,
@@ -57,12 +61,15 @@ def parse_args(argv=None):
   p.add_argument("--val-size", type=int, help="fixed random subset of held-out images")
   p.add_argument("--train-eval-size", type=int, default=200,
                  help="training-stream images of the train accuracy (default 200)")
-  p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"])
+  p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"],
+                 help="input normalisation the model expects")
   p.add_argument("--embedder", default="model", metavar="SPEC", help=_common.EMBEDDER_HELP)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", type=Path, default=Path("runs/prune_defence"))
-  p.add_argument("--cache", type=Path, default=Path("cache/embedded"))
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of every random draw (and of the embedded default)")
+  p.add_argument("--out", type=Path, default=Path("runs/prune_defence"),
+                 help="output directory")
+  p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p.parse_args(argv)
 
 
