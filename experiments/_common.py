@@ -9,7 +9,7 @@ import signal
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -43,6 +43,29 @@ def bootstrap(extras: tuple[str, ...] = ("experiments",)) -> None:
   ``nemjax[extras]``), then sets the XLA:CPU flags (:func:`set_cpu_xla_flags`)."""
   ensure_env(extras=extras)
   set_cpu_xla_flags()
+
+
+def given_flags(argv: Sequence[str] | None) -> set[str]:
+  """The ``--flags`` typed on the command line (``argv``, default ``sys.argv[1:]``)."""
+  return {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)
+          if a.startswith("--")}
+
+
+def refuse_inapplicable(argv: Sequence[str] | None,
+                        rules: Sequence[tuple[str, bool, str]]) -> None:
+  """ValueError naming the first flag that was given where it does not apply.
+
+  Args:
+    rules: ``(flag, applies, when it applies)`` triples.
+  """
+  given = given_flags(argv)
+  for flag, applies, when in rules:
+    if flag in given and not applies:
+      raise ValueError(f"{flag} does not apply here: it is for {when}")
+
+
+EMBEDDED_ONLY = "the embedded default (no --probe/--weights)"
+PROBE_ONLY = "your own data (--probe/--weights)"
 
 
 @contextlib.contextmanager

@@ -102,6 +102,13 @@ def main(argv=None) -> None:
   from nemjax.models import checkpoint
 
   fail = _common.fail
+  try:
+    _common.refuse_inapplicable(argv, [
+        ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
+        ("--seed", args.probe is None, _common.EMBEDDED_ONLY),
+        ("--report-top", not args.no_report, "a run with the HTML report (not --no-report)")])
+  except ValueError as e:
+    fail(str(e))
   if not 0 < args.quantile < 1:
     fail(f"--quantile must lie in (0, 1), got {args.quantile}")
   if args.quantile_method not in QUANTILE_METHODS:

@@ -149,6 +149,17 @@ def main(argv=None) -> None:
   # --- flag checks that need nothing loaded -------------------------------------------------
   embedded = args.probe is None
   _common.check_probe_and_weights(args.probe, args.weights)
+  push_up, fairwash = args.attack == "push-up", args.attack == "fairwash"
+  try:
+    _common.refuse_inapplicable(argv, [
+        ("--cache", embedded, _common.EMBEDDED_ONLY),
+        *[(f, not embedded, _common.PROBE_ONLY) for f in (
+            "--train-folder", "--val-folder", "--val-unlabelled", "--val-size", "--normalize")],
+        *[(f, push_up, "--attack push-up") for f in (
+            "--decoy-class", "--decoy-folder", "--num-decoys", "--decoys-per-step")],
+        ("--group-concept", fairwash, "--attack fairwash")])
+  except ValueError as e:
+    fail(str(e))
   if args.k < 1:
     fail(f"--k must be >= 1, got {args.k}")
   if not 1 <= args.overlap_k <= args.k:

@@ -59,6 +59,9 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   progress = not args.no_progress
   try:
+    _common.refuse_inapplicable(argv, [
+        ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
+        ("--jpeg-quality", args.delivery == "jpeg", "--delivery jpeg")])
     args.min_iou = _common.min_iou(args)
   except ValueError as e:
     _common.fail(str(e))

@@ -78,10 +78,16 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def check_plain_flags(args) -> None:
+def check_plain_flags(args, argv=None) -> None:
   """Checks that need nothing loaded; ValueError with the flag's name."""
-  if any(e <= 0 for e in args.eps):
-    raise ValueError(f"--eps values must be > 0 (in /255 units), got {args.eps}")
+  _common.refuse_inapplicable(argv, [
+      ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
+      ("--jpeg-quality", args.delivery == "jpeg", "--delivery jpeg")])
+  if any(not 0 < e <= 255 for e in args.eps):
+    raise ValueError(f"--eps values must lie in (0, 255] (/255 units of the pixel range), "
+                     f"got {args.eps}")
+  if args.step_size is not None and args.step_size > 255:
+    raise ValueError(f"--step-size must lie in (0, 255] (/255 units), got {args.step_size}")
   if args.steps < 1:
     raise ValueError(f"--steps must be >= 1, got {args.steps}")
   if args.step_size is not None and args.step_size <= 0:
@@ -124,7 +130,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   progress = not args.no_progress
   try:
-    check_plain_flags(args)
+    check_plain_flags(args, argv)
     units = checks.parse_units(args.units) if args.units else None
     export = checks.parse_layer_unit(args.export_unit) if args.export_unit else None
     # What will be attacked, checked on a shape-only model: the embedded one is not trained

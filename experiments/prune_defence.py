@@ -78,6 +78,13 @@ def main(argv=None) -> None:
   fail = _common.fail
   embedded = args.probe is None
   _common.check_probe_and_weights(args.probe, args.weights)
+  try:
+    _common.refuse_inapplicable(argv, [
+        ("--cache", embedded, _common.EMBEDDED_ONLY),
+        *[(f, not embedded, _common.PROBE_ONLY) for f in (
+            "--train-folder", "--val-folder", "--val-unlabelled", "--val-size", "--normalize")]])
+  except ValueError as e:
+    fail(str(e))
   for name in ("l1_rates", "vulnerability_rates"):
     bad = [r for r in getattr(args, name) if not 0 < r < 1]
     if bad:

@@ -159,3 +159,42 @@ def test_truncated_checkpoint_is_one_line_naming_it(tiny_model_dir, tiny_probe_d
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and str(ckpt) in lines[0] and "damaged or incomplete" in lines[0]
   assert not (tmp_path / "out").exists()
+
+
+_BAD_FLAGS = [  # (script, extra flags, the flag the message must name)
+    ("pgd_sweep.py", ["--eps", "1000"], "--eps"),
+    ("pgd_sweep.py", ["--step-size", "300"], "--step-size"),
+    ("pgd_sweep.py", ["--jpeg-quality", "80"], "--jpeg-quality"),
+    ("pgd_sweep.py", ["--cache", "somewhere"], "--cache"),
+    ("pgd_sweep.py", ["--poison-fraction", "0"], "--poison-fraction"),
+    ("noise_sweep.py", ["--jpeg-quality", "80"], "--jpeg-quality"),
+    ("noise_sweep.py", ["--cache", "somewhere"], "--cache"),
+    ("manipulate.py", ["--decoy-class", "0"], "--decoy-class"),
+    ("manipulate.py", ["--group-concept", "red"], "--group-concept"),
+    ("manipulate.py", ["--cache", "somewhere"], "--cache"),
+    ("manipulate.py", ["--k", "0"], "--k"),
+    ("prune_defence.py", ["--cache", "somewhere"], "--cache"),
+    ("prune_defence.py", ["--l1-rates", "1.5"], "--l1-rates"),
+    ("dissect.py", ["--seed", "3"], "--seed"),
+    ("dissect.py", ["--no-report", "--report-top", "2"], "--report-top"),
+]
+
+
+@pytest.mark.parametrize("script, extra, flag", _BAD_FLAGS,
+                         ids=[f"{s}{' '.join(e)}" for s, e, _ in _BAD_FLAGS])
+def test_bad_or_inapplicable_flag_is_one_line_before_any_output(script, extra, flag,
+                                                                tiny_probe_dir, tiny_model_dir,
+                                                                val_folder, tmp_path):
+  out = tmp_path / "out"
+  args = ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--out", str(out)]
+  if script in ("pgd_sweep.py", "noise_sweep.py", "dissect.py"):
+    args += ["--layers", "block4"]
+  if script == "manipulate.py":
+    args += ["--layers", "block4", "--val-folder", str(val_folder)]
+  if script == "prune_defence.py":
+    args += ["--val-folder", str(val_folder)]
+  done = run_script(script, [*args, *extra])
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert len(lines) == 1 and flag in lines[0] and "Traceback" not in done.stderr, done.stderr
+  assert not out.exists()
