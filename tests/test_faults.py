@@ -198,3 +198,70 @@ def test_bad_or_inapplicable_flag_is_one_line_before_any_output(script, extra, f
   assert done.returncode == 2, done.stderr[-2000:]
   assert len(lines) == 1 and flag in lines[0] and "Traceback" not in done.stderr, done.stderr
   assert not out.exists()
+
+
+# ------------------------------------------------------------------ the long commands
+_SWEEP = ["--layers", "block4", "--num-units", "2", "--min-iou", "0", "--eps", "4", "8",
+          "--steps", "2", "--modes", "u2", "--units-per-call", "1", "--batch-size", "8",
+          "--no-progress"]
+_NOISE = ["--layers", "block4", "--min-iou", "0", "--sigmas", "0.05", "--fractions", "0.5", "1",
+          "--kinds", "gaussian", "--batch-size", "8", "--no-progress"]
+_MANIPULATE = ["--layers", "block4", "--channels", "0,1,2,3,4,5", "--k", "4", "--overlap-k",
+               "2", "--epochs", "2", "--batch-size", "4", "--attack-batch-size", "4",
+               "--eval-every", "3", "--lr", "1e-3", "--eval-batch-size", "24",
+               "--featvis-channels", "0", "--no-progress"]
+LONG = {  # script, flags, the result files compared (CSV without timing columns)
+    "pgd_sweep": ("pgd_sweep.py", _SWEEP, ["results.csv"]),
+    "noise_sweep": ("noise_sweep.py", _NOISE, ["results.csv"]),
+    "manipulate": ("manipulate.py", _MANIPULATE, ["metrics.csv"]),
+}
+
+
+def csv_rows(path: Path) -> list[tuple]:
+  import csv
+  with open(path, newline="") as f:
+    return sorted(tuple((k, v) for k, v in r.items() if "second" not in k and "time" not in k)
+                  for r in csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def long_args(tiny_probe_dir, tiny_model_dir, val_folder):
+  def args(name: str, out: Path) -> list[str]:
+    script, flags, _ = LONG[name]
+    extra = ["--val-folder", str(val_folder)] if script == "manipulate.py" else []
+    return ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), *extra,
+            "--out", str(out), *flags]
+  return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(long_args, tmp_path_factory):
+  outs = {}
+  for name in LONG:
+    out = tmp_path_factory.mktemp(name) / "out"
+    done = run_script(LONG[name][0], long_args(name, out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    outs[name] = out
+  return outs
+
+
+@pytest.mark.parametrize("name, fault", [("pgd_sweep", (2, "SIGKILL")),
+                                         ("pgd_sweep", (4, "SIGINT")),
+                                         ("noise_sweep", (3, "SIGKILL")),
+                                         ("manipulate", (3, "SIGKILL")),
+                                         ("manipulate", (6, "SIGINT"))])
+def test_long_command_stopped_then_rerun_equals_uninterrupted(name, fault, long_args,
+                                                              uninterrupted, tmp_path):
+  script, _, compared = LONG[name]
+  out = tmp_path / "out"
+  done = run_script(script, long_args(name, out), fault=fault)
+  expected = {"SIGKILL": -signal.SIGKILL, "SIGINT": 130}[fault[1]]
+  assert done.returncode == expected, done.stderr[-2000:]
+  if fault[1] == "SIGINT":
+    assert done.stderr.strip().splitlines()[-1] == "interrupted; the same command resumes"
+  again = run_script(script, long_args(name, out))
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert not stray_files(out), stray_files(out)
+  assert (out / ".nemjax.lock").read_text() == ""  # released
+  for rel in compared:
+    assert csv_rows(out / rel) == csv_rows(uninterrupted[name] / rel), rel
