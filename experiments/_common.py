@@ -87,6 +87,69 @@ def check_output(out: Path, flag: str = "--out") -> None:
     fail(str(e))
 
 
+def add_run_flags(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
+  """--seed, --out, --cache and --no-progress, as every experiment script has them."""
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of every random draw (and of the embedded default)")
+  p.add_argument("--out", type=Path, default=Path(out), help=out_help)
+  p.add_argument("--cache", type=Path, default=Path("cache/embedded"),
+                 help="embedded default cache")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_probe_pass_flags(p: argparse.ArgumentParser) -> None:
+  """How a sweep runs and delivers probe images: --delivery, --jpeg-quality, --batch-size,
+  --quantile."""
+  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
+                 help="how corrupted images reach the model (uint8/jpeg also measure the float "
+                      "result and report its survival)")
+  p.add_argument("--jpeg-quality", type=int, default=90,
+                 help="JPEG quality (1-100) for --delivery jpeg")
+  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
+  p.add_argument("--quantile", type=float, default=0.005,
+                 help="η: the top fraction of activations a unit's threshold keeps")
+
+
+def add_heldout_flags(p: argparse.ArgumentParser) -> None:
+  """The training stream and held-out images of a fine-tuning script with --probe/--weights."""
+  p.add_argument("--train-folder", type=Path,
+                 help="training stream: class-per-subfolder tree (needs --val-folder)")
+  p.add_argument("--val-folder", type=Path,
+                 help="held-out images (accuracy, α rule): class-per-subfolder tree, sorted "
+                      "names = the model's classes; required with --probe")
+  p.add_argument("--val-unlabelled", action="store_true",
+                 help="--val-folder images carry no class labels: report top-1 agreement with "
+                      "the original model on them instead of accuracy")
+  p.add_argument("--val-size", type=int,
+                 help="use a fixed random subset of this many held-out images (default: all)")
+  p.add_argument("--train-eval-size", type=int, default=200,
+                 help="training-stream images whose accuracy is reported as the train accuracy")
+  p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"],
+                 help="input normalisation the model expects")
+  p.add_argument("--embedder", default="model", metavar="SPEC", help=EMBEDDER_HELP)
+
+
+HELDOUT_FLAGS = ("--train-folder", "--val-folder", "--val-unlabelled", "--val-size",
+                 "--normalize")
+
+
+def heldout_inputs(args, config, default, **extra) -> tuple[Any, dict]:
+  """``nemjax.manipulate.inputs.load_inputs`` for a fine-tuning script's flags: the embedded
+  default's sets (``default``) or --probe/--weights with the held-out flags; ``extra`` goes
+  through (decoys, groups)."""
+  from nemjax.manipulate import inputs as minputs  # pylint: disable=import-outside-toplevel
+  if default is not None:
+    return minputs.load_inputs(
+        config, probe_dir=default.probe_dir, weights=default.checkpoint_dir,
+        embedded_train_dir=default.train_dir, heldout_dir=default.heldout_dir,
+        train_eval_size=args.train_eval_size, **extra)
+  return minputs.load_inputs(
+      config, probe_dir=args.probe, weights=args.weights, normalize=args.normalize,
+      train_folder=args.train_folder, val_folder=args.val_folder,
+      val_unlabelled=args.val_unlabelled, val_size=args.val_size,
+      train_eval_size=args.train_eval_size, **extra)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
   """``--help`` keeps the script's docstring as written and shows every flag's default (unless
   the help text already says it, or there is none to show)."""

@@ -89,22 +89,7 @@ def parse_args(argv=None):
                  help="train only parameters of this module and later ones (default: all)")
   p.add_argument("--embed-layer", default="avgpool",
                  help="pooled features used as the CLIP stand-in (default avgpool)")
-  p.add_argument("--embedder", default="model", metavar="SPEC", help=_common.EMBEDDER_HELP)
-  p.add_argument("--train-folder", type=Path,
-                 help="training stream: class-per-subfolder tree (needs --val-folder)")
-  p.add_argument("--val-folder", type=Path,
-                 help="held-out images (accuracy, α rule): class-per-subfolder tree, sorted "
-                      "names = the model's classes; required with --probe")
-  p.add_argument("--val-unlabelled", action="store_true",
-                 help="--val-folder images carry no class labels: report top-1 agreement with "
-                      "the original model on them instead of accuracy")
-  p.add_argument("--val-size", type=int,
-                 help="use a fixed random subset of this many held-out images (default: all)")
-  p.add_argument("--train-eval-size", type=int, default=200,
-                 help="training-stream images whose accuracy is reported as the train "
-                      "accuracy (default 200)")
-  p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"],
-                 help="model input normalisation of 0..255 images (default netdissect)")
+  _common.add_heldout_flags(p)
   p.add_argument("--featvis-channels", type=int, default=4,
                  help="attacked channels per layer visualised by activation maximisation "
                       "before and after (default 4; 0 turns it off)")
@@ -112,13 +97,8 @@ def parse_args(argv=None):
                  help="activation-maximisation steps per visualisation (default 128)")
   p.add_argument("--eval-batch-size", type=int, default=50,
                  help="images per forward pass when evaluating")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of every random draw (and of the embedded default)")
-  p.add_argument("--out", type=Path, default=Path("runs/manipulate"),
-                 help="output directory (re-running resumes from its checkpoints)")
-  p.add_argument("--cache", type=Path, default=Path("cache/embedded"),
-                 help="embedded default cache")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  _common.add_run_flags(p, "runs/manipulate",
+                         "output directory (re-running resumes from its checkpoints)")
   return p.parse_args(argv)
 
 
@@ -153,8 +133,7 @@ def main(argv=None) -> None:
   try:
     _common.refuse_inapplicable(argv, [
         ("--cache", embedded, _common.EMBEDDED_ONLY),
-        *[(f, not embedded, _common.PROBE_ONLY) for f in (
-            "--train-folder", "--val-folder", "--val-unlabelled", "--val-size", "--normalize")],
+        *[(f, not embedded, _common.PROBE_ONLY) for f in _common.HELDOUT_FLAGS],
         *[(f, push_up, "--attack push-up") for f in (
             "--decoy-class", "--decoy-folder", "--num-decoys", "--decoys-per-step")],
         ("--group-concept", fairwash, "--attack fairwash")])
@@ -249,22 +228,14 @@ def main(argv=None) -> None:
   _common.check_output(args.out)
 
   progress = not args.no_progress
+  default = None
   if embedded:
     from nemjax.embedded import build_embedded_default
     default = build_embedded_default(args.cache, seed=args.seed, progress=progress)
-    probe_dir, weights = default.probe_dir, default.checkpoint_dir
-  else:
-    probe_dir, weights, default = args.probe, args.weights, None
   try:
-    inputs, run_info = minputs.load_inputs(
-        config, probe_dir=probe_dir, weights=weights, normalize=args.normalize,
-        embedded_train_dir=None if default is None else default.train_dir,
-        heldout_dir=None if default is None else default.heldout_dir,
-        train_folder=args.train_folder, val_folder=args.val_folder,
-        val_unlabelled=args.val_unlabelled, val_size=args.val_size,
-        train_eval_size=args.train_eval_size, decoy_class=args.decoy_class,
-        decoy_folder=args.decoy_folder, num_decoys=args.num_decoys,
-        group_concept=group_concept)
+    inputs, run_info = _common.heldout_inputs(
+        args, config, default, decoy_class=args.decoy_class, decoy_folder=args.decoy_folder,
+        num_decoys=args.num_decoys, group_concept=group_concept)
     inputs.embedder, run_info = embedder, dict(run_info, embedder=args.embedder)
     with _common.locked_output(args.out):
       summary = X.run_experiment(config, inputs, args.out, run_info=run_info,

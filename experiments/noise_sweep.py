@@ -38,20 +38,9 @@ def parse_args(argv=None):
                  help="fractions of the probe images corrupted, in (0, 1]")
   p.add_argument("--kinds", nargs="+", default=["gaussian", "uniform", "bernoulli"],
                  help="noise kinds (gaussian: N(0, σ²); uniform and bernoulli: bounded by σ)")
-  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
-                 help="how corrupted images reach the model")
-  p.add_argument("--jpeg-quality", type=int, default=90,
-                 help="JPEG quality (1-100) for --delivery jpeg")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of every random draw (and of the embedded default)")
-  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
-  p.add_argument("--quantile", type=float, default=0.005,
-                 help="η: the top fraction of activations a unit's threshold keeps")
+  _common.add_probe_pass_flags(p)
   p.add_argument("--min-iou", type=float, help="count only these units: " + _common.MIN_IOU_HELP)
-  p.add_argument("--out", type=Path, default=Path("runs/noise_sweep"),
-                 help="output directory (re-running resumes)")
-  p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  _common.add_run_flags(p, "runs/noise_sweep", "output directory (re-running resumes)")
   return p.parse_args(argv)
 
 

@@ -56,25 +56,14 @@ def parse_args(argv=None):
                  help="which candidates fill the cap: 'concept' (the paper's code: images holding "
                       "the source concept, then the target's, in probe order) or 'activation' "
                       "(highest clean activation of the unit first)")
-  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
-                 help="uint8/jpeg also measure the float result and report its survival")
-  p.add_argument("--jpeg-quality", type=int, default=90,
-                 help="JPEG quality (1-100) for --delivery jpeg")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of every random draw (and of the embedded default)")
-  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
+  _common.add_probe_pass_flags(p)
   p.add_argument("--units-per-call", type=int, default=4, help="units attacked in one compiled call")
-  p.add_argument("--quantile", type=float, default=0.005,
-                 help="η: the top fraction of activations a unit's threshold keeps")
-  p.add_argument("--out", type=Path, default=Path("runs/pgd_sweep"),
-                 help="output directory (re-running resumes)")
-  p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--export-unit", metavar="LAYER:UNIT", help="export this unit's corrupted probe set")
   p.add_argument("--export-dir", type=Path, help="where to write the exported Broden directory")
   p.add_argument("--export-eps", type=float, help="ε (/255) of the export (default: the largest)")
   p.add_argument("--export-mode", help="mode of the export (default: the first of --modes)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  _common.add_run_flags(p, "runs/pgd_sweep", "output directory (re-running resumes)")
   return p.parse_args(argv)
 
 

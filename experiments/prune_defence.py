@@ -50,26 +50,8 @@ def parse_args(argv=None):
                  help="attacked (top-k) images per step")
   p.add_argument("--eval-every", type=int, default=10,
                  help="steps between held-out evaluations (and α updates)")
-  p.add_argument("--train-folder", type=Path,
-                 help="training stream (default: embedded / probe; needs --val-folder)")
-  p.add_argument("--val-folder", type=Path,
-                 help="held-out images: class-per-subfolder tree, sorted names = the model's "
-                      "classes; required with --probe")
-  p.add_argument("--val-unlabelled", action="store_true",
-                 help="--val-folder images carry no class labels: report top-1 agreement with "
-                      "the original model instead of accuracy")
-  p.add_argument("--val-size", type=int, help="fixed random subset of held-out images")
-  p.add_argument("--train-eval-size", type=int, default=200,
-                 help="training-stream images of the train accuracy (default 200)")
-  p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"],
-                 help="input normalisation the model expects")
-  p.add_argument("--embedder", default="model", metavar="SPEC", help=_common.EMBEDDER_HELP)
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of every random draw (and of the embedded default)")
-  p.add_argument("--out", type=Path, default=Path("runs/prune_defence"),
-                 help="output directory")
-  p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  _common.add_heldout_flags(p)
+  _common.add_run_flags(p, "runs/prune_defence", "output directory")
   return p.parse_args(argv)
 
 
@@ -81,8 +63,7 @@ def main(argv=None) -> None:
   try:
     _common.refuse_inapplicable(argv, [
         ("--cache", embedded, _common.EMBEDDED_ONLY),
-        *[(f, not embedded, _common.PROBE_ONLY) for f in (
-            "--train-folder", "--val-folder", "--val-unlabelled", "--val-size", "--normalize")]])
+        *[(f, not embedded, _common.PROBE_ONLY) for f in _common.HELDOUT_FLAGS]])
   except ValueError as e:
     fail(str(e))
   for name in ("l1_rates", "vulnerability_rates"):
@@ -136,20 +117,13 @@ def main(argv=None) -> None:
   embedder = _common.load_embedder_flag(args.embedder)
   _common.check_output(args.out)
   progress = not args.no_progress
+  default = None
   if embedded:
     from nemjax.embedded import build_embedded_default
     default = build_embedded_default(args.cache, seed=args.seed, progress=progress)
-    probe_dir, weights = default.probe_dir, default.checkpoint_dir
-    train_dir, heldout_dir = default.train_dir, default.heldout_dir
-  else:
-    probe_dir, weights, train_dir, heldout_dir = args.probe, args.weights, None, None
   with _common.locked_output(args.out):
     try:
-      inputs, run_info = minputs.load_inputs(
-          config, probe_dir=probe_dir, weights=weights, normalize=args.normalize,
-          embedded_train_dir=train_dir, heldout_dir=heldout_dir, train_folder=args.train_folder,
-          val_folder=args.val_folder, val_unlabelled=args.val_unlabelled,
-          val_size=args.val_size, train_eval_size=args.train_eval_size)
+      inputs, run_info = _common.heldout_inputs(args, config, default)
       inputs.embedder = embedder
       write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
                                             "embedder": args.embedder,

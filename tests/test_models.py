@@ -271,6 +271,12 @@ def test_checkpoint_failed_save_leaves_nothing(smallcnn, tmp_path, monkeypatch):
     def wait_until_finished(self):
       pass
 
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
   monkeypatch.setattr(checkpoint, "_checkpointer", Exploding)
   with pytest.raises(OSError, match="disk full"):
     checkpoint.save(smallcnn, tmp_path / "ck", arch="smallcnn", num_classes=5)

@@ -19,6 +19,7 @@ import numpy as np
 
 from nemjax import files
 from nemjax.manipulate import train
+from nemjax.models import checkpoint
 
 __all__ = ["fingerprint", "save_checkpoint", "find_checkpoint", "read_checkpoint_meta",
            "restore_checkpoint"]
@@ -32,19 +33,13 @@ def fingerprint(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _checkpointer():
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (slow import)
-  return ocp.StandardCheckpointer()
-
-
 def save_checkpoint(ckpt_root: Path, state: train.TrainState, meta: dict) -> None:
   """Write ``ckpt_root/last`` atomically: a complete new directory, then a swap."""
   dest = Path(ckpt_root) / _LAST
   tmp = files.new_temp_dir(dest)
   try:
-    ckptr = _checkpointer()
-    ckptr.save(tmp / "state", {f"{i:05d}": l for i, l in enumerate(jax.tree.leaves(state))})
-    ckptr.wait_until_finished()
+    checkpoint.save_arrays(tmp / "state",
+                           {f"{i:05d}": l for i, l in enumerate(jax.tree.leaves(state))})
     (tmp / _META).write_text(json.dumps(meta, indent=1) + "\n")
     files.replace_dir(tmp, dest)
   except BaseException:
@@ -77,10 +72,8 @@ def restore_checkpoint(ckpt_root: Path, template: train.TrainState
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(l), l.dtype, sharding=sharding)
             for i, l in enumerate(leaves)}
-  try:
-    restored = _checkpointer().restore(found / "state", target)
-  except Exception as e:  # orbax raises many types; one clear line
-    raise ValueError(f"cannot restore the fine-tuning checkpoint {found}: {type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+  restored = checkpoint.restore_arrays(
+      found / "state", target, what=f"the fine-tuning checkpoint {found}",
+      remedy=f"delete {ckpt_root} to start the fine-tuning over")
   state = treedef.unflatten([restored[f"{i:05d}"] for i in range(len(leaves))])
   return state, json.loads((found / _META).read_text())

@@ -13,9 +13,11 @@ OUT_DIR (and an existing OUT_DIR untouched unless the new one is complete).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,39 @@ _STATE = "state"
 def _version() -> str:
   import nemjax  # the package root; imported lazily to keep the import graph one-way at load time
   return getattr(nemjax, "__version__", "unknown")
+
+
+def _drop_orphaned_reads() -> None:
+  """After a failed restore, orbax leaves the other arrays' failed read coroutines behind; when
+  they are collected, Python prints each one's traceback ("Exception ignored in ..."). Collect
+  them now, quietly: the one error that matters is raised to the caller."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def save_arrays(path: Path, tree: Any) -> None:
+  """Writes the pytree of arrays ``tree`` as an orbax checkpoint at ``path`` (a new directory;
+  callers build it under a temporary name and swap it in) and waits until it is complete."""
+  with _checkpointer() as ckptr:
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+
+
+def restore_arrays(path: Path, target: Any, *, what: str, remedy: str) -> Any:
+  """Restores the orbax pytree at ``path`` shaped like ``target`` (``jax.ShapeDtypeStruct``
+  leaves); any failure is one ValueError line naming ``what`` and ``remedy``."""
+  try:
+    with _checkpointer() as ckptr:  # closed (its threads stopped) even when the read fails
+      return ckptr.restore(path, target)
+  except Exception as e:  # orbax raises many types; report one clear line
+    _drop_orphaned_reads()
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ValueError(f"cannot restore {what}: {type(e).__name__}: {first} (the files are "
+                     f"damaged or incomplete: {remedy})") from e
 
 
 def _checkpointer():
@@ -76,10 +111,7 @@ def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, num_classe
     raise FileExistsError(f"checkpoint directory already exists: {out} (pass overwrite=True to replace it)")
   tmp = files.new_temp_dir(out)
   try:
-    pure = nnx.to_pure_dict(nnx.state(model))
-    ckptr = _checkpointer()
-    ckptr.save(tmp / _STATE, pure)
-    ckptr.wait_until_finished()
+    save_arrays(tmp / _STATE, nnx.to_pure_dict(nnx.state(model)))
     (tmp / _META).write_text(meta_text + "\n")
     files.replace_dir(tmp, out)
   except BaseException:
@@ -132,14 +164,11 @@ def load(ckpt_dir: str | os.PathLike, *, arch: str | None = None) -> nnx.Module:
   graphdef, state = nnx.split(abstract)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nnx.to_pure_dict(state))
-  try:
-    restored = _checkpointer().restore(d / _STATE, target)
-  except Exception as e:  # orbax raises many types; report one clear line
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise ValueError(f"cannot restore checkpoint {d} as {meta['arch']} with {meta['num_classes']} classes: "
-                     f"{type(e).__name__}: {first} (the files are damaged or incomplete: convert "
-                     "or train it again; a cached embedded default is rebuilt once its "
-                     "directory is deleted)") from e
+  restored = restore_arrays(
+      d / _STATE, target,
+      what=f"checkpoint {d} as {meta['arch']} with {meta['num_classes']} classes",
+      remedy="convert or train it again; a cached embedded default is rebuilt once its "
+             "directory is deleted")
   got = jax.tree.map(np.shape, restored)
   want = jax.tree.map(np.shape, nnx.to_pure_dict(state))
   if got != want:
