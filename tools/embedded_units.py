@@ -29,10 +29,13 @@ def layer_summary(result, probe, bar: float = IOU_BAR) -> dict:
   Returns:
     dict with ``units`` (U), ``quantiles`` {q: IoU} for q in 0/.25/.5/.75/.9/1,
     ``mean``, ``frac_above``, ``categories`` {category: units} over all units,
-    ``categories_above`` the same over units with IoU > bar, and ``labels_above``
-    [(category/label, units)] most frequent first.
+    ``categories_above`` the same over units with IoU > bar, ``labels_above``
+    [(category/label, units)] most frequent first, ``silent`` (units with threshold 0, active
+    in fewer than η of positions) and ``mean_attackable`` (mean IoU of the labelled units with
+    a positive threshold: those a sweep picks from).
   """
   score = np.asarray(result.score, np.float64)                    # (U,)
+  live = (np.asarray(result.thresholds) > 0) & (np.asarray(result.best_label) > 0)
   cats = [probe.category_names[c] for c in np.asarray(result.best_category)]
   names = [str(probe.label_names[n]) for n in np.asarray(result.best_label)]
   above = score > bar
@@ -41,6 +44,8 @@ def layer_summary(result, probe, bar: float = IOU_BAR) -> dict:
       "units": int(score.shape[0]),
       "quantiles": {q: float(np.quantile(score, q)) for q in qs},
       "mean": float(score.mean()),
+      "silent": int((np.asarray(result.thresholds) <= 0).sum()),
+      "mean_attackable": float(score[live].mean()) if live.any() else 0.0,
       "frac_above": float(above.mean()),
       "categories": dict(collections.Counter(cats).most_common()),
       "categories_above": dict(collections.Counter(
@@ -56,6 +61,8 @@ def format_summary(layer: str, s: dict) -> str:
   cats_above = ", ".join(f"{k} {v}" for k, v in s["categories_above"].items()) or "-"
   labels = ", ".join(f"{k} {v}" for k, v in s["labels_above"][:10]) or "-"
   return (f"{layer}: {s['units']} units, IoU {q} mean={s['mean']:.3f}\n"
+          f"  silent (threshold 0): {s['silent']}, mean IoU of labelled live units: "
+          f"{s['mean_attackable']:.3f}\n"
           f"  IoU > {IOU_BAR}: {s['frac_above']:.1%} "
           f"({round(s['frac_above'] * s['units'])}/{s['units']})\n"
           f"  best-label categories (all units): {cats}\n"
