@@ -1,13 +1,17 @@
 """Deterministic synthetic Broden-format probe sets, drawn procedurally.
 
-Each image is a background *material* (a colour pair with its own shading: wood grain, brushed
-metal, woven fabric, water ripples, brick mortar, grass noise) laid out in a *texture* pattern
-(striped, checkered, dotted, speckled, wavy; sometimes two overlaid, sometimes plain), with 0-3
-*objects* (circle, square, triangle, star, ring, cross in a named colour, or a grass patch).
+Each image's background is one or (mostly) two regions split by a wavy line, each of its own
+*material* (a colour pair with its own shading: wood grain, brushed metal, woven fabric, water
+ripples, brick mortar, grass noise, stone blotches, sand grain, tile grout, carpet pile), laid out
+in one *texture* pattern (striped, checkered, dotted, speckled, wavy; sometimes two overlaid,
+sometimes plain), with 0-3 *objects* (circle, square, triangle, star, ring, cross in a named
+colour, or a grass patch). Two regions of ten materials keep each material's share of all
+pixels near 5-15 %, so a unit that detects one can pass NetDissect's IoU bar (with the top
+0.5 % of activations as its mask, IoU <= 0.005 / the label's share of pixels).
 Objects have *parts* in two layers: top/bottom halves, and rim/core (the rim is drawn darker).
-The *scene* (one of ``num_scenes``) biases the material and the object shapes, so a small CNN can
-learn to classify the scene from pixels; this is the task the embedded default CNN is trained on
-(``classes.json``, ``scene_targets``).
+The *scene* (one of ``num_scenes``) biases the first region's material and the object shapes,
+so a small CNN can learn to classify the scene from pixels; this is the task the embedded
+default CNN is trained on (``classes.json``, ``scene_targets``).
 
 Label maps are computed at the image resolution and sampled (nearest pixel centre) at the
 segmentation resolution, so they agree with the drawn image. All six Broden categories are
@@ -87,6 +91,10 @@ MATERIALS: tuple[tuple[str, tuple[str, str]], ...] = (
     ("water", ("blue", "cyan")),
     ("metal", ("gray", "white")),
     ("fabric", ("purple", "pink")),
+    ("stone", ("brown", "gray")),
+    ("sand", ("yellow", "white")),
+    ("tile", ("white", "cyan")),
+    ("carpet", ("red", "purple")),
 )
 TEXTURES = ("striped", "checkered", "dotted", "speckled", "wavy")
 # Scene -> (two favoured object shapes, favoured material).
@@ -103,8 +111,9 @@ SCENES: tuple[tuple[str, tuple[str, str], str], ...] = (
 SYNONYMS = {"gray": "grey", "circle": "disc", "grass": "lawn;turf", "fabric": "cloth;textile"}
 
 FIRST_MATERIAL_NUMBER = 256  # material labels (except grass) get numbers >= 256 (G channel = 1)
-P_MATERIAL_FAVOURED = 0.7    # P(background material = the scene's material)
-P_SHAPE_FAVOURED = 0.75      # P(an object's shape is one of the scene's two shapes)
+P_MATERIAL_FAVOURED = 0.85   # P(the first background region's material = the scene's material)
+P_ONE_REGION = 0.15          # P(the background is one material region instead of two)
+P_SHAPE_FAVOURED = 0.85      # P(an object's shape is one of the scene's two shapes)
 P_GRASS_PATCH = 0.1          # P(an object is a grass patch)
 P_NO_OBJECTS = 0.1           # P(an image has no object)
 P_PLAIN = 0.1                # P(no texture: plain background, empty texture cell)
@@ -233,6 +242,18 @@ def _material_shading(material: str, rng: np.random.Generator, cv: _Canvas) -> n
     return 1 - 0.2 * (((yy + ph * course) % course) < 2 * s)
   if material == GRASS:
     return 1 + 0.28 * (rng.random((cv.size, cv.size), dtype=np.float32) - 0.5)
+  if material == "stone":  # smooth blotches
+    cells = rng.random((7, 7), dtype=np.float32)
+    blotch = np.asarray(Image.fromarray(cells, "F").resize((cv.size, cv.size), Image.BILINEAR))
+    return 0.88 + 0.24 * blotch
+  if material == "sand":  # fine grain on gentle ripples
+    grain = rng.random((cv.size, cv.size), dtype=np.float32) - 0.5
+    return 1 + 0.12 * grain + 0.05 * np.sin(2 * np.pi * (xx + 0.3 * yy) / (23 * s) + ph)
+  if material == "tile":  # dark grout grid
+    c = 28 * s
+    return 1 - 0.25 * ((((xx + ph * c) % c) < 2 * s) | (((yy + ph * c) % c) < 2 * s))
+  if material == "carpet":  # fine diagonal pile
+    return 1 + 0.09 * np.sign(np.sin(2 * np.pi * (xx + yy) / (4 * s) + ph))
   raise AssertionError(material)
 
 
@@ -284,6 +305,21 @@ def _erode(mask: np.ndarray, k: int) -> np.ndarray:
   return sliding_window_view(rows, 2 * k + 1, axis=1).min(axis=-1)
 
 
+def _background_regions(num_regions: int, rng: np.random.Generator, cv: _Canvas) -> np.ndarray:
+  """int8 (S, S): 0 everywhere, or 0 / 1 on the two sides of a wavy line across the image."""
+  if num_regions == 1:
+    return np.zeros((cv.size, cv.size), np.int8)
+  s = cv.size / 224.0
+  angle = rng.uniform(0, 2 * np.pi)
+  c, d = math.cos(angle), math.sin(angle)
+  along = -cv.xx * d + cv.yy * c
+  offset = rng.uniform(-0.25, 0.25) * cv.size
+  wave = rng.uniform(4, 14) * s * np.sin(2 * np.pi * along / (rng.uniform(60, 140) * s)
+                                         + rng.uniform(0, 2 * np.pi))
+  u = (cv.xx - cv.size / 2) * c + (cv.yy - cv.size / 2) * d
+  return (u > offset + wave).astype(np.int8)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Rendered:
   image: np.ndarray                  # uint8 (S, S, 3)
@@ -299,10 +335,14 @@ def _render(rng: np.random.Generator, scene: int, cv: _Canvas, numbers: dict[str
   _, fav_shapes, fav_material = SCENES[scene]
   material_names = [m for m, _ in MATERIALS]
 
-  # Background: material (colour pair + shading) in a texture pattern.
-  material = (fav_material if rng.random() < P_MATERIAL_FAVOURED
-              else material_names[rng.integers(len(material_names))])
-  primary, secondary = dict(MATERIALS)[material]
+  # Background: one or two material regions (colour pair + shading each), split by a wavy
+  # line, under one texture pattern. The first region's material is biased by the scene.
+  materials = [fav_material if rng.random() < P_MATERIAL_FAVOURED
+               else material_names[rng.integers(len(material_names))]]
+  if rng.random() >= P_ONE_REGION:
+    others = [m for m in material_names if m != materials[0]]
+    materials.append(others[rng.integers(len(others))])
+  region = _background_regions(len(materials), rng, cv)     # int (S, S) index into materials
   u = rng.random()
   if u < P_PLAIN:
     textures: list[str] = []
@@ -314,10 +354,19 @@ def _render(rng: np.random.Generator, scene: int, cv: _Canvas, numbers: dict[str
   else:
     textures = [TEXTURES[rng.integers(len(TEXTURES))]]
     alt = _pattern(textures[0], rng, cv)
-  color_map = np.where(alt, numbers[secondary], numbers[primary]).astype(np.int32)
-  rgb = np.where(alt[..., None], color_rgb[secondary], color_rgb[primary])
-  shading = _material_shading(material, rng, cv).astype(np.float32)
-  material_map = np.full((S, S), numbers[material], np.int32)
+  color_map = np.zeros((S, S), np.int32)
+  rgb = np.zeros((S, S, 3), np.float32)
+  shading = np.ones((S, S), np.float32)
+  material_map = np.zeros((S, S), np.int32)
+  background_colours: set[str] = set()
+  for k, material in enumerate(materials):
+    primary, secondary = dict(MATERIALS)[material]
+    background_colours |= {primary, secondary}
+    sel = region == k
+    color_map[sel] = np.where(alt, numbers[secondary], numbers[primary])[sel]
+    rgb[sel] = np.where(alt[..., None], color_rgb[secondary], color_rgb[primary])[sel]
+    shading[sel] = _material_shading(material, rng, cv)[sel]
+    material_map[sel] = numbers[material]
   object_map = np.zeros((S, S), np.int32)
   part1 = np.zeros((S, S), np.int32)
   part2 = np.zeros((S, S), np.int32)
@@ -335,7 +384,7 @@ def _render(rng: np.random.Generator, scene: int, cv: _Canvas, numbers: dict[str
     r = rng.uniform(0.10, 0.19) * S
     cx, cy = rng.uniform(r, S - r, 2)
     theta = rng.uniform(0, 2 * np.pi)
-    choices = [c for c in OBJECT_COLORS if c not in (primary, secondary)]
+    choices = [c for c in OBJECT_COLORS if c not in background_colours]
     colour = choices[rng.integers(len(choices))]
     full = _shape_mask(kind, cx, cy, r, theta, rng, S)
     objects.append((kind, colour, cx, cy, r, full))
