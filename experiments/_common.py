@@ -223,28 +223,18 @@ def check_model_flags(args) -> None:
                      "(give --probe and --weights for another model)")
 
 
-# The sweeps' bar for a unit that detects a concept (clean best-label IoU above it): Network
-# Dissection's 0.04 on a real probe set. The embedded default's synthetic concepts cover large
-# areas, so even its best units stay near IoU 0.03 (block3) and 0.04 (block4): there the bar is
-# 0.02 (10 of 64 block3 and 50 of 128 block4 units of the seed-0 model pass it).
-MIN_IOU = 0.04
-EMBEDDED_MIN_IOU = 0.02
-
-
 def min_iou(args) -> float:
-  """``--min-iou`` if given, else :data:`MIN_IOU` (:data:`EMBEDDED_MIN_IOU` for the embedded
-  default); ValueError outside [0, 1)."""
-  value = args.min_iou
-  if value is None:
-    value = MIN_IOU if args.probe is not None else EMBEDDED_MIN_IOU
+  """``--min-iou``, else the sweeps' default bar (Network Dissection's 0.04, on the embedded
+  default too); ValueError outside [0, 1)."""
+  from nemjax.sweep.units import DEFAULT_MIN_IOU  # pylint: disable=import-outside-toplevel
+  value = DEFAULT_MIN_IOU if args.min_iou is None else args.min_iou
   if not 0 <= value < 1:
     raise ValueError(f"--min-iou must lie in [0, 1), got {value}")
   return float(value)
 
 
-MIN_IOU_HELP = (f"eligible units: a clean label with IoU above this (default {MIN_IOU}, Network "
-                f"Dissection's bar; {EMBEDDED_MIN_IOU} on the embedded default, whose synthetic "
-                "concepts cover large areas)")
+MIN_IOU_HELP = ("eligible units: a clean label with IoU above this (default 0.04, Network "
+                "Dissection's bar for an interpretable unit)")
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
     python experiments/noise_sweep.py            # embedded default
 
-% of units (labelled with clean IoU > --min-iou: 0.04, or 0.02 on the embedded default) whose
+% of units (labelled with clean IoU > --min-iou, default 0.04) whose
 label changes for σ ∈ {0.01 … 0.05} × poisoned fraction {20 … 100 %} × noise type (gaussian,
 uniform, bernoulli). Resumable: results.csv is appended as cells finish, keyed by (layer, kind,
 σ, fraction, delivery, seed), so another --seed or --delivery adds rows to the same directory;

@@ -4,7 +4,7 @@
 
 With no arguments: a synthetic Broden-format probe set and a SmallCNN trained on it (cached in
 cache/embedded/seed<S>), layers block3 and block4, 8 units each among those labelled with
-clean IoU > 0.02 (0.04 on a real probe set), ε ∈ {2,4,6}/255, 10 steps of 2ε/10 from the clean image, modes U2 and
+clean IoU > 0.04, ε ∈ {2,4,6}/255, 10 steps of 2ε/10 from the clean image, modes U2 and
 targeted, plus the control `noise` (random ±ε sign noise on the images U2 poisons). Poisoned:
 the images holding the unit's concept, then those holding the target's, in probe order, at
 most 10 % of the probe set (the paper's rule; `--poison-order activation` takes the images

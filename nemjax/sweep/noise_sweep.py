@@ -33,7 +33,7 @@ from nemjax.files import write_json
 from nemjax.sweep.delivery import DELIVERY_MODES, deliver
 from nemjax.sweep.keys import item_key, micro_code
 from nemjax.sweep.measure import batched_activations, redissect
-from nemjax.sweep.units import eligible_units
+from nemjax.sweep.units import DEFAULT_MIN_IOU, eligible_units
 from nemjax.sweep import store as store_lib
 
 FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "seed", "n_corrupted", "units",
@@ -43,7 +43,7 @@ KEYS = ["layer", "kind", "sigma", "fraction", "delivery", "seed"]
 
 def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
                      kinds: Sequence[str], delivery: str, jpeg_quality: int, seed: int,
-                     batch_size: int, quantile: float, min_iou: float = 0.04) -> None:
+                     batch_size: int, quantile: float, min_iou: float = DEFAULT_MIN_IOU) -> None:
   """ValueError naming the first bad argument (nothing is loaded or computed)."""
   bad = [k for k in kinds if k not in NOISE_KINDS]
   if bad or not kinds:
@@ -64,7 +64,7 @@ def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
     raise ValueError(f"min IoU must lie in [0, 1), got {min_iou}")
 
 
-def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int, min_iou: float = 0.04,
+def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int, min_iou: float = DEFAULT_MIN_IOU,
                  run_info: Mapping[str, Any] | None = None) -> dict:
   """What ``config.json`` holds: settings outside the row key, and the run's inputs."""
   return {"batch_size": batch_size, "quantile": quantile, "quantile_method": "linear",
@@ -95,7 +95,7 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
                     fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
                     kinds: Sequence[str] = NOISE_KINDS, delivery: str = "float",
                     jpeg_quality: int = 90, seed: int = 0, batch_size: int = 32,
-                    quantile: float = 0.005, min_iou: float = 0.04, progress: bool = True,
+                    quantile: float = 0.005, min_iou: float = DEFAULT_MIN_IOU, progress: bool = True,
                     run_info: Mapping[str, Any] | None = None) -> list[dict]:
   """Runs (or resumes) the sweep.
 

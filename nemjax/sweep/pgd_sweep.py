@@ -49,7 +49,7 @@ from nemjax.sweep.delivery import DELIVERY_MODES, deliver
 from nemjax.sweep.measure import batched_activations, redissect
 from nemjax.sweep.keys import eps_code, item_key
 from nemjax.sweep.poison import POISON_ORDERS, choose_by_concept, choose_poisoned, poison_cap
-from nemjax.sweep.units import choose_units, eligible_units
+from nemjax.sweep.units import DEFAULT_MIN_IOU, choose_units, eligible_units
 from nemjax.sweep import store as store_lib
 
 MODES = ("u2", "targeted", "u1", "noise")
@@ -74,7 +74,7 @@ class PGDSweepConfig:
   layers: tuple[str, ...]
   units: Mapping[str, tuple[int, ...]] | None = None  # explicit units per layer
   num_units: int = 8            # else: this many eligible units per layer, seeded choice
-  min_iou: float = 0.04         # eligible: labelled with clean IoU > min_iou (not for `units`)
+  min_iou: float = DEFAULT_MIN_IOU  # eligible: labelled with clean IoU > min_iou (not for `units`)
   eps: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255)
   steps: int = 10
   step_size: float | None = None  # default 2·ε/steps

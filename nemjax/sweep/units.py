@@ -12,7 +12,9 @@ import numpy as np
 from nemjax.dissect.driver import LayerDissection
 from nemjax.sweep.keys import item_key
 
-__all__ = ["eligible_units", "choose_units"]
+__all__ = ["DEFAULT_MIN_IOU", "eligible_units", "choose_units"]
+
+DEFAULT_MIN_IOU = 0.04  # Network Dissection's bar for an interpretable unit
 
 
 def eligible_units(result: LayerDissection, min_iou: float) -> np.ndarray:
@@ -22,7 +24,7 @@ def eligible_units(result: LayerDissection, min_iou: float) -> np.ndarray:
 
 
 def choose_units(result: LayerDissection, num_units: int, seed: int, *, layer: str,
-                 arch: str, min_iou: float = 0.04) -> tuple[int, ...]:
+                 arch: str, min_iou: float = DEFAULT_MIN_IOU) -> tuple[int, ...]:
   """``num_units`` eligible units of ``layer`` (see :func:`eligible_units`), sorted.
 
   The choice is keyed by ``(seed, arch, layer)``: the same layer gets the same units whatever
