@@ -133,6 +133,37 @@ HELDOUT_FLAGS = ("--train-folder", "--val-folder", "--val-unlabelled", "--val-si
                  "--normalize")
 
 
+def check_heldout_flags(args, embedded: bool) -> None:
+  """Fails (one line) on held-out / training-folder flags that cannot work (see
+  :func:`add_heldout_flags`); flags that do not apply are refused by :func:`refuse_inapplicable`."""
+  if not embedded and args.val_folder is None:
+    fail("--probe/--weights need --val-folder: accuracy (and the α rule) is measured only on "
+         "held-out images no fine-tuning step or ranking sees (--val-unlabelled for images "
+         "without class labels: agreement with the original model)")
+  if args.val_unlabelled and args.val_folder is None:
+    fail("--val-unlabelled applies to --val-folder")
+  for name in ("train_folder", "val_folder"):
+    d = getattr(args, name)
+    if d is not None and not d.is_dir():
+      fail(f"--{name.replace('_', '-')}: directory not found: {d}")
+  for name in ("val_size", "train_eval_size"):
+    v = getattr(args, name)
+    if v is not None and v < 1:
+      fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def check_finetune_run(args, config) -> Any:
+  """The last checks of a fine-tuning script before any work: ``config.validate()``, the
+  --embedder spec (returns the embedder) and --out; each failure is one line."""
+  try:
+    config.validate()
+  except ValueError as e:
+    fail(str(e))
+  embedder = load_embedder_flag(args.embedder)
+  check_output(args.out)
+  return embedder
+
+
 def heldout_inputs(args, config, default, **extra) -> tuple[Any, dict]:
   """``nemjax.manipulate.inputs.load_inputs`` for a fine-tuning script's flags: the embedded
   default's sets (``default``) or --probe/--weights with the held-out flags; ``extra`` goes

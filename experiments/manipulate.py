@@ -146,8 +146,7 @@ def main(argv=None) -> None:
   if args.featvis_channels < 0:
     fail(f"--featvis-channels must be >= 0, got {args.featvis_channels}")
   for name in ("epochs", "batch_size", "attack_batch_size", "eval_every", "num_decoys",
-               "decoys_per_step", "eval_batch_size", "featvis_steps", "val_size",
-               "train_eval_size"):
+               "decoys_per_step", "eval_batch_size", "featvis_steps"):
     v = getattr(args, name)
     if v is not None and v < 1:
       fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -167,23 +166,7 @@ def main(argv=None) -> None:
       fail("push-up needs exactly one of --decoy-class or --decoy-folder")
     if args.decoy_folder is not None and not args.decoy_folder.is_dir():
       fail(f"--decoy-folder: directory not found: {args.decoy_folder}")
-  elif args.decoy_class is not None or args.decoy_folder is not None:
-    fail("--decoy-class / --decoy-folder only apply to --attack push-up")
-  if args.attack != "fairwash" and args.group_concept is not None:
-    fail("--group-concept only applies to --attack fairwash")
-  if embedded and (args.val_folder is not None or args.train_folder is not None):
-    fail("--val-folder / --train-folder need --probe and --weights (the embedded default has "
-         "its own held-out and training sets)")
-  if not embedded and args.val_folder is None:
-    fail("--probe/--weights need --val-folder: accuracy (and the α rule) is measured only on "
-         "held-out images no fine-tuning step or ranking sees (--val-unlabelled for images "
-         "without class labels: agreement with the original model)")
-  if args.val_unlabelled and args.val_folder is None:
-    fail("--val-unlabelled applies to --val-folder")
-  for name in ("train_folder", "val_folder"):
-    d = getattr(args, name)
-    if d is not None and not d.is_dir():
-      fail(f"--{name.replace('_', '-')}: directory not found: {d}")
+  _common.check_heldout_flags(args, embedded)
   defaults = EMBEDDED_DEFAULTS if embedded else CUSTOM_DEFAULTS
   lr = args.lr if args.lr is not None else defaults["lr"]
   epochs = args.epochs if args.epochs is not None else defaults["epochs"]
@@ -219,13 +202,7 @@ def main(argv=None) -> None:
       alpha_fixed=args.alpha_fixed, loss_scale=args.loss_scale, train_from=args.train_from,
       embed_layer=args.embed_layer, eval_batch_size=args.eval_batch_size,
       featvis_channels=args.featvis_channels, featvis_steps=args.featvis_steps, seed=args.seed)
-  try:
-    config.validate()
-  except ValueError as e:
-    fail(str(e))
-
-  embedder = _common.load_embedder_flag(args.embedder)
-  _common.check_output(args.out)
+  embedder = _common.check_finetune_run(args, config)
 
   progress = not args.no_progress
   default = None

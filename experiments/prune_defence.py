@@ -75,22 +75,7 @@ def main(argv=None) -> None:
       fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if not args.lr > 0:
     fail(f"--lr must be > 0, got {args.lr}")
-  for name in ("val_size", "train_eval_size"):
-    v = getattr(args, name)
-    if v is not None and v < 1:
-      fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-  if embedded and (args.val_folder is not None or args.train_folder is not None):
-    fail("--val-folder / --train-folder need --probe and --weights (the embedded default has "
-         "its own held-out and training sets)")
-  if not embedded and args.val_folder is None:
-    fail("--probe/--weights need --val-folder: accuracy is measured only on held-out images "
-         "(--val-unlabelled for images without class labels: agreement with the original model)")
-  if args.val_unlabelled and args.val_folder is None:
-    fail("--val-unlabelled applies to --val-folder")
-  for name in ("train_folder", "val_folder"):
-    d = getattr(args, name)
-    if d is not None and not d.is_dir():
-      fail(f"--{name.replace('_', '-')}: directory not found: {d}")
+  _common.check_heldout_flags(args, embedded)
 
   from nemjax import models
   from nemjax.models import checkpoint
@@ -110,12 +95,7 @@ def main(argv=None) -> None:
       epochs=args.epochs,
       learning_rate=args.lr, batch_size=args.batch_size,
       attack_batch_size=args.attack_batch_size, eval_every=args.eval_every, seed=args.seed)
-  try:
-    config.validate()
-  except ValueError as e:
-    fail(str(e))
-  embedder = _common.load_embedder_flag(args.embedder)
-  _common.check_output(args.out)
+  embedder = _common.check_finetune_run(args, config)
   progress = not args.no_progress
   default = None
   if embedded:
