@@ -352,28 +352,19 @@ def _save_conv_checkpoint(arch: str, out) -> None:
   layers: the dissected conv layers are non-trivial and the (unused) classifier compresses,
   so a VGG16 checkpoint stays ~50 MB."""
   import math
-  from flax import nnx
   from nemjax import models
-  graphdef, state = nnx.split(models.build_abstract(arch, 2))
   rng = np.random.default_rng(11)
-  pure: dict = {}
-  for path, v in nnx.to_flat_state(state):
-    shape = tuple(v.shape)
+
+  def value(path, shape):
     if path[-1] == "kernel" and len(shape) == 4:
       std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-      value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-    elif path[-1] == "bias":
-      value = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    elif path[-1] in ("scale", "var"):
-      value = np.ones(shape, np.float32)
-    else:
-      value = np.zeros(shape, np.float32)
-    node = pure
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  nnx.replace_by_pure_dict(state, pure)
-  checkpoint.save(nnx.merge(graphdef, state), out, arch=arch, num_classes=2)
+      return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    if path[-1] == "bias":
+      return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    return np.ones(shape, np.float32) if path[-1] in ("scale", "var") else np.zeros(shape)
+
+  model = models.registry.fill(models.build_abstract(arch, 2), value)
+  checkpoint.save(model, out, arch=arch, num_classes=2)
 
 
 @pytest.mark.parametrize("arch, layer, image_size, seg_size, maps", [

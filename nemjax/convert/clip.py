@@ -32,12 +32,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemjax.convert.state_dict import (_first_line, _tensor_to_numpy, _to_flax, _torch_shape,
-                                       load_state_dict, mismatch_parts)
+from nemjax.convert.state_dict import (_first_line, _tensor_to_numpy, expected_torch_keys,
+                                       fill_from_torch, load_state_dict, mismatch_parts)
 from nemjax.models import clip_vit
 
 __all__ = ["clip_config_from_state_dict", "convert_clip_state_dict", "load_clip_state_dict",
@@ -142,24 +141,13 @@ def convert_clip_state_dict(sd: Mapping[str, Any], act: str = "quick_gelu", *,
   cfg = config if config is not None else clip_config_from_state_dict(sd, act)
   cfg.validate()
   abstract = nnx.eval_shape(lambda: clip_vit.CLIPVisionTransformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  flat = list(nnx.to_flat_state(state))
-  expected = {_torch_name(path): (path, _torch_shape(tuple(v.shape), str(path[-1])))
-              for path, v in flat}
+  expected = expected_torch_keys(abstract, _torch_name)
   visual = {_PREFIX + k: v for k, v in _visual(sd).items()}
   parts = mismatch_parts({k: shape for k, (_, shape) in expected.items()}, visual)
   if parts:
     raise ValueError(f"CLIP state dict does not match a ViT with {cfg} (read from its shapes): "
                      + "; ".join(parts))
-  pure: dict[Any, Any] = {}
-  for k, (path, _) in expected.items():
-    arr = _to_flax(np.asarray(visual[k], dtype=np.float32), str(path[-1]))
-    node = pure
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = jnp.asarray(arr)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return fill_from_torch(abstract, expected, visual)
 
 
 def load_clip_vision(path: str | os.PathLike, act: str = "quick_gelu"

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -195,9 +194,8 @@ def _to_flax(arr: np.ndarray, leaf: str) -> np.ndarray:
 
 def expected_keys(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
   """The torchvision state-dict keys (without ``num_batches_tracked``) and shapes ``arch`` needs."""
-  abstract = registry.build_abstract(arch, num_classes)
-  return {_torch_name(path): _torch_shape(tuple(v.shape), str(path[-1]))
-          for path, v in nnx.to_flat_state(nnx.state(abstract))}
+  return {k: shape for k, (_, shape)
+          in expected_torch_keys(registry.build_abstract(arch, num_classes)).items()}
 
 
 def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None = None) -> nnx.Module:
@@ -231,9 +229,7 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
       num_classes = 1000
       inferred_note = f" (num_classes could not be inferred from {_FINAL[arch]!r}; assumed 1000)"
   abstract = registry.build_abstract(arch, num_classes)
-  graphdef, state = nnx.split(abstract)
-  flat = list(nnx.to_flat_state(state))
-  expected = {_torch_name(path): (path, _torch_shape(tuple(v.shape), str(path[-1]))) for path, v in flat}
+  expected = expected_torch_keys(abstract)
   parts = mismatch_parts({k: shape for k, (_, shape) in expected.items()}, sd)
   if parts:
     missing = [k for k in expected if k not in sd]
@@ -242,12 +238,21 @@ def convert_state_dict(arch: str, sd: Mapping[str, Any], num_classes: int | None
       hint = " (is the architecture right?)"
     raise ValueError(f"state dict does not match {arch} with {num_classes} classes{inferred_note}{hint}: "
                      + "; ".join(parts))
-  pure: dict[Any, Any] = {}
-  for k, (path, _) in expected.items():
-    arr = _to_flax(np.asarray(sd[k], dtype=np.float32), str(path[-1]))
-    node = pure
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = jnp.asarray(arr)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return fill_from_torch(abstract, expected, sd)
+
+
+def expected_torch_keys(abstract: nnx.Module, torch_name: Callable[[tuple[Any, ...]], str] | None = None
+                        ) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
+  """``{torch name: (NNX state path, torch shape)}`` of every array of ``abstract``; names are
+  torchvision's unless ``torch_name`` maps a path otherwise."""
+  name = torch_name or _torch_name
+  return {name(tuple(path)): (tuple(path), _torch_shape(tuple(v.shape), str(path[-1])))
+          for path, v in nnx.to_flat_state(nnx.state(abstract))}
+
+
+def fill_from_torch(abstract: nnx.Module, expected: Mapping[str, tuple[tuple[Any, ...], Any]],
+                    sd: Mapping[str, Any]) -> nnx.Module:
+  """``abstract`` holding ``sd``'s tensors (checked to match ``expected`` first), in Flax layout."""
+  torch_name = {path: k for k, (path, _) in expected.items()}
+  return registry.fill(abstract, lambda path, shape: _to_flax(
+      np.asarray(sd[torch_name[path]], dtype=np.float32), str(path[-1])))

@@ -8,7 +8,8 @@ this order is the ``upto`` that computes them all (see :func:`last_layer`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from flax import nnx
 from nemjax.models import alexnet, resnet, smallcnn, vgg
 from nemjax.models import layers as L
 
-__all__ = ["ARCHS", "build", "build_abstract", "layer_names", "layer_aliases", "canonical_layer", "last_layer"]
+__all__ = ["ARCHS", "build", "build_abstract", "fill", "torchvision_init", "layer_names", "layer_aliases", "canonical_layer", "last_layer"]
 
 # Every model module exposes the same names: ARCHS (the architectures it builds), LAYER_NAMES and
 # ALIASES ({arch: ...}) and Model(arch, num_classes, rngs=...). A new model is one more entry here.
@@ -32,32 +33,46 @@ def _check_arch(arch: str) -> None:
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
-def _random_state(state: nnx.State, key: jax.Array) -> dict:
-  """Pure-dict values for an abstract model state: torchvision-style random init.
+def fill(abstract: nnx.Module,
+         value: Callable[[tuple[Any, ...], tuple[int, ...]], np.ndarray]) -> nnx.Module:
+  """A model shaped like ``abstract`` whose every array is ``value(path, shape)``.
 
-  Conv kernels (kh, kw, I, O) ~ N(0, 2 / (kh*kw*O)) (kaiming normal, fan_out); linear kernels
-  (I, O) ~ N(0, 0.01^2); biases, BN shifts and running means 0; BN scales and running variances 1.
-  The normals come from a NumPy generator seeded with ``key``'s bits: deterministic in ``key``, and
-  free of the per-shape XLA compiles (and slow CPU threefry) of sampling each kernel with jax.random.
+  ``path`` is the leaf's NNX state path (e.g. ``('features', 0, 'kernel')``); values are cast to
+  float32 jax arrays. Used by :func:`build` (random init) and the weight converters.
   """
-  flat = list(nnx.to_flat_state(state))
-  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel().tolist()
-  gen = np.random.default_rng(seed)
+  graphdef, state = nnx.split(abstract)
   pure: dict = {}
-  for path, v in flat:
-    shape, leaf = tuple(v.shape), path[-1]
-    if leaf == "kernel":
-      std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3])) if len(shape) == 4 else 0.01
-      value = gen.standard_normal(shape, dtype=np.float32) * np.float32(std)
-    elif leaf in ("scale", "var"):
-      value = np.ones(shape, np.float32)
-    else:
-      value = np.zeros(shape, np.float32)
+  for path, v in nnx.to_flat_state(state):
     node = pure
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(value)
-  return pure
+    node[path[-1]] = jnp.asarray(np.asarray(value(tuple(path), tuple(v.shape)), np.float32))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def torchvision_init(key: jax.Array) -> Callable[[tuple[Any, ...], tuple[int, ...]], np.ndarray]:
+  """torchvision-style random values for :func:`fill`, deterministic in ``key``.
+
+  Conv kernels (kh, kw, I, O) ~ N(0, 2 / (kh*kw*O)) (kaiming normal, fan_out); linear kernels
+  (I, O) ~ N(0, 0.01^2); biases, BN shifts and running means 0; BN scales and running variances 1.
+  The normals come from a NumPy generator seeded with ``key``'s bits: free of the per-shape XLA
+  compiles (and slow CPU threefry) of sampling each kernel with jax.random. Leaves are drawn in
+  state order, so call it once per model.
+  """
+  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel().tolist()
+  gen = np.random.default_rng(seed)
+
+  def value(path: tuple[Any, ...], shape: tuple[int, ...]) -> np.ndarray:
+    leaf = path[-1]
+    if leaf == "kernel":
+      std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3])) if len(shape) == 4 else 0.01
+      return gen.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    if leaf in ("scale", "var"):
+      return np.ones(shape, np.float32)
+    return np.zeros(shape, np.float32)
+
+  return value
 
 
 def _construct(arch: str, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -65,7 +80,7 @@ def _construct(arch: str, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def build(arch: str, num_classes: int = 1000, *, rngs: nnx.Rngs) -> nnx.Module:
-  """A randomly initialised model (torchvision-style init, see ``_random_state``).
+  """A randomly initialised model (torchvision-style init, see :func:`torchvision_init`).
 
   Args:
     arch: one of ``ARCHS``.
@@ -80,9 +95,7 @@ def build(arch: str, num_classes: int = 1000, *, rngs: nnx.Rngs) -> nnx.Module:
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   abstract = nnx.eval_shape(lambda: _construct(arch, num_classes, nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, _random_state(state, rngs.params()))
-  return nnx.merge(graphdef, state)
+  return fill(abstract, torchvision_init(rngs.params()))
 
 
 def build_abstract(arch: str, num_classes: int = 1000) -> nnx.Module:
