@@ -78,11 +78,29 @@ def locked_output(out: Path, flag: str = "--out") -> Iterator[Path]:
     yield Path(out)
 
 
-def check_output(out: Path, flag: str = "--out") -> None:
-  """Fails (one line) unless ``out`` is, or can be created as, a writable directory."""
+# What a run writes, for the free-space check before it starts (checked with a 1.5x margin):
+# tables, summaries, figures and report thumbnails stay within this ...
+OUTPUT_BYTES = 64 * 2**20
+# ... plus, for a fine-tuning run, the model and its train state (Adam: ~4x the weights).
+TRAIN_STATE_FACTOR = 4
+
+
+def directory_bytes(path: Path | None) -> int:
+  """Total size of the files under ``path`` (0 if it does not exist)."""
+  if path is None or not Path(path).exists():
+    return 0
+  return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def check_output(out: Path, flag: str = "--out", weights: Path | None = None) -> None:
+  """Fails (one line) unless ``out`` is, or can be created as, a writable directory on a disk
+  with room for the run's output (:data:`OUTPUT_BYTES`, plus :data:`TRAIN_STATE_FACTOR` times
+  the ``weights`` checkpoint for a fine-tuning run)."""
   from nemjax import files  # pylint: disable=import-outside-toplevel
   try:
-    files.check_output_dir(out, flag=flag)
+    files.check_output_dir(
+        out, flag=flag,
+        expected_bytes=OUTPUT_BYTES + TRAIN_STATE_FACTOR * directory_bytes(weights))
   except files.OutputError as e:
     fail(str(e))
 
@@ -160,7 +178,7 @@ def check_finetune_run(args, config) -> Any:
   except ValueError as e:
     fail(str(e))
   embedder = load_embedder_flag(args.embedder)
-  check_output(args.out)
+  check_output(args.out, weights=args.weights)
   return embedder
 
 

@@ -93,7 +93,6 @@ def load_thresholds(specs: list[str], layers: list[str], units: dict[str, int]
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  from nemjax import files
   from nemjax.data import broden
   from nemjax.dissect import QUANTILE_METHODS, dissect
   from nemjax.dissect.driver import layer_shapes
@@ -119,10 +118,7 @@ def main(argv=None) -> None:
     fail(f"--report-top must be >= 1, got {args.report_top}")
   if (args.probe is None) != (args.weights is None):
     fail("give both --probe and --weights, or neither (embedded default)")
-  try:
-    files.check_output_dir(args.out, flag="--out")
-  except files.OutputError as e:
-    fail(str(e))
+  _common.check_output(args.out)
   try:
     if args.probe is None:
       from nemjax.embedded import build_embedded_default
@@ -140,8 +136,7 @@ def main(argv=None) -> None:
   except (ValueError, FileNotFoundError) as e:  # BrodenFormatError is a ValueError
     fail(one_line(e))
   thresholds = load_thresholds(args.thresholds, layers, units)
-  with files.output_lock(args.out, flag="--out"):  # a second run on --out is refused
-    files.remove_stale_temps(args.out)
+  with _common.locked_output(args.out):  # a second run on --out is refused
     try:
       results = dissect(model, probe, layers, batch_size=args.batch_size, quantile=args.quantile,
                         quantile_method=args.quantile_method, thresholds=thresholds,

@@ -210,10 +210,15 @@ _MANIPULATE = ["--layers", "block4", "--channels", "0,1,2,3,4,5", "--k", "4", "-
                "2", "--epochs", "2", "--batch-size", "4", "--attack-batch-size", "4",
                "--eval-every", "3", "--lr", "1e-3", "--eval-batch-size", "24",
                "--featvis-channels", "0", "--no-progress"]
+_PRUNE = ["--layer", "block4", "--k", "4", "--epochs", "1", "--batch-size", "4",
+          "--attack-batch-size", "4", "--eval-every", "3", "--recover-steps", "2",
+          "--l1-rates", "0.5", "--vulnerability-rates", "0.25", "--train-eval-size", "8",
+          "--no-progress"]
 LONG = {  # script, flags, the result files compared (CSV without timing columns)
     "pgd_sweep": ("pgd_sweep.py", _SWEEP, ["results.csv"]),
     "noise_sweep": ("noise_sweep.py", _NOISE, ["results.csv"]),
     "manipulate": ("manipulate.py", _MANIPULATE, ["metrics.csv"]),
+    "prune_defence": ("prune_defence.py", _PRUNE, ["results.csv"]),
 }
 
 
@@ -228,7 +233,8 @@ def csv_rows(path: Path) -> list[tuple]:
 def long_args(tiny_probe_dir, tiny_model_dir, val_folder):
   def args(name: str, out: Path) -> list[str]:
     script, flags, _ = LONG[name]
-    extra = ["--val-folder", str(val_folder)] if script == "manipulate.py" else []
+    extra = ["--val-folder", str(val_folder)] if script in ("manipulate.py",
+                                                             "prune_defence.py") else []
     return ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), *extra,
             "--out", str(out), *flags]
   return args
@@ -249,7 +255,8 @@ def uninterrupted(long_args, tmp_path_factory):
                                          ("pgd_sweep", (4, "SIGINT")),
                                          ("noise_sweep", (3, "SIGKILL")),
                                          ("manipulate", (3, "SIGKILL")),
-                                         ("manipulate", (6, "SIGINT"))])
+                                         ("manipulate", (6, "SIGINT")),
+                                         ("prune_defence", (2, "SIGKILL"))])
 def test_long_command_stopped_then_rerun_equals_uninterrupted(name, fault, long_args,
                                                               uninterrupted, tmp_path):
   script, _, compared = LONG[name]
@@ -265,3 +272,4 @@ def test_long_command_stopped_then_rerun_equals_uninterrupted(name, fault, long_
   assert (out / ".nemjax.lock").read_text() == ""  # released
   for rel in compared:
     assert csv_rows(out / rel) == csv_rows(uninterrupted[name] / rel), rel
+

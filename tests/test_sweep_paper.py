@@ -153,30 +153,31 @@ def test_sweep_poisons_what_the_papers_pytorch_loop_poisons(tiny_probe_dir):
   features = lambda x01: tmodel.features[:11]((x01 * 255.0 - mean) / (255.0 * 0.224))  # block3
 
   probe = broden.load_probe(tiny_probe_dir)
-  eps, steps = 8 / 255, 10
-  cfg = PGDSweepConfig(layers=("block3",), eps=(eps,), steps=steps, modes=("u2",),
-                       poison_fraction=0.25, batch_size=8)
-  ctx = prepare(model, probe, cfg, None, progress=False)["block3"]
-  labelled = np.flatnonzero((ctx.clean.best_label > 0) & (ctx.clean.thresholds > 0))
-  unit = int(max(labelled, key=lambda u: ctx.contains(int(ctx.clean.best_label[u])).sum()))
-  (row,), images = run_attack_group(ctx, [unit], eps, "u2", return_images=True)
-  rows, x_adv = images[unit]
-
   pixels, scalars = loader.load_labels(probe, np.arange(probe.num_images))
-  ref_rows, src_m, tgt_m = _paper_rows_and_masks(pixels, scalars, row["clean_label"],
-                                                 row["target_label"], ctx.cap)
-  assert rows.tolist() == ref_rows.tolist() and len(rows) == ctx.cap
-  x01 = loader.load_images(probe, rows).astype(np.float32) / np.float32(255.0)
-  ref = _paper_pgd(torch, features, x01, unit, src_m, tgt_m, eps, steps)
-  # Sign steps flip where a gradient is ~0 (float32 rounding differs between the two): a few
-  # pixels then differ by whole steps. Measured: 99.99 % of pixels equal, the others 1-4 steps.
-  diff = np.abs(x_adv - ref)
-  alpha = 2 * eps / steps
-  same = float(np.mean(diff <= 1e-6))
-  print(f"pixels equal to the PyTorch loop: {100 * same:.3f} %, max |diff| "
-        f"{diff.max() / alpha:.2f} steps")
-  assert same >= 0.999
-  assert np.mean(diff <= 2 * alpha + 1e-6) >= 0.9999
-  steps_off = diff[diff > 1e-6] / alpha
-  np.testing.assert_allclose(steps_off, np.round(steps_off), atol=1e-3)  # whole sign flips
-  assert np.abs(x_adv - x01).max() > 0.5 * eps  # the attack did move the images
+  eps = 8 / 255
+  # One step isolates the gradient: its sign can flip only where the gradient is ~0 (float32
+  # rounding differs between the two). Over 10 steps a flipped pixel changes the later
+  # gradients of its image a little, so a few more flip (measured: 100 % and 99.975 % of
+  # pixels equal); each difference is a whole number of steps.
+  for steps, min_same in ((1, 0.9999), (10, 0.999)):
+    cfg = PGDSweepConfig(layers=("block3",), eps=(eps,), steps=steps, modes=("u2",),
+                         poison_fraction=0.25, batch_size=8)
+    ctx = prepare(model, probe, cfg, None, progress=False)["block3"]
+    labelled = np.flatnonzero((ctx.clean.best_label > 0) & (ctx.clean.thresholds > 0))
+    unit = int(max(labelled, key=lambda u: ctx.contains(int(ctx.clean.best_label[u])).sum()))
+    (row,), images = run_attack_group(ctx, [unit], eps, "u2", return_images=True)
+    rows, x_adv = images[unit]
+    ref_rows, src_m, tgt_m = _paper_rows_and_masks(pixels, scalars, row["clean_label"],
+                                                   row["target_label"], ctx.cap)
+    assert rows.tolist() == ref_rows.tolist() and len(rows) == ctx.cap
+    x01 = loader.load_images(probe, rows).astype(np.float32) / np.float32(255.0)
+    ref = _paper_pgd(torch, features, x01, unit, src_m, tgt_m, eps, steps)
+    diff = np.abs(x_adv - ref)
+    alpha = 2 * eps / steps
+    same = float(np.mean(diff <= 1e-6))
+    print(f"{steps} steps: pixels equal to the PyTorch loop: {100 * same:.3f} %, max |diff| "
+          f"{diff.max() / alpha:.2f} steps")
+    assert same >= min_same, (steps, same)
+    steps_off = diff[diff > 1e-6] / alpha
+    np.testing.assert_allclose(steps_off, np.round(steps_off), atol=1e-3)  # whole sign flips
+    assert np.abs(x_adv - x01).max() > 0.5 * eps  # the attack did move the images

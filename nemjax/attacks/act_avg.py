@@ -49,6 +49,8 @@ __all__ = [
   "upsample_bilinear",
   "project_mask",
   "mask_weights",
+  "normalised_masks",
+  "project_normalised",
   "act_avg",
   "act_avg_weighted",
   "act_avg_upsampled",
@@ -123,11 +125,24 @@ def project_mask(masks: jax.Array, r_y: jax.Array, r_x: jax.Array) -> jax.Array:
   return jnp.einsum("yh,nyx,xw->nhw", r_y, masks, r_x, precision=jax.lax.Precision.HIGHEST)
 
 
+def normalised_masks(masks: jax.Array) -> jax.Array:
+  """``L / sum L`` per mask (all zeros for an empty mask). (N, sh, sw) -> same shape, float."""
+  masks = jnp.asarray(masks)
+  masks = masks.astype(_float_dtype(masks))
+  if masks.ndim != 3:
+    raise ValueError(f"normalised_masks: masks must be (N, sh, sw), got shape {masks.shape}")
+  total = jnp.sum(masks, axis=(1, 2))
+  inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+  return masks * inv[:, None, None]
+
+
 def mask_weights(masks: jax.Array, act_hw: Sequence[int]) -> jax.Array:
   """Projected, normalised masks: act-avg of a map ``a`` is then ``sum(a * weights)``.
 
-  ``weights = R_yᵀ L R_x / sum L``; an empty mask (``sum L == 0``) gives all-zero weights, so
-  act-avg over an absent concept is 0 (and contributes no gradient).
+  ``weights = R_yᵀ (L / sum L) R_x``; an empty mask (``sum L == 0``) gives all-zero weights, so
+  act-avg over an absent concept is 0 (and contributes no gradient). Differences of masks
+  (a targeted objective) can be projected at once: ``project_mask(normalised_masks(src) -
+  normalised_masks(tgt), ...)``, which is exactly zero where the two masks are equal.
 
   Args:
     masks: (N, sh, sw) float masks.
@@ -136,14 +151,13 @@ def mask_weights(masks: jax.Array, act_hw: Sequence[int]) -> jax.Array:
   Returns:
     (N, h, w) float32 (float64 for float64 masks).
   """
-  masks = jnp.asarray(masks)
-  masks = masks.astype(_float_dtype(masks))
-  if masks.ndim != 3:
-    raise ValueError(f"mask_weights: masks must be (N, sh, sw), got shape {masks.shape}")
-  ry, rx = interp_matrices(act_hw, masks.shape[1:], masks.dtype)
-  total = jnp.sum(masks, axis=(1, 2))
-  inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-  return project_mask(masks, jnp.asarray(ry), jnp.asarray(rx)) * inv[:, None, None]
+  return project_normalised(normalised_masks(masks), act_hw)
+
+
+def project_normalised(normalised: jax.Array, act_hw: Sequence[int]) -> jax.Array:
+  """``R_yᵀ M R_x`` of (N, sh, sw) normalised masks (or their differences) -> (N, h, w)."""
+  ry, rx = interp_matrices(act_hw, normalised.shape[1:], normalised.dtype)
+  return project_mask(normalised, jnp.asarray(ry), jnp.asarray(rx))
 
 
 def _check_acts_units(acts: jax.Array, units: jax.Array, fn: str) -> None:

@@ -270,13 +270,15 @@ def objective_weights(features_fn: FeaturesFn, objective: Objective, x: jax.Arra
   units, source_masks = _check_units_masks(x, units, source_masks, "source_masks", fn)
   if not is_traced(units):
     check_unit_range(units, n_units, fn)
-  weights = aa.mask_weights(source_masks, (h, w))
+  normalised = aa.normalised_masks(source_masks)
   if objective != "u1":
     if target_masks is None:
       raise ValueError(f"{fn}: objective {objective!r} needs target_masks")
     _, target_masks = _check_units_masks(x, units, target_masks, "target_masks", fn)
-    weights = weights - aa.mask_weights(target_masks, (h, w))
-  return units, weights
+    # one projection of the difference: equal source and target masks give exactly zero
+    # weights (no gradient, the image stays clean), as the paper's per-image loss does
+    normalised = normalised - aa.normalised_masks(target_masks)
+  return units, aa.project_normalised(normalised, (h, w))
 
 
 def weighted_loss(features_fn: FeaturesFn, units: jax.Array, weights: jax.Array) -> LossFn:

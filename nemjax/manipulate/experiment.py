@@ -80,7 +80,7 @@ from flax import nnx
 
 from nemjax import metrics as nm
 from nemjax import models
-from nemjax.files import atomic_write_text, write_json
+from nemjax.files import atomic_write_text, check_record, write_json
 from nemjax.manipulate import alpha as alpha_rule
 from nemjax.manipulate import checkpoints as ckpt
 from nemjax.manipulate import featvis
@@ -993,6 +993,10 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
   ckpt_root = out / "checkpoints"
   old = ckpt.read_checkpoint_meta(ckpt_root) if ckpt_root.exists() else None
   if old is not None and old.get("fingerprint") != fingerprint:
+    stored = out / "config.json"
+    if stored.is_file():  # name the fields that differ (the check raises)
+      check_record(stored, cfg_json | {"fingerprint": fingerprint},
+                   what="a fine-tuning run", remedy="use another --out or delete it")
     raise ValueError(f"{out} holds a run of another configuration; use a new --out or delete it")
   write_json(out / "config.json", cfg_json | {"fingerprint": fingerprint})
 

@@ -13,6 +13,7 @@ OUT_DIR (and an existing OUT_DIR untouched unless the new one is complete).
 """
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -57,9 +58,16 @@ def _drop_orphaned_reads() -> None:
 def save_arrays(path: Path, tree: Any) -> None:
   """Writes the pytree of arrays ``tree`` as an orbax checkpoint at ``path`` (a new directory;
   callers build it under a temporary name and swap it in) and waits until it is complete."""
-  with _checkpointer() as ckptr:
-    ckptr.save(path, tree)
-    ckptr.wait_until_finished()
+  try:
+    with _checkpointer() as ckptr:
+      ckptr.save(path, tree)
+      ckptr.wait_until_finished()
+  except Exception as e:  # orbax wraps I/O errors in its own types
+    if "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+      raise files.OutputError(f"cannot write the checkpoint {path}: the disk is full; the "
+                              "previous complete results are untouched — free some space and "
+                              "run the same command again") from e
+    raise
 
 
 def restore_arrays(path: Path, target: Any, *, what: str, remedy: str) -> Any:

@@ -12,11 +12,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from nemjax.files import atomic_write_text, check_output_dir, check_record, claim_record
 
 
+OUTPUT_BYTES = 64 * 2**20  # a sweep's tables, summary, plot and clean dissection stay within this
+
+
 def check_out_dir(out_dir: Path, record: Mapping[str, Any], fields: Sequence[str],
                   key_fields: Sequence[str]) -> None:
   """ValueError if ``out_dir`` cannot be a writable directory, holds results of another
   configuration (``config.json``) or with other columns (``results.csv``). Reads only."""
-  check_output_dir(out_dir)
+  check_output_dir(out_dir, expected_bytes=OUTPUT_BYTES)
   check_record(Path(out_dir) / "config.json", record)
   ResultsStore(Path(out_dir) / "results.csv", fields, key_fields)
 
