@@ -240,6 +240,14 @@ def run(main: Callable[[], Any]) -> NoReturn:
   sys.exit(code or 0)
 
 
+def as_flag_error(e: Exception) -> str:
+  """A library ValueError ``"field_name: ..."`` as the flag's message ``"--field-name: ..."``."""
+  head, sep, rest = str(e).partition(": ")
+  if sep and head.isidentifier() and head.islower():
+    return f"--{head.replace('_', '-')}: {rest}"
+  return str(e)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)

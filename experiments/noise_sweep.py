@@ -59,6 +59,9 @@ def main(argv=None) -> None:
               batch_size=args.batch_size, quantile=args.quantile, min_iou=args.min_iou)
   try:
     check_noise_args(**grid)
+  except ValueError as e:
+    _common.fail(_common.as_flag_error(e))
+  try:
     target = _common.sweep_target(args)
     layers = target.layers
     checks.spatial_widths(target.model, layers, target.image_size)

@@ -168,6 +168,8 @@ _BAD_FLAGS = [  # (script, extra flags, the flag the message must name)
     ("pgd_sweep.py", ["--cache", "somewhere"], "--cache"),
     ("pgd_sweep.py", ["--poison-fraction", "0"], "--poison-fraction"),
     ("noise_sweep.py", ["--jpeg-quality", "80"], "--jpeg-quality"),
+    ("noise_sweep.py", ["--sigmas", "-1"], "--sigmas"),
+    ("noise_sweep.py", ["--fractions", "1.5"], "--fractions"),
     ("noise_sweep.py", ["--cache", "somewhere"], "--cache"),
     ("manipulate.py", ["--decoy-class", "0"], "--decoy-class"),
     ("manipulate.py", ["--group-concept", "red"], "--group-concept"),

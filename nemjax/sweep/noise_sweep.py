@@ -44,24 +44,26 @@ KEYS = ["layer", "kind", "sigma", "fraction", "delivery", "seed"]
 def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
                      kinds: Sequence[str], delivery: str, jpeg_quality: int, seed: int,
                      batch_size: int, quantile: float, min_iou: float = DEFAULT_MIN_IOU) -> None:
-  """ValueError naming the first bad argument (nothing is loaded or computed)."""
+  """ValueError naming the first bad argument as ``name: ...`` (nothing is loaded or computed)."""
   bad = [k for k in kinds if k not in NOISE_KINDS]
   if bad or not kinds:
-    raise ValueError(f"unknown noise kinds {bad}; expected among {NOISE_KINDS}")
-  if not sigmas or any(s <= 0 for s in sigmas):
-    raise ValueError(f"σ values must be > 0, got {list(sigmas)}")
+    raise ValueError(f"kinds: unknown noise kinds {bad}; expected among {NOISE_KINDS}")
+  if not sigmas or any(not 0 < s <= 1 for s in sigmas):
+    raise ValueError(f"sigmas: every σ must lie in (0, 1] (pixel units), got {list(sigmas)}")
   if not fractions or any(not 0 < f <= 1 for f in fractions):
-    raise ValueError(f"fractions must lie in (0, 1], got {list(fractions)}")
+    raise ValueError(f"fractions: must lie in (0, 1], got {list(fractions)}")
   if delivery not in DELIVERY_MODES:
-    raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {delivery!r}")
+    raise ValueError(f"delivery: must be one of {DELIVERY_MODES}, got {delivery!r}")
   if not 1 <= jpeg_quality <= 100:
-    raise ValueError(f"JPEG quality must lie in [1, 100], got {jpeg_quality}")
-  if seed < 0 or batch_size < 1:
-    raise ValueError(f"seed must be >= 0 and batch size >= 1, got {seed}, {batch_size}")
+    raise ValueError(f"jpeg_quality: must lie in [1, 100], got {jpeg_quality}")
+  if seed < 0:
+    raise ValueError(f"seed: must be >= 0, got {seed}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
   if not 0 < quantile < 1:
-    raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    raise ValueError(f"quantile: must lie in (0, 1), got {quantile}")
   if not 0 <= min_iou < 1:
-    raise ValueError(f"min IoU must lie in [0, 1), got {min_iou}")
+    raise ValueError(f"min_iou: must lie in [0, 1), got {min_iou}")
 
 
 def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int, min_iou: float = DEFAULT_MIN_IOU,
