@@ -85,7 +85,7 @@ def main(argv=None) -> None:
   except ValueError as e:
     fail(str(e))
 
-  from nemjax.files import atomic_write_text, write_json
+  from nemjax.files import atomic_write_text, claim_record
   from nemjax.manipulate import experiment as X
   from nemjax.manipulate import defence
   from nemjax.manipulate import inputs as minputs
@@ -105,11 +105,12 @@ def main(argv=None) -> None:
     try:
       inputs, run_info = _common.heldout_inputs(args, config, default)
       inputs.embedder = embedder
-      write_json(args.out / "config.json", {"config": config.to_json(), "run": run_info,
-                                            "embedder": args.embedder,
-                                            "l1_rates": args.l1_rates,
-                                            "vulnerability_rates": args.vulnerability_rates,
-                                            "recover_steps": args.recover_steps})
+      record = {"config": config.to_json(), "run": run_info, "embedder": args.embedder,
+                "l1_rates": args.l1_rates, "vulnerability_rates": args.vulnerability_rates,
+                "recover_steps": args.recover_steps}
+      # another configuration's results are not overwritten: the differing fields are named
+      claim_record(args.out / "config.json", record, what="pruning-defence results",
+                   remedy="use another --out or delete it")
       rows = defence.run_prune_defence(config, inputs, l1_rates=args.l1_rates,
                                        vulnerability_rates=args.vulnerability_rates,
                                        recover_steps=args.recover_steps, progress=progress)
