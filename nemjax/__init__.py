@@ -2,7 +2,7 @@
 
 Subpackages (import what you need; nothing heavy happens at import time):
 
-- ``nemjax.models``   Flax NNX AlexNet / VGG16 / ResNet18/50 / SmallCNN with layer taps.
+- ``nemjax.models``   Flax NNX AlexNet / VGG16/19 / ResNet18/50 / SmallCNN with layer taps.
 - ``nemjax.convert``  torchvision-layout PyTorch state dicts -> orbax checkpoints.
 - ``nemjax.data``     Broden-format probe sets (reader, loader, synthetic generator).
 - ``nemjax.dissect``  Network Dissection kernels and driver.

@@ -1,4 +1,4 @@
-"""Flax NNX vision models with named layer taps: AlexNet, VGG16, ResNet-18/50, SmallCNN.
+"""Flax NNX vision models with named layer taps: AlexNet, VGG16/19, ResNet-18/50, SmallCNN.
 
 ::
 
