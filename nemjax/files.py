@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "check_record",
            "claim_record", "new_temp_dir", "replace_dir", "moved_aside", "check_output_dir",
-           "output_lock", "remove_stale_temps", "OutputError"]
+           "output_lock", "remove_stale_temps", "OutputError", "disk_full_error"]
 
 LOCK_NAME = ".nemjax.lock"
 # What this module's writers leave behind when killed: ".<name>.<random>.tmp" files,
@@ -58,9 +58,11 @@ def _umask() -> int:
   return old
 
 
-def _disk_full_message(path: Path, e: OSError) -> str:
-  return (f"cannot write {path}: the disk is full ({e.strerror}); the previous complete "
-          "results are untouched — free some space and run the same command again")
+def disk_full_error(path: str | os.PathLike, e: BaseException) -> "OutputError":
+  """The one-line error for a write of ``path`` that ran out of disk space (``e`` the cause)."""
+  reason = getattr(e, "strerror", None) or "No space left on device"
+  return OutputError(f"cannot write {path}: the disk is full ({reason}); the previous complete "
+                     "results are untouched — free some space and run the same command again")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
@@ -83,7 +85,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
   except OSError as e:
     Path(tmp).unlink(missing_ok=True)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-      raise OutputError(_disk_full_message(path, e)) from e
+      raise disk_full_error(path, e) from e
     raise
   except BaseException:
     Path(tmp).unlink(missing_ok=True)

@@ -87,18 +87,17 @@ def _unit_name(unit: int) -> str:
   return f"unit{unit + 1:04d}.jpg"
 
 
-def _unit_rows(layer: str, result, probe: ProbeSet, order: np.ndarray, img_dir: str) -> list[str]:
-  rows = []
-  for unit in order:
-    unit = int(unit)
-    cat = probe.category_names[result.best_category[unit]]
-    label = probe.label_names[result.best_label[unit]]
-    rows.append(
-        f"<tr id='unit{unit + 1}'><td>{unit + 1}</td><td>{html.escape(str(label))}</td>"
-        f"<td>{html.escape(cat)}</td><td>{result.score[unit]:.4f}</td>"
-        f"<td>{float(result.thresholds[unit]):.6g}</td>"
-        f"<td><img src='{img_dir}/{_unit_name(unit)}' loading='lazy'></td></tr>")
-  return rows
+def _unit_records(layer: str, result, probe: ProbeSet, max_units: int | None) -> list[dict]:
+  """The layer's units by descending IoU (the ``max_units`` best): what a report shows of each
+  (``unit`` 1-based, as in tally.csv)."""
+  order = np.argsort(-result.score, kind="stable")
+  if max_units is not None:
+    order = order[:max_units]
+  return [{"layer": layer, "unit": int(u) + 1,
+           "label": str(probe.label_names[result.best_label[u]]),
+           "category": probe.category_names[result.best_category[u]],
+           "iou": float(result.score[u]), "threshold": float(result.thresholds[u])}
+          for u in order]
 
 
 _STYLE = ("<style>body{font-family:sans-serif}td,th{padding:4px;vertical-align:middle;"
@@ -179,9 +178,8 @@ def write_layer_report(
   out_dir = Path(out_dir)
   img_dir = out_dir / f"{layer}_report"
   img_dir.mkdir(parents=True, exist_ok=True)
-  order = np.argsort(-result.score, kind="stable")
-  if max_units is not None:
-    order = order[:max_units]
+  records = _unit_records(layer, result, probe, max_units)
+  order = np.array([r["unit"] - 1 for r in records], np.int64)
   names = {_unit_name(int(u)) for u in order}
   for old in img_dir.iterdir():  # stale strips of an earlier report
     if _UNIT_IMAGE.match(old.name) and old.name not in names:
@@ -193,7 +191,10 @@ def write_layer_report(
            "activation &gt; threshold) is darkened.")
   page = _page(f"nemjax dissection: layer {layer}", intro,
                ["unit", "label", "category", "IoU", "threshold", "top images"],
-               _unit_rows(layer, result, probe, order, img_dir.name))
+               [f"<tr id='unit{r['unit']}'><td>{r['unit']}</td><td>{html.escape(r['label'])}</td>"
+                f"<td>{html.escape(r['category'])}</td><td>{r['iou']:.4f}</td>"
+                f"<td>{r['threshold']:.6g}</td><td><img src='{img_dir.name}/"
+                f"{_unit_name(r['unit'] - 1)}' loading='lazy'></td></tr>" for r in records])
   path = out_dir / f"{layer}_report.html"
   atomic_write_text(path, page)
   return path
@@ -242,24 +243,13 @@ def write_index(out_dir: Path, results: Mapping[str, object], probe: ProbeSet,
     max_units: per layer, only this many best units (as ``write_layer_report``'s).
   """
   out_dir = Path(out_dir)
-  rows, records = [], []
-  for layer, result in results.items():
-    order = np.argsort(-result.score, kind="stable")
-    if max_units is not None:
-      order = order[:max_units]
-    page = f"{layer}_report.html"
-    for unit in order:
-      unit = int(unit)
-      cat = probe.category_names[result.best_category[unit]]
-      label = str(probe.label_names[result.best_label[unit]])
-      iou, thr = float(result.score[unit]), float(result.thresholds[unit])
-      rows.append(
-          f"<tr><td>{html.escape(layer)}</td><td><a href='{page}#unit{unit + 1}'>{unit + 1}</a>"
-          f"</td><td>{html.escape(label)}</td><td>{html.escape(cat)}</td><td>{iou:.4f}</td>"
-          f"<td>{thr:.6g}</td><td><a href='{layer}_report/{_unit_name(unit)}'>images</a></td>"
-          "</tr>")
-      records.append({"layer": layer, "unit": unit + 1, "label": label, "category": cat,
-                      "iou": iou, "threshold": thr})
+  records = [r for layer, result in results.items()
+             for r in _unit_records(layer, result, probe, max_units)]
+  rows = [f"<tr><td>{html.escape(r['layer'])}</td><td><a href='{r['layer']}_report.html"
+          f"#unit{r['unit']}'>{r['unit']}</a></td><td>{html.escape(r['label'])}</td>"
+          f"<td>{html.escape(r['category'])}</td><td>{r['iou']:.4f}</td>"
+          f"<td>{r['threshold']:.6g}</td><td><a href='{r['layer']}_report/"
+          f"{_unit_name(r['unit'] - 1)}'>images</a></td></tr>" for r in records]
   intro = (f"{len(records)} units of {len(results)} layer(s), probe set {html.escape(probe.root)} "
            f"({probe.num_images} images). Click a column header to sort.")
   atomic_write_text(out_dir / "units.json", json.dumps(records, indent=1) + "\n")

@@ -64,9 +64,7 @@ def save_arrays(path: Path, tree: Any) -> None:
       ckptr.wait_until_finished()
   except Exception as e:  # orbax wraps I/O errors in its own types
     if "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
-      raise files.OutputError(f"cannot write the checkpoint {path}: the disk is full; the "
-                              "previous complete results are untouched — free some space and "
-                              "run the same command again") from e
+      raise files.disk_full_error(path, e) from e
     raise
 
 
