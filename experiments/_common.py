@@ -253,31 +253,65 @@ def fail(message: str, code: int = 2) -> NoReturn:
   sys.exit(code)
 
 
-def check_probe_and_weights(probe: Path | None, weights: Path | None) -> None:
-  """Fails (one line, exit 2) unless both or neither of --probe / --weights are given and
-  the given ones exist (neither: the embedded default)."""
-  if (probe is None) != (weights is None):
-    fail("give both --probe and --weights, or neither (embedded default)")
-  if weights is not None and not weights.exists():
-    fail(f"--weights: checkpoint directory not found: {weights}")
-  if probe is not None and not (probe / "index.csv").exists():
-    fail(f"--probe: no index.csv in {probe}")
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What a script runs on, resolved from --probe / --weights / --arch / --layers before any
+  work: the embedded default's paths (nothing built yet) or the user's checkpoint and probe set.
+  """
+  embedded: bool
+  probe_dir: Path
+  weights: Path
+  arch: str
+  layers: tuple[str, ...]    # as given (or the embedded default's), every name checked
 
 
-def check_model_flags(args) -> None:
-  """ValueError for inconsistent --probe / --weights / --layers / --arch (nothing loaded)."""
+def resolve_target(args, default_layers: Sequence[str] | None = None,
+                   layer_flag: str = "--layers") -> Target:
+  """The one resolution of a script's model flags; ValueError naming the flag (nothing loaded
+  but the checkpoint's metadata.json).
+
+  Args:
+    args: parsed flags with ``probe``, ``weights`` and (optionally) ``arch``, ``cache``,
+      ``seed`` and the layer flag's attribute.
+    default_layers: layers of the embedded default when the layer flag is not given (None:
+      the embedded default's ``LAYERS``).
+    layer_flag: ``--layers`` (a list) or ``--layer`` (one name).
+  """
   from nemjax import embedded  # pylint: disable=import-outside-toplevel
-  if (args.probe is None) != (args.weights is None):
+  from nemjax.models import checkpoint, registry  # pylint: disable=import-outside-toplevel
+  probe, weights = args.probe, args.weights
+  if (probe is None) != (weights is None):
     raise ValueError("give both --probe and --weights, or neither (embedded default)")
-  if args.weights is not None and not args.weights.exists():
-    raise ValueError(f"--weights: checkpoint directory not found: {args.weights}")
-  if args.probe is not None and not (args.probe / "index.csv").exists():
-    raise ValueError(f"--probe: no index.csv in {args.probe}")
-  if args.probe is not None and not args.layers:
-    raise ValueError("--layers is required with --weights")
-  if args.probe is None and args.arch not in (None, embedded.ARCH):
-    raise ValueError(f"--arch {args.arch}: the embedded default is {embedded.ARCH!r} "
-                     "(give --probe and --weights for another model)")
+  given = getattr(args, layer_flag.lstrip("-").replace("-", "_"), None)
+  given = [given] if isinstance(given, str) else given
+  want_arch = getattr(args, "arch", None)
+  if probe is None:
+    if want_arch not in (None, embedded.ARCH):
+      raise ValueError(f"--arch {want_arch}: the embedded default is {embedded.ARCH!r} "
+                       "(give --probe and --weights for another model)")
+    paths = embedded.cache_paths(args.cache, args.seed)
+    probe_dir, weights, arch = paths.probe_dir, paths.checkpoint_dir, embedded.ARCH
+    layers = tuple(given or (default_layers if default_layers is not None else embedded.LAYERS))
+  else:
+    if not weights.exists():
+      raise ValueError(f"--weights: checkpoint directory not found: {weights}")
+    if not (probe / "index.csv").exists():
+      raise ValueError(f"--probe: no index.csv in {probe}")
+    if not given:
+      raise ValueError(f"{layer_flag} is required with --weights")
+    try:
+      arch = checkpoint.read_metadata(weights)["arch"]
+    except (ValueError, FileNotFoundError, KeyError) as e:
+      raise ValueError(f"--weights {weights}: {e}") from None
+    if want_arch is not None and want_arch != arch:
+      raise ValueError(f"--arch {want_arch} but the checkpoint --weights holds {arch}")
+    probe_dir, layers = probe, tuple(given)
+  for name in layers:
+    try:
+      registry.canonical_layer(arch, name)
+    except ValueError as e:
+      raise ValueError(f"{layer_flag}: {e}") from None
+  return Target(probe is None, Path(probe_dir), Path(weights), arch, layers)
 
 
 def min_iou(args) -> float:
@@ -307,20 +341,18 @@ class SweepTarget:
 
 
 def sweep_target(args) -> SweepTarget:
-  """Resolves --probe / --weights / --layers / --arch (or the embedded default) for checks."""
+  """:func:`resolve_target` plus what a sweep checks units against: a shape-only model for the
+  embedded default (not trained, its probe set not generated), else the loaded checkpoint."""
   from nemjax import embedded  # pylint: disable=import-outside-toplevel
   from nemjax.data import broden  # pylint: disable=import-outside-toplevel
   from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
-  check_model_flags(args)
-  if args.probe is None:
-    paths = embedded.cache_paths(args.cache, args.seed)
-    return SweepTarget(paths.probe_dir, paths.checkpoint_dir,
-                       list(args.layers or embedded.LAYERS), embedded.abstract_model(), None,
+  t = resolve_target(args)
+  if t.embedded:
+    return SweepTarget(t.probe_dir, t.weights, list(t.layers), embedded.abstract_model(), None,
                        (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE))
-  probe = broden.load_probe(args.probe)
-  return SweepTarget(args.probe, args.weights, list(args.layers),
-                     checkpoint.load(args.weights, arch=args.arch), probe,
-                     tuple(probe.image_size))
+  probe = broden.load_probe(t.probe_dir)
+  return SweepTarget(t.probe_dir, t.weights, list(t.layers), checkpoint.load(t.weights, arch=t.arch),
+                     probe, tuple(probe.image_size))
 
 
 def load_sweep_target(args, target: SweepTarget, progress: bool) -> tuple[Any, Any]:

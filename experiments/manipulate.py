@@ -128,7 +128,6 @@ def main(argv=None) -> None:
   fail = _common.fail
   # --- flag checks that need nothing loaded -------------------------------------------------
   embedded = args.probe is None
-  _common.check_probe_and_weights(args.probe, args.weights)
   push_up, fairwash = args.attack == "push-up", args.attack == "fairwash"
   try:
     _common.refuse_inapplicable(argv, [
@@ -171,24 +170,21 @@ def main(argv=None) -> None:
   lr = args.lr if args.lr is not None else defaults["lr"]
   epochs = args.epochs if args.epochs is not None else defaults["epochs"]
   eval_every = args.eval_every if args.eval_every is not None else defaults["eval_every"]
-  layers = args.layers
-  if not layers:
-    if not embedded:
-      fail("--layers is required with --weights")
-    layers = EMBEDDED_DEFAULTS["fairwash_layers" if args.attack == "fairwash" else "layers"]
-  channels = parse_channels(args.channels, layers, fail)
-  group_concept = args.group_concept or ("red" if args.attack == "fairwash" else None)
-
-  from nemjax import models
-  from nemjax.models import checkpoint
   try:
-    arch = "smallcnn" if embedded else checkpoint.read_metadata(args.weights)["arch"]
-    if args.arch is not None and args.arch != arch:
-      fail(f"--arch {args.arch} but the checkpoint holds {arch}")
-    for name in layers + ([args.train_from] if args.train_from else []) + [args.embed_layer]:
-      models.canonical_layer(arch, name)
+    target = _common.resolve_target(args, default_layers=EMBEDDED_DEFAULTS[
+        "fairwash_layers" if args.attack == "fairwash" else "layers"])
+    from nemjax import models
+    for flag, name in (("--train-from", args.train_from), ("--embed-layer", args.embed_layer)):
+      if name is not None:
+        try:
+          models.canonical_layer(target.arch, name)
+        except ValueError as e:
+          raise ValueError(f"{flag}: {e}") from None
   except ValueError as e:
     fail(str(e))
+  layers = list(target.layers)
+  channels = parse_channels(args.channels, layers, fail)
+  group_concept = args.group_concept or ("red" if args.attack == "fairwash" else None)
 
   from nemjax.manipulate import experiment as X
   from nemjax.manipulate import inputs as minputs

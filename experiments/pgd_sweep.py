@@ -99,7 +99,6 @@ def check_plain_flags(args, argv=None) -> None:
       raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   if args.seed < 0:
     raise ValueError(f"--seed must be >= 0, got {args.seed}")
-  _common.check_model_flags(args)
   if (args.export_unit is None) != (args.export_dir is None):
     raise ValueError("--export-unit and --export-dir go together")
   if args.export_unit is None:

@@ -59,7 +59,6 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   fail = _common.fail
   embedded = args.probe is None
-  _common.check_probe_and_weights(args.probe, args.weights)
   try:
     _common.refuse_inapplicable(argv, [
         ("--cache", embedded, _common.EMBEDDED_ONLY),
@@ -77,11 +76,8 @@ def main(argv=None) -> None:
     fail(f"--lr must be > 0, got {args.lr}")
   _common.check_heldout_flags(args, embedded)
 
-  from nemjax import models
-  from nemjax.models import checkpoint
   try:
-    arch = "smallcnn" if embedded else checkpoint.read_metadata(args.weights)["arch"]
-    models.canonical_layer(arch, args.layer)
+    _common.resolve_target(args, layer_flag="--layer")
   except ValueError as e:
     fail(str(e))
 
