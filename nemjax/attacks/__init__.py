@@ -39,6 +39,7 @@ from nemjax.attacks.noise import (
   uniform_noise,
 )
 from nemjax.attacks.pgd import (
+  ActAvgAttack,
   check_unit_range,
   init_adv,
   make_act_avg_attack,
@@ -59,7 +60,7 @@ __all__ = [
   "project_mask", "upsample_bilinear",
   "NOISE_KINDS", "bernoulli_noise", "corrupt", "gaussian_noise", "select_fraction",
   "uniform_noise",
-  "check_unit_range", "init_adv", "make_act_avg_attack", "objective_weights", "pgd_step",
+  "ActAvgAttack", "check_unit_range", "init_adv", "make_act_avg_attack", "objective_weights", "pgd_step",
   "project_linf", "random_targets", "sign_descent", "targeted_loss", "untargeted_loss",
   "weighted_loss",
 ]

@@ -42,7 +42,7 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,7 @@ from nemjax.ops import fastgrad
 from nemjax.attacks._checks import check_images, is_number, is_traced
 
 __all__ = [
+  "ActAvgAttack",
   "LossFn",
   "FeaturesFn",
   "LOOPS",
@@ -353,10 +354,24 @@ def random_targets(key: jax.Array, candidates: Sequence[int] | jax.Array,
   return cand[idx].astype(jnp.int32)
 
 
+class ActAvgAttack(NamedTuple):
+  """An act-avg PGD attack as three functions (from :func:`make_act_avg_attack`).
+
+  ``prepare`` and ``step`` are jitted and pure; ``run`` is the host driver that checks its
+  arguments and calls them (calling the tuple itself calls ``run``).
+  """
+  prepare: Callable  # (x, units, source_masks, target_masks, key) -> (x_adv0, weights (N, sh·sw))
+  step: Callable     # (x, x_adv, units, weights) -> x_adv, one signed-gradient step; x_adv donated
+  run: Callable      # (x, units, source_masks, target_masks=None, key=None) -> x_adv (N,H,W,C)
+
+  def __call__(self, x, units, source_masks, target_masks=None, key=None) -> jax.Array:
+    return self.run(x, units, source_masks, target_masks, key)
+
+
 def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
                         step_size: float | None = None, objective: Objective = "targeted",
                         random_start: bool = False, loop: Loop = "python",
-                        fast_grad: bool | None = None) -> Callable:
+                        fast_grad: bool | None = None) -> ActAvgAttack:
   """A ready-to-call act-avg PGD attack, jitted with ``features_fn`` closed over.
 
   Args:
@@ -377,11 +392,12 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
       None: only when JAX's default backend is the CPU.
 
   Returns:
-    ``attack(x (N, H, W, C), units (N,), source_masks (N, sh, sw), target_masks (N, sh, sw) |
-    None = None, key = None) -> x_adv (N, H, W, C)``. Every argument, the unit range included,
-    is checked on the host before anything is jitted, so ``attack`` is called outside
-    ``jax.jit`` (``attack.jitted`` is the jittable program of the non-Python loops; it does not
-    check the unit range). Recompiles only for new shapes.
+    An :class:`ActAvgAttack`; ``attack(x (N, H, W, C), units (N,), source_masks (N, sh, sw),
+    target_masks (N, sh, sw) | None = None, key = None) -> x_adv (N, H, W, C)`` runs it. Every
+    argument, the unit range included, is checked on the host before anything is jitted, so
+    ``attack`` is called outside ``jax.jit``; its ``prepare`` and ``step`` are the jitted
+    pieces (with a non-Python ``loop``, ``run`` calls one jitted program of the whole attack).
+    Recompiles only for new shapes.
   """
   alpha = _check_hparams(eps, steps, step_size, "make_act_avg_attack")
   if objective not in OBJECTIVES:
@@ -413,19 +429,6 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
     return objective_weights(features_fn, objective, x, units, source_masks, target_masks,
                              fn="attack")
 
-  if loop != "python":
-    @jax.jit
-    def jitted(x, units, source_masks, target_masks, key):
-      units, weights = weights_for(x, units, source_masks, target_masks)
-      return pgd(weighted_loss(features_fn, units, weights), x, eps=eps, steps=steps,
-                 step_size=alpha, random_start=random_start, key=key, loop=loop)
-
-    def attack(x, units, source_masks, target_masks=None, key=None):
-      x = check_call(x, units, source_masks, target_masks, key)
-      return jitted(x, units, source_masks, target_masks, key)
-    attack.jitted = jitted
-    return attack
-
   @jax.jit
   def prepare(x, units, source_masks, target_masks, key):
     _, weights = weights_for(x, units, source_masks, target_masks)
@@ -435,8 +438,16 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
   def step(x, x_adv, units, weights):
     return pgd_step(weighted_loss(features_fn, units, weights), x, x_adv, eps, alpha)
 
-  def attack(x, units, source_masks, target_masks=None, key=None):
+  @jax.jit
+  def whole(x, units, source_masks, target_masks, key):
+    units, weights = weights_for(x, units, source_masks, target_masks)
+    return pgd(weighted_loss(features_fn, units, weights), x, eps=eps, steps=steps,
+               step_size=alpha, random_start=random_start, key=key, loop=loop)
+
+  def run(x, units, source_masks, target_masks=None, key=None):
     x = check_call(x, units, source_masks, target_masks, key)
+    if loop != "python":
+      return whole(x, units, source_masks, target_masks, key)
     units = jnp.asarray(units)
     x_adv, weights = prepare(x, units, source_masks, target_masks, key)
     if not random_start:  # jit may forward x itself; never donate the caller's buffer
@@ -444,6 +455,5 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
     for _ in range(steps):
       x_adv = step(x, x_adv, units, weights)
     return x_adv
-  attack.step = step
-  attack.prepare = prepare
-  return attack
+
+  return ActAvgAttack(prepare, step, run)
