@@ -116,16 +116,29 @@ def add_run_flags(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
 
 
 def add_probe_pass_flags(p: argparse.ArgumentParser) -> None:
-  """How a sweep runs and delivers probe images: --delivery, --jpeg-quality, --batch-size,
-  --quantile."""
-  p.add_argument("--delivery", default="float", choices=["float", "uint8", "jpeg"],
-                 help="how corrupted images reach the model (uint8/jpeg also measure the float "
-                      "result and report its survival)")
-  p.add_argument("--jpeg-quality", type=int, default=90,
+  """How a sweep dissects the probe set and delivers corrupted images (``ProbePass``):
+  --delivery, --jpeg-quality, --batch-size, --top-fraction, --quantile-method."""
+  from nemjax.sweep.config import ProbePass, field_default  # pylint: disable=import-outside-toplevel
+  d = lambda name: field_default(ProbePass, name)
+  p.add_argument("--delivery", default=d("delivery"),
+                 help="how corrupted images reach the model: float, uint8 or jpeg (uint8/jpeg "
+                      "also measure the float result and report its survival)")
+  p.add_argument("--jpeg-quality", type=int, default=d("jpeg_quality"),
                  help="JPEG quality (1-100) for --delivery jpeg")
-  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
-  p.add_argument("--quantile", type=float, default=0.005,
-                 help="η: the top fraction of activations a unit's threshold keeps")
+  p.add_argument("--batch-size", type=int, default=d("batch_size"),
+                 help="probe images per forward pass")
+  p.add_argument("--top-fraction", type=float, default=d("top_fraction"),
+                 help="η: the top fraction of a unit's activations above its threshold")
+  p.add_argument("--quantile-method", default=d("quantile_method"),
+                 help="numpy.quantile method of the thresholds")
+
+
+def probe_pass(args) -> Any:
+  """The ``ProbePass`` of the flags of :func:`add_probe_pass_flags` (ValueError: a field's)."""
+  from nemjax.sweep.config import ProbePass  # pylint: disable=import-outside-toplevel
+  return ProbePass(batch_size=args.batch_size, top_fraction=args.top_fraction,
+                   quantile_method=args.quantile_method, delivery=args.delivery,
+                   jpeg_quality=args.jpeg_quality)
 
 
 def add_heldout_flags(p: argparse.ArgumentParser) -> None:
@@ -289,14 +302,17 @@ def resolve_target(args, default_layers: Sequence[str] | None = None,
     if want_arch not in (None, embedded.ARCH):
       raise ValueError(f"--arch {want_arch}: the embedded default is {embedded.ARCH!r} "
                        "(give --probe and --weights for another model)")
-    paths = embedded.cache_paths(args.cache, args.seed)
+    try:
+      paths = embedded.cache_paths(args.cache, args.seed)
+    except ValueError:
+      raise ValueError(f"--seed: must be an integer >= 0, got {args.seed}") from None
     probe_dir, weights, arch = paths.probe_dir, paths.checkpoint_dir, embedded.ARCH
     layers = tuple(given or (default_layers if default_layers is not None else embedded.LAYERS))
   else:
     if not weights.exists():
       raise ValueError(f"--weights: checkpoint directory not found: {weights}")
     if not (probe / "index.csv").exists():
-      raise ValueError(f"--probe: no index.csv in {probe}")
+      raise ValueError(f"--probe: index.csv not found in {probe}")
     if not given:
       raise ValueError(f"{layer_flag} is required with --weights")
     try:
@@ -314,56 +330,57 @@ def resolve_target(args, default_layers: Sequence[str] | None = None,
   return Target(probe is None, Path(probe_dir), Path(weights), arch, layers)
 
 
-def min_iou(args) -> float:
-  """``--min-iou``, else the sweeps' default bar (Network Dissection's 0.04, on the embedded
-  default too); ValueError outside [0, 1)."""
-  from nemjax.sweep.units import DEFAULT_MIN_IOU  # pylint: disable=import-outside-toplevel
-  value = DEFAULT_MIN_IOU if args.min_iou is None else args.min_iou
-  if not 0 <= value < 1:
-    raise ValueError(f"--min-iou must lie in [0, 1), got {value}")
-  return float(value)
-
-
-MIN_IOU_HELP = ("eligible units: a clean label with IoU above this (default 0.04, Network "
-                "Dissection's bar for an interpretable unit)")
+MIN_IOU_HELP = ("eligible units: a clean label with IoU above this (Network Dissection's bar "
+                "for an interpretable unit)")
 
 
 @dataclasses.dataclass
-class SweepTarget:
-  """What a sweep script attacks, known before any work: for the embedded default the model is
-  shape-only (not trained, its probe set not generated), otherwise the loaded checkpoint."""
-  probe_dir: Path
-  weights: Path
-  layers: list[str]
-  model: Any                 # abstract (embedded) or loaded model
+class SweepModel:
+  """What a sweep checks its units against before any work: a shape-only model for the
+  embedded default (not trained, its probe set not generated), else the loaded checkpoint and
+  probe set."""
+  model: Any
   probe: Any                 # the ProbeSet, or None for the embedded default
   image_size: tuple[int, int]
 
 
-def sweep_target(args) -> SweepTarget:
-  """:func:`resolve_target` plus what a sweep checks units against: a shape-only model for the
-  embedded default (not trained, its probe set not generated), else the loaded checkpoint."""
+def sweep_model(target: Target) -> SweepModel:
+  """The :class:`SweepModel` of a resolved target (reads the checkpoint and the probe index)."""
   from nemjax import embedded  # pylint: disable=import-outside-toplevel
   from nemjax.data import broden  # pylint: disable=import-outside-toplevel
   from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
-  t = resolve_target(args)
-  if t.embedded:
-    return SweepTarget(t.probe_dir, t.weights, list(t.layers), embedded.abstract_model(), None,
-                       (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE))
-  probe = broden.load_probe(t.probe_dir)
-  return SweepTarget(t.probe_dir, t.weights, list(t.layers), checkpoint.load(t.weights, arch=t.arch),
-                     probe, tuple(probe.image_size))
+  if target.embedded:
+    return SweepModel(embedded.abstract_model(), None, (embedded.IMAGE_SIZE, embedded.IMAGE_SIZE))
+  probe = broden.load_probe(target.probe_dir)
+  return SweepModel(checkpoint.load(target.weights, arch=target.arch), probe,
+                    tuple(probe.image_size))
 
 
-def load_sweep_target(args, target: SweepTarget, progress: bool) -> tuple[Any, Any]:
+def run_info(target: Target) -> dict:
+  """The run's inputs as ``config.json`` records them (probe, weights, arch)."""
+  return {"probe": str(target.probe_dir.resolve()), "weights": str(target.weights.resolve()),
+          "arch": target.arch}
+
+
+def load_sweep_inputs(args, target: Target, checked: SweepModel, progress: bool
+                      ) -> tuple[Any, Any]:
   """``(model, probe)`` to run on: builds (once, cached) and loads the embedded default."""
-  if args.probe is not None:
-    return target.model, target.probe
+  if not target.embedded:
+    return checked.model, checked.probe
   from nemjax import embedded  # pylint: disable=import-outside-toplevel
   from nemjax.data import broden  # pylint: disable=import-outside-toplevel
   from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
   embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
-  return checkpoint.load(target.weights, arch=embedded.ARCH), broden.load_probe(target.probe_dir)
+  return checkpoint.load(target.weights, arch=target.arch), broden.load_probe(target.probe_dir)
+
+
+def flag_checked(build: Callable[[], Any]) -> Any:
+  """``build()`` (a config's constructor); its ``ValueError("field: ...")`` ends the script with
+  one line naming the flag (``--field``)."""
+  try:
+    return build()
+  except ValueError as e:
+    fail(as_flag_error(e))
 
 
 def load_embedder_flag(spec: str) -> Any:

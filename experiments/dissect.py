@@ -1,7 +1,7 @@
 """Network Dissection of chosen layers of a model on a Broden-format probe set.
 
     python experiments/dissect.py --probe DIR --arch resnet18 --weights CKPT \
-        --layers layer3 layer4 --out DIR [--thresholds layer4=thr.npy] [--quantile 0.005]
+        --layers layer3 layer4 --out DIR [--thresholds layer4=thr.npy] [--top-fraction 0.005]
 
 ``--weights`` is an orbax checkpoint written by ``python -m nemjax.convert`` (or by the
 embedded default). With no --probe/--weights the embedded default is used.
@@ -26,7 +26,9 @@ import numpy as np  # noqa: E402
 
 
 def parse_args(argv=None):
-  from nemjax.dissect.quantile import DEFAULT_ETA
+  from nemjax.dissect.run import DissectConfig
+  from nemjax.sweep.config import field_default
+  d = lambda name: field_default(DissectConfig, name)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=_common.HelpFormatter)
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--arch", help="model architecture (default: from the checkpoint metadata)")
@@ -35,14 +37,17 @@ def parse_args(argv=None):
   p.add_argument("--out", type=Path, default=Path("runs/dissect"), help="output directory")
   p.add_argument("--thresholds", nargs="*", default=[], metavar="LAYER=FILE.npy",
                  help="use these thresholds (1-D float, one per unit) instead of quantiles")
-  p.add_argument("--quantile", type=float, default=DEFAULT_ETA,
-                 help=f"η: top fraction (default {DEFAULT_ETA})")
-  p.add_argument("--quantile-method", default="linear", help="numpy.quantile method")
+  p.add_argument("--top-fraction", type=float, default=d("top_fraction"),
+                 help="η: the top fraction of a unit's activations above its threshold")
+  p.add_argument("--quantile-method", default=d("quantile_method"),
+                 help="numpy.quantile method of the thresholds")
   p.add_argument("--categories", nargs="*", help="categories to use (default: all)")
-  p.add_argument("--batch-size", type=int, default=32, help="probe images per forward pass")
-  p.add_argument("--tally-method", default="auto", choices=["auto", "sparse", "dense"],
-                 help="tally kernel (auto picks per layer)")
-  p.add_argument("--report-top", type=int, default=4, help="images per unit in the HTML report")
+  p.add_argument("--batch-size", type=int, default=d("batch_size"),
+                 help="probe images per forward pass")
+  p.add_argument("--tally-method", default=d("tally_method"),
+                 help="tally kernel: auto (picks per layer), sparse or dense")
+  p.add_argument("--report-top", type=int, default=d("report_top"),
+                 help="images per unit in the HTML report")
   p.add_argument("--no-report", action="store_true", help="skip the HTML report")
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--seed", type=int, default=0, help="embedded default seed")
@@ -94,10 +99,8 @@ def load_thresholds(specs: list[str], layers: list[str], units: dict[str, int]
 def main(argv=None) -> None:
   args = parse_args(argv)
   from nemjax.data import broden
-  from nemjax.dissect import QUANTILE_METHODS, dissect
   from nemjax.dissect.driver import layer_shapes
-  from nemjax.dissect.html import write_index, write_layer_report
-  from nemjax.dissect.outputs import write_layer_outputs
+  from nemjax.dissect.run import DissectConfig, run_dissection
   from nemjax.models import checkpoint
 
   fail = _common.fail
@@ -106,53 +109,37 @@ def main(argv=None) -> None:
         ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
         ("--seed", args.probe is None, _common.EMBEDDED_ONLY),
         ("--report-top", not args.no_report, "a run with the HTML report (not --no-report)")])
+    target = _common.resolve_target(args)
   except ValueError as e:
     fail(str(e))
-  if not 0 < args.quantile < 1:
-    fail(f"--quantile must lie in (0, 1), got {args.quantile}")
-  if args.quantile_method not in QUANTILE_METHODS:
-    fail(f"--quantile-method {args.quantile_method!r} is not one of {', '.join(QUANTILE_METHODS)}")
-  if args.batch_size < 1:
-    fail(f"--batch-size must be >= 1, got {args.batch_size}")
-  if args.report_top < 1 and not args.no_report:
-    fail(f"--report-top must be >= 1, got {args.report_top}")
-  if (args.probe is None) != (args.weights is None):
-    fail("give both --probe and --weights, or neither (embedded default)")
+  config = _common.flag_checked(lambda: DissectConfig(
+      layers=target.layers, top_fraction=args.top_fraction, quantile_method=args.quantile_method,
+      batch_size=args.batch_size, tally_method=args.tally_method, report=not args.no_report,
+      report_top=args.report_top))
   _common.check_output(args.out)
+  layers = list(config.layers)
   try:
-    if args.probe is None:
-      from nemjax.embedded import build_embedded_default
-      default = build_embedded_default(args.cache, seed=args.seed)
-      probe_dir, weights = default.probe_dir, default.checkpoint_dir
-      layers = args.layers or list(default.layers)
-    else:
-      probe_dir, weights, layers = args.probe, args.weights, args.layers
-      if not layers:
-        fail("--layers is required with --weights")
-    probe = broden.load_probe(probe_dir, categories=args.categories or None)
-    model = checkpoint.load(weights, arch=args.arch)
-    # Unit counts by shape inference (no computation); unknown layers fail here.
-    units = {k: v[-1] for k, v in layer_shapes(model, layers, probe.image_size).items()}
+    # Unit counts by shape inference (no computation; the embedded model is not built yet).
+    checked = _common.sweep_model(target)
+    units = {k: v[-1] for k, v in layer_shapes(checked.model, layers, checked.image_size).items()}
   except (ValueError, FileNotFoundError) as e:  # BrodenFormatError is a ValueError
     fail(one_line(e))
   thresholds = load_thresholds(args.thresholds, layers, units)
+  try:
+    model, _ = _common.load_sweep_inputs(args, target, checked, progress=True)
+    probe = broden.load_probe(target.probe_dir, categories=args.categories or None)
+  except (ValueError, FileNotFoundError) as e:
+    fail(one_line(e))
   with _common.locked_output(args.out):  # a second run on --out is refused
     try:
-      results = dissect(model, probe, layers, batch_size=args.batch_size, quantile=args.quantile,
-                        quantile_method=args.quantile_method, thresholds=thresholds,
-                        tally_method=args.tally_method,
-                        num_top_images=0 if args.no_report else args.report_top)
+      summaries = run_dissection(model, probe, config, args.out, thresholds=thresholds,
+                                 extra={"weights": str(target.weights)})
     except (ValueError, FileNotFoundError) as e:
       fail(f"dissection failed: {one_line(e)}")
-    for layer, res in results.items():
-      summary = write_layer_outputs(args.out, res, probe, extra={"weights": str(weights)})
-      if not args.no_report:
-        write_layer_report(args.out, layer, res, probe)
-      print(f"{layer}: {summary['num_units']} units, mean IoU {summary['mean_iou']:.4f}, "
-            f"{summary['distinct_labels']} distinct labels, per category "
-            f"{summary['units_per_category']}")
-    if not args.no_report:
-      write_index(args.out, results, probe)
+  for layer, summary in summaries.items():
+    print(f"{layer}: {summary['num_units']} units, mean IoU {summary['mean_iou']:.4f}, "
+          f"{summary['distinct_labels']} distinct labels, per category "
+          f"{summary['units_per_category']}")
   print(f"wrote {args.out}" + ("" if args.no_report else f" (report: {args.out / 'index.html'})"))
 
 

@@ -21,25 +21,30 @@ import _common
 _common.bootstrap()
 
 # Imported after the bootstrap, which re-runs this script inside the project venv.
+from nemjax.attacks.noise import NOISE_KINDS  # noqa: E402
 from nemjax.sweep import checks  # noqa: E402
+from nemjax.sweep.config import NoiseSweepConfig, field_default  # noqa: E402
 from nemjax.sweep.noise_sweep import (  # noqa: E402
-    check_noise_args, check_noise_out_dir, format_noise_table, noise_record, run_noise_sweep)
+    check_noise_out_dir, format_noise_table, noise_record, run_noise_sweep)
 
 
 def parse_args(argv=None):
+  d = lambda name: field_default(NoiseSweepConfig, name)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=_common.HelpFormatter)
   p.add_argument("--probe", type=Path, help="Broden-format probe directory (default: embedded)")
   p.add_argument("--weights", type=Path, help="orbax checkpoint from `python -m nemjax.convert`")
   p.add_argument("--arch", help="architecture check against the checkpoint's metadata")
   p.add_argument("--layers", nargs="+", help="layers to dissect (default: embedded block3 block4)")
-  p.add_argument("--sigmas", nargs="+", type=float, default=[0.01, 0.02, 0.03, 0.04, 0.05],
+  p.add_argument("--sigmas", nargs="+", type=float, default=list(d("sigmas")),
                  help="noise strengths σ, in [0, 1] pixel units")
-  p.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8, 1.0],
+  p.add_argument("--fractions", nargs="+", type=float, default=list(d("fractions")),
                  help="fractions of the probe images corrupted, in (0, 1]")
-  p.add_argument("--kinds", nargs="+", default=["gaussian", "uniform", "bernoulli"],
-                 help="noise kinds (gaussian: N(0, σ²); uniform and bernoulli: bounded by σ)")
+  p.add_argument("--kinds", nargs="+", default=list(d("kinds")),
+                 help=f"noise kinds among {', '.join(NOISE_KINDS)} (gaussian: N(0, σ²); uniform "
+                      "and bernoulli: bounded by σ)")
   _common.add_probe_pass_flags(p)
-  p.add_argument("--min-iou", type=float, help="count only these units: " + _common.MIN_IOU_HELP)
+  p.add_argument("--min-iou", type=float, default=d("min_iou"),
+                 help="count only these units: " + _common.MIN_IOU_HELP)
   _common.add_run_flags(p, "runs/noise_sweep", "output directory (re-running resumes)")
   return p.parse_args(argv)
 
@@ -51,42 +56,35 @@ def main(argv=None) -> None:
     _common.refuse_inapplicable(argv, [
         ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
         ("--jpeg-quality", args.delivery == "jpeg", "--delivery jpeg")])
-    args.min_iou = _common.min_iou(args)
+    target = _common.resolve_target(args)
   except ValueError as e:
     _common.fail(str(e))
-  grid = dict(sigmas=args.sigmas, fractions=args.fractions, kinds=args.kinds,
-              delivery=args.delivery, jpeg_quality=args.jpeg_quality, seed=args.seed,
-              batch_size=args.batch_size, quantile=args.quantile, min_iou=args.min_iou)
+  config = _common.flag_checked(lambda: NoiseSweepConfig(
+      layers=target.layers, sigmas=tuple(args.sigmas), fractions=tuple(args.fractions),
+      kinds=tuple(args.kinds), min_iou=args.min_iou, probe_pass=_common.probe_pass(args),
+      seed=args.seed))
   try:
-    check_noise_args(**grid)
-  except ValueError as e:
-    _common.fail(_common.as_flag_error(e))
-  try:
-    target = _common.sweep_target(args)
-    layers = target.layers
-    checks.spatial_widths(target.model, layers, target.image_size)
-    run_info = {"probe": str(Path(target.probe_dir).resolve()),
-                "weights": str(Path(target.weights).resolve()), "arch": target.model.arch}
-    check_noise_out_dir(args.out, noise_record(batch_size=args.batch_size, quantile=args.quantile,
-                                               jpeg_quality=args.jpeg_quality,
-                                               min_iou=args.min_iou, run_info=run_info))
+    checked = _common.sweep_model(target)
+    checks.spatial_widths(checked.model, config.layers, checked.image_size)
+    run_info = _common.run_info(target)
+    check_noise_out_dir(args.out, noise_record(config, run_info))
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
 
   try:
-    model, probe = _common.load_sweep_target(args, target, progress)
+    model, probe = _common.load_sweep_inputs(args, target, checked, progress)
     with _common.locked_output(args.out):
-      rows = run_noise_sweep(model, probe, layers, args.out, progress=progress,
-                             run_info=run_info, **grid)
+      rows = run_noise_sweep(model, probe, config, args.out, progress=progress,
+                             run_info=run_info)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
   counts = {r["layer"]: r["units"] for r in rows}
   print("eligible units (clean label with IoU > %g): %s" % (
-      args.min_iou, ", ".join(f"{l} {counts[l]}" for l in layers)))
-  for layer in layers:
-    for kind in args.kinds:
+      config.min_iou, ", ".join(f"{l} {counts[l]}" for l in config.layers)))
+  for layer in config.layers:
+    for kind in config.kinds:
       print(f"\n% of {layer} units whose label changed, {kind} noise "
-            f"({args.delivery} delivery, seed {args.seed})\n")
+            f"({config.probe_pass.delivery} delivery, seed {config.seed})\n")
       print(format_noise_table(rows, layer, kind))
   print(f"\nwrote {args.out}/results.csv, summary.json, noise_sweep.png")
 

@@ -37,6 +37,10 @@ import numpy as np
 from jax import lax
 
 __all__ = [
+  "PIXEL_LEVELS",
+  "eps_to_255",
+  "eps_from_255",
+  "format_eps",
   "NETDISSECT_BGR_MEAN",
   "NETDISSECT_RGB_MEAN",
   "NETDISSECT_SCALE",
@@ -135,3 +139,24 @@ def imagenet_normalize(x: Any) -> Any:
   if isinstance(x, np.ndarray):
     return (np.asarray(x, np.float32) - mean) / std
   return _exact_div(jnp.asarray(x, jnp.float32) - mean, std)
+
+
+PIXEL_LEVELS = 255
+"""Levels of an 8-bit pixel. Perturbation sizes (ε, step sizes, σ) are in [0, 1] pixel units
+everywhere inside nemjax; the /255 scale exists only in flags and reports, through these three
+functions."""
+
+
+def eps_to_255(eps: float) -> float:
+  """ε in [0, 1] pixel units on the /255 scale of reports and flags (4/255 -> 4.0)."""
+  return float(eps) * PIXEL_LEVELS
+
+
+def eps_from_255(value: float) -> float:
+  """A /255-scale value (a flag's) in [0, 1] pixel units (4.0 -> 4/255)."""
+  return float(value) / PIXEL_LEVELS
+
+
+def format_eps(eps: float) -> str:
+  """``'4/255'`` for ε = 4/255 (at most 4 decimals)."""
+  return f"{round(eps_to_255(eps), 4):g}/{PIXEL_LEVELS}"

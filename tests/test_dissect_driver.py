@@ -151,7 +151,7 @@ def test_dissect_validates_before_running(dissected):
       (dict(thresholds={"block4": np.where(np.arange(128) == 3, np.nan, thr)}), "finite"),
       (dict(thresholds={"block9": thr}), "not dissected"),
       (dict(quantile_method="bogus"), "quantile_method"),
-      (dict(quantile=1.5), "quantile"),
+      (dict(top_fraction=1.5), "top_fraction"),
       (dict(tally_method="fast"), "tally_method"),
       (dict(num_top_images=-1), "num_top_images"),
   ]
@@ -257,7 +257,7 @@ def test_dissect_cli(tiny_probe_dir, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--layers", "nope"], "nope"),
-    (["--layers", "block4", "--quantile", "2"], "--quantile"),
+    (["--layers", "block4", "--top-fraction", "2"], "--top-fraction"),
 ])
 def test_dissect_cli_bad_input(tiny_probe_dir, tiny_model_dir, tmp_path, args, message):
   r = subprocess.run([sys.executable, "experiments/dissect.py", "--probe", str(tiny_probe_dir),
@@ -328,7 +328,7 @@ def test_dissect_cli_bad_options(cli, capsys, tiny_probe_dir, tiny_model_dir, tm
           "--out", str(tmp_path / "out")]
   assert "LAYER=FILE.npy" in _cli_error(cli, capsys, base + ["--thresholds", "block4"])
   line = _cli_error(cli, capsys, base + ["--quantile-method", "bogus"])
-  assert "--quantile-method 'bogus'" in line and "hazen" in line
+  assert "--quantile-method: 'bogus'" in line and "hazen" in line
   assert "nope" in _cli_error(cli, capsys, [*base[:5], "nope", *base[6:]])
   assert "not found" in _cli_error(cli, capsys, ["--probe", str(tmp_path), *base[2:]])
 
@@ -378,7 +378,7 @@ def test_dissect_cli_at_first_layers_equals_oracle(arch, layer, image_size, seg_
   downsampling filter) and AlexNet conv1 (against 113x113 labels) gives the NumPy oracle's
   thresholds, tally and IoU exactly; the network is cut after the layer."""
   from nemjax.data import synthetic
-  from nemjax.dissect.quantile import DEFAULT_ETA
+  from nemjax.dissect.quantile import DEFAULT_TOP_FRACTION
   probe_dir = synthetic.make_probe_set(tmp_path / "probe", num_images=3, image_size=image_size,
                                        seg_size=seg_size, seed=4)
   ckpt = tmp_path / "ckpt"
@@ -398,7 +398,7 @@ def test_dissect_cli_at_first_layers_equals_oracle(arch, layer, image_size, seg_
                       keep_activations=True)
   a = np.moveaxis(acts[layer], 3, 1)  # (N, U, h, w)
   assert a.shape[2:] == maps and probe.seg_size == (seg_size, seg_size)
-  thr = oracle.thresholds(a, 1.0 - DEFAULT_ETA)
+  thr = oracle.thresholds(a, 1.0 - DEFAULT_TOP_FRACTION)
   np.testing.assert_array_equal(np.load(out / f"{layer}_thresholds.npy"), thr)
   pixels, scalars = loader.load_labels(probe, np.arange(probe.num_images))
   t = oracle.tally(a, thr, pixels, scalars, probe.labelcat)

@@ -100,7 +100,7 @@ def test_dissect_killed_mid_write_then_rerun(fault, dissect_args, clean_dissecti
 
 
 _BAD_DISSECT = [
-    (["--quantile", "1.5"], "--quantile"),
+    (["--top-fraction", "1.5"], "--top-fraction"),
     (["--batch-size", "0"], "--batch-size"),
     (["--report-top", "0"], "--report-top"),
     (["--layers", "nope"], "nope"),

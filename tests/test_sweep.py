@@ -12,8 +12,8 @@ from nemjax.data import broden
 from nemjax.dissect.driver import dissect
 from nemjax.models import checkpoint
 from nemjax.sweep import delivery, poison, store
-from nemjax.sweep.pgd_sweep import (KEY_FIELDS, RESULT_FIELDS, PGDSweepConfig,
-                                    format_survival_table, prepare, run_attack_group,
+from nemjax.sweep.config import NoiseSweepConfig, PGDAttack, PGDSweepConfig, ProbePass
+from nemjax.sweep.pgd_sweep import (KEY_FIELDS, RESULT_FIELDS, format_survival_table, prepare, run_attack_group,
                                     run_pgd_sweep, summarise)
 from nemjax.sweep.verify import export_and_verify
 
@@ -30,11 +30,13 @@ def setup(tiny_probe_dir, tiny_model_dir):
     ("noise", "labels", "uint8")])
 def test_incremental_equals_full_redissection(setup, mode, mask_source, deliver_as):
   probe, model = setup
-  cfg = PGDSweepConfig(layers=("block4",), steps=3, poison_fraction=0.25, batch_size=8,
-                       mask_source=mask_source, delivery=deliver_as, modes=(mode,))
-  ctx = prepare(model, probe, cfg, None, progress=False)["block4"]
+  cfg = PGDSweepConfig(layers=("block4",), attack=PGDAttack(eps=(8 / 255,), steps=3),
+                       poison_fraction=0.25, mask_source=mask_source, modes=tuple(dict.fromkeys((mode, "u2"))),
+                       probe_pass=ProbePass(batch_size=8, delivery=deliver_as))
+  inputs, layers = prepare(model, probe, cfg, None, progress=False)
+  ctx = layers["block4"]
   units = [u for u in range(128) if ctx.clean.best_label[u] > 0 and ctx.clean.thresholds[u] > 0][:2]
-  rows_out, images = run_attack_group(ctx, units, 8 / 255, mode, return_images=True)
+  rows_out, images = run_attack_group(inputs, ctx, units, 8 / 255, mode, return_images=True)
   for row, u in zip(rows_out, units):
     rows, x_adv = images[u]
     assert row["n_poisoned"] == len(rows) > 0
@@ -53,7 +55,7 @@ def test_incremental_equals_full_redissection(setup, mode, mask_source, deliver_
     assert row["new_label_float"] == full_f.best_label[u]
     assert row["changed_float"] == (full_f.best_label[u] != row["clean_label"])
   if mode == "noise":  # the control poisons U2's images with ±ε noise
-    _, u2_images = run_attack_group(ctx, units, 8 / 255, "u2", return_images=True)
+    _, u2_images = run_attack_group(inputs, ctx, units, 8 / 255, "u2", return_images=True)
     for u in units:
       assert np.array_equal(images[u][0], u2_images[u][0])
       d = np.abs(images[u][1] - probe_images(probe, images[u][0]))
@@ -72,9 +74,9 @@ def _first_unit(ctx):
 
 def test_export_is_what_a_fresh_dissection_finds(setup, tmp_path):
   probe, model = setup
-  cfg = PGDSweepConfig(layers=("block4",), steps=3, poison_fraction=0.25, batch_size=8,
-                       delivery="uint8")
-  ctx = prepare(model, probe, cfg, None, progress=False)["block4"]
+  cfg = PGDSweepConfig(layers=("block4",), attack=PGDAttack(steps=3), poison_fraction=0.25,
+                       probe_pass=ProbePass(batch_size=8, delivery="uint8"))
+  ctx = prepare(model, probe, cfg, None, progress=False)[1]["block4"]
   unit = _first_unit(ctx)
   rep = export_and_verify(model, probe, cfg, "block4", unit, 8 / 255, "u2", tmp_path / "export",
                           progress=False)
@@ -93,10 +95,11 @@ def test_export_matches_the_sweeps_stored_row(setup, tmp_path, deliver_as):
   """A sweep's results.csv row is what a fresh dissection of the export finds (JPEG files);
   a float sweep is exported quantised to uint8, and the report says so."""
   probe, model = setup
-  cfg = PGDSweepConfig(layers=("block4",), units={"block4": (0,)}, eps=(8 / 255,), steps=3,
-                       modes=("u2",), poison_fraction=0.25, batch_size=8, delivery=deliver_as,
-                       jpeg_quality=75)
-  ctx = prepare(model, probe, cfg, None, progress=False)["block4"]
+  cfg = PGDSweepConfig(layers=("block4",), units={"block4": (0,)},
+                       attack=PGDAttack(eps=(8 / 255,), steps=3), modes=("u2",),
+                       poison_fraction=0.25,
+                       probe_pass=ProbePass(batch_size=8, delivery=deliver_as, jpeg_quality=75))
+  ctx = prepare(model, probe, cfg, None, progress=False)[1]["block4"]
   unit = _first_unit(ctx)
   cfg = dataclasses.replace(cfg, units={"block4": (unit,)})
   run_pgd_sweep(model, probe, cfg, tmp_path / "sweep", progress=False)
@@ -162,29 +165,30 @@ def test_noise_sweep_all_kinds_resume_guard_and_plot(setup, tmp_path):
   from nemjax.attacks.noise import NOISE_KINDS
   from nemjax.sweep.noise_sweep import FIELDS, KEYS, format_noise_table, run_noise_sweep
   probe, model = setup
-  kw = dict(sigmas=(0.05,), fractions=(0.5, 1.0), kinds=NOISE_KINDS, batch_size=8,
-            progress=False)
-  rows = run_noise_sweep(model, probe, ["block4"], tmp_path, **kw)
+  cfg = NoiseSweepConfig(layers=("block4",), sigmas=(0.05,), fractions=(0.5, 1.0),
+                         kinds=NOISE_KINDS, probe_pass=ProbePass(batch_size=8))
+  rows = run_noise_sweep(model, probe, cfg, tmp_path, progress=False)
   assert len(rows) == 6 and {r["kind"] for r in rows} == set(NOISE_KINDS)
   assert {int(r["n_corrupted"]) for r in rows} == {12, 24}
   assert all(0 <= float(r["pct_changed"]) <= 100 for r in rows)
   assert all(float(r["mean_iou_after"]) != float(r["mean_iou_before"]) for r in rows)
   assert (tmp_path / "noise_sweep.png").stat().st_size > 0
   before = (tmp_path / "results.csv").read_text()
-  again = run_noise_sweep(model, probe, ["block4"], tmp_path, **kw)  # all done: nothing re-run
+  again = run_noise_sweep(model, probe, cfg, tmp_path, progress=False)  # all done: nothing re-run
   assert (tmp_path / "results.csv").read_text() == before and again == rows
   assert "100%" in format_noise_table(rows, "block4", "gaussian")
   # Delivery and seed are part of the key: other values add rows next to the old ones.
-  more = run_noise_sweep(model, probe, ["block4"], tmp_path,
-                         **{**kw, "kinds": ("bernoulli",), "fractions": (1.0,)}, seed=1,
-                         delivery="uint8")
+  more = run_noise_sweep(model, probe, dataclasses.replace(
+      cfg, kinds=("bernoulli",), fractions=(1.0,), seed=1,
+      probe_pass=ProbePass(batch_size=8, delivery="uint8")), tmp_path, progress=False)
   assert len(more) == 1 and more[0]["seed"] == "1" and more[0]["delivery"] == "uint8"
   assert len(store.ResultsStore(tmp_path / "results.csv", FIELDS, KEYS).rows) == 7
   # Settings outside the key are guarded by config.json.
   with pytest.raises(ValueError, match="another configuration"):
-    run_noise_sweep(model, probe, ["block4"], tmp_path, **{**kw, "batch_size": 4})
-  with pytest.raises(ValueError, match="noise kinds"):
-    run_noise_sweep(model, probe, ["block4"], tmp_path / "x", kinds=("pink",))
+    run_noise_sweep(model, probe, dataclasses.replace(cfg, probe_pass=ProbePass(batch_size=4)),
+                    tmp_path, progress=False)
+  with pytest.raises(ValueError, match="kinds: unknown noise kinds"):
+    dataclasses.replace(cfg, kinds=("pink",))
 
 
 def test_noise_is_independent_of_batching():

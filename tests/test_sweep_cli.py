@@ -147,12 +147,14 @@ import sys
 import jax
 from nemjax.data import broden
 from nemjax.models import checkpoint
-from nemjax.sweep.pgd_sweep import PGDSweepConfig, run_pgd_sweep
+from nemjax.sweep.config import PGDAttack, PGDSweepConfig, ProbePass
+from nemjax.sweep.pgd_sweep import run_pgd_sweep
 probe_dir, ckpt, out, n = sys.argv[1:5]
 assert jax.device_count() == int(n), jax.devices()
-cfg = PGDSweepConfig(layers=("block3", "block4"), num_units=3, eps=(4 / 255, 8 / 255), steps=2,
-                     modes=("u2", "targeted", "noise"), poison_fraction=0.25, batch_size=8,
-                     units_per_call=2, delivery="uint8")
+cfg = PGDSweepConfig(layers=("block3", "block4"), num_units=3,
+                     attack=PGDAttack(eps=(4 / 255, 8 / 255), steps=2),
+                     modes=("u2", "targeted", "noise"), poison_fraction=0.25,
+                     probe_pass=ProbePass(batch_size=8, delivery="uint8"), units_per_call=2)
 run_pgd_sweep(checkpoint.load(ckpt), broden.load_probe(probe_dir), cfg, out, progress=False)
 """
 

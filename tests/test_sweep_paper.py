@@ -11,7 +11,8 @@ from conftest import import_torch
 from nemjax.data import broden, loader
 from nemjax.models import checkpoint
 from nemjax.sweep import keys, poison, units as units_lib
-from nemjax.sweep.pgd_sweep import PGDSweepConfig, prepare, run_attack_group, run_pgd_sweep
+from nemjax.sweep.config import NoiseSweepConfig, PGDAttack, PGDSweepConfig, ProbePass
+from nemjax.sweep.pgd_sweep import contains, prepare, run_attack_group, run_pgd_sweep
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def test_poison_orders():
   assert poison.choose_by_concept(src, tgt, 99).tolist() == [0, 1, 3, 4, 5, 6]
   prio = np.array([9, 0, 0, 0, 8, 0, 7], float)
   assert poison.choose_poisoned(src | tgt, prio, 2).tolist() == [0, 4]
-  with pytest.raises(ValueError, match="poison order"):
-    PGDSweepConfig(layers=("block4",), poison_order="random").validate()
+  with pytest.raises(ValueError, match="poison_order: must be one of"):
+    PGDSweepConfig(layers=("block4",), poison_order="random")
 
 
 def test_keys_are_names_not_positions():
@@ -47,8 +48,8 @@ def test_keys_are_names_not_positions():
 
 def test_choose_units_bar_and_no_fallback(setup):
   probe, model = setup
-  cfg = PGDSweepConfig(layers=("block4",), batch_size=8)
-  ctx = prepare(model, probe, cfg, None, progress=False)["block4"]
+  cfg = PGDSweepConfig(layers=("block4",), probe_pass=ProbePass(batch_size=8))
+  ctx = prepare(model, probe, cfg, None, progress=False)[1]["block4"]
   res = ctx.clean
   ok = units_lib.eligible_units(res, 0.04)
   assert ok.size >= 3 and np.all(res.score[ok] > 0.04) and np.all(res.best_label[ok] > 0)
@@ -70,8 +71,9 @@ def _rows_of(out_dir, layer):
 
 def test_pgd_sweep_layer_rows_do_not_depend_on_other_layers(setup, tmp_path):
   probe, model = setup
-  base = PGDSweepConfig(layers=("block4",), num_units=1, eps=(8 / 255,), steps=2,
-                        modes=("u2", "noise"), poison_fraction=0.25, batch_size=8)
+  base = PGDSweepConfig(layers=("block4",), num_units=1, attack=PGDAttack(eps=(8 / 255,), steps=2),
+                        modes=("u2", "noise"), poison_fraction=0.25,
+                        probe_pass=ProbePass(batch_size=8))
   alone = run_pgd_sweep(model, probe, base, tmp_path / "alone", progress=False)
   three = dataclasses.replace(base, layers=("block2", "block3", "block4"))
   summary = run_pgd_sweep(model, probe, three, tmp_path / "three", progress=False)
@@ -87,15 +89,17 @@ def test_pgd_sweep_layer_rows_do_not_depend_on_other_layers(setup, tmp_path):
 def test_noise_sweep_layer_rows_do_not_depend_on_other_layers_or_kinds(setup, tmp_path):
   from nemjax.sweep.noise_sweep import run_noise_sweep
   probe, model = setup
-  kw = dict(sigmas=(0.05,), fractions=(0.5,), batch_size=8, progress=False)
-  alone = run_noise_sweep(model, probe, ["block4"], tmp_path / "a", kinds=("bernoulli",), **kw)
-  more = run_noise_sweep(model, probe, ["block2", "block3", "block4"], tmp_path / "b",
-                         kinds=("gaussian", "bernoulli"), **kw)
+  base = NoiseSweepConfig(layers=("block4",), sigmas=(0.05,), fractions=(0.5,),
+                          kinds=("bernoulli",), probe_pass=ProbePass(batch_size=8))
+  alone = run_noise_sweep(model, probe, base, tmp_path / "a", progress=False)
+  more = run_noise_sweep(model, probe, dataclasses.replace(
+      base, layers=("block2", "block3", "block4"), kinds=("gaussian", "bernoulli")),
+      tmp_path / "b", progress=False)
   pick = lambda rows: [r for r in rows if r["layer"] == "block4" and r["kind"] == "bernoulli"]
   assert pick(alone) == pick(more) and len(pick(alone)) == 1
   assert int(alone[0]["units"]) == units_lib.eligible_units(
-      prepare(model, probe, PGDSweepConfig(layers=("block4",), batch_size=8), None,
-              progress=False)["block4"].clean, 0.04).size
+      prepare(model, probe, PGDSweepConfig(layers=("block4",), probe_pass=ProbePass(batch_size=8)),
+              None, progress=False)[1]["block4"].clean, 0.04).size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,12 +164,14 @@ def test_sweep_poisons_what_the_papers_pytorch_loop_poisons(tiny_probe_dir):
   # gradients of its image a little, so a few more flip (measured: 100 % and 99.975 % of
   # pixels equal); each difference is a whole number of steps.
   for steps, min_same in ((1, 0.9999), (10, 0.999)):
-    cfg = PGDSweepConfig(layers=("block3",), eps=(eps,), steps=steps, modes=("u2",),
-                         poison_fraction=0.25, batch_size=8)
-    ctx = prepare(model, probe, cfg, None, progress=False)["block3"]
+    cfg = PGDSweepConfig(layers=("block3",), attack=PGDAttack(eps=(eps,), steps=steps),
+                         modes=("u2",), poison_fraction=0.25, probe_pass=ProbePass(batch_size=8))
+    inputs, layers = prepare(model, probe, cfg, None, progress=False)
+    ctx = layers["block3"]
     labelled = np.flatnonzero((ctx.clean.best_label > 0) & (ctx.clean.thresholds > 0))
-    unit = int(max(labelled, key=lambda u: ctx.contains(int(ctx.clean.best_label[u])).sum()))
-    (row,), images = run_attack_group(ctx, [unit], eps, "u2", return_images=True)
+    has = lambda u: contains(inputs, ctx, int(ctx.clean.best_label[u])).sum()
+    unit = int(max(labelled, key=has))
+    (row,), images = run_attack_group(inputs, ctx, [unit], eps, "u2", return_images=True)
     rows, x_adv = images[unit]
     ref_rows, src_m, tgt_m = _paper_rows_and_masks(pixels, scalars, row["clean_label"],
                                                    row["target_label"], ctx.cap)

@@ -47,10 +47,6 @@ from nemjax.dissect import tally as tally_lib
 from nemjax.dissect import topimages as topimages_lib
 from nemjax.dissect._checks import check_finite
 
-DEFAULT_QUANTILE = quantile_lib.DEFAULT_ETA
-"""η of :func:`dissect` (the same value as ``quantile.DEFAULT_ETA``)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerDissection:
   """Everything Network Dissection finds for one layer (host NumPy arrays).
@@ -347,13 +343,32 @@ def _fingerprint(acts: Mapping[str, np.ndarray]) -> float:
   return float(sum(np.add.reduce(a, axis=None, dtype=np.float64) for a in acts.values()))
 
 
+TALLY_METHODS = ("auto", "sparse", "dense")
+
+
+def check_options(*, top_fraction: float, quantile_method: str, tally_method: str = "auto",
+                  num_top_images: int = 0, batch_size: int = 1) -> None:
+  """ValueError ``"field: ..."`` for the first bad option of :func:`dissect` (the one check,
+  shared with the dissection script's config)."""
+  quantile_lib.check_top_fraction(top_fraction)
+  if quantile_method not in quantile_lib.QUANTILE_METHODS:
+    raise ValueError(f"quantile_method: {quantile_method!r} is not one of "
+                     f"{', '.join(quantile_lib.QUANTILE_METHODS)}")
+  if tally_method not in TALLY_METHODS:
+    raise ValueError(f"tally_method: must be one of {', '.join(TALLY_METHODS)}, got "
+                     f"{tally_method!r}")
+  for name, v, low in (("num_top_images", num_top_images, 0), ("batch_size", batch_size, 1)):
+    if isinstance(v, bool) or int(v) != v or v < low:
+      raise ValueError(f"{name}: must be an integer >= {low}, got {v!r}")
+
+
 def dissect(
     model,
     probe: ProbeSet,
     layers: Sequence[str],
     *,
     batch_size: int = 32,
-    quantile: float = DEFAULT_QUANTILE,
+    top_fraction: float = quantile_lib.DEFAULT_TOP_FRACTION,
     quantile_method: str = "linear",
     thresholds: Mapping[str, np.ndarray] | None = None,
     tally_method: str = "auto",
@@ -377,7 +392,7 @@ def dissect(
     probe: from ``nemjax.data.broden.load_probe``.
     layers: layer names (canonical or aliases), in any order; duplicates are dropped.
     batch_size: images per forward batch (rounded up to a multiple of the device count).
-    quantile: η; the threshold is the (1 − η) quantile of each unit's N·h·w values.
+    top_fraction: η; the threshold is the (1 − η) quantile of each unit's N·h·w values.
     quantile_method: ``numpy.quantile`` method reproduced exactly (default 'linear').
     thresholds: optional ``{layer: (U,) float}`` used instead of the computed quantiles
       (to compare with another implementation fed the same thresholds).
@@ -404,16 +419,13 @@ def dissect(
     raise ValueError("dissect: no layers given")
   if probe.num_images < 1:
     raise ValueError(f"dissect: the probe set {probe.root} has no images")
-  if not 0.0 <= quantile <= 1.0:
-    raise ValueError(f"dissect: quantile (η) must lie in [0, 1], got {quantile}")
-  if quantile_method not in quantile_lib.QUANTILE_METHODS:
-    raise ValueError(f"dissect: quantile_method {quantile_method!r} is not one of "
-                     f"{', '.join(quantile_lib.QUANTILE_METHODS)}")
-  if tally_method not in ("auto", "sparse", "dense"):
-    raise ValueError(f"dissect: tally_method must be 'auto', 'sparse' or 'dense', got "
-                     f"{tally_method!r}")
-  if int(num_top_images) != num_top_images or num_top_images < 0:
-    raise ValueError(f"dissect: num_top_images must be an integer >= 0, got {num_top_images!r}")
+  try:
+    check_options(top_fraction=top_fraction, quantile_method=quantile_method,
+                  tally_method=tally_method, num_top_images=num_top_images,
+                  batch_size=batch_size)
+  except ValueError as e:
+    raise ValueError(f"dissect: {e}") from None
+  q = quantile_lib.quantile_of(top_fraction)
   mesh = make_mesh() if mesh is None else mesh
   batch_size = _round_batch(batch_size, mesh)
   fn = activation_fn(model, layers, normalize=normalize, mesh=mesh)  # validates layer names
@@ -427,7 +439,7 @@ def dissect(
   store_acts = keep_activations or (bool(computed) and total_bytes <= max_ram_bytes)
   # Pass 1 is needed for thresholds or to store activations; the top images go with the
   # first pass that runs.
-  first = _Streams(quantile_q=1.0 - quantile, threshold_layers=computed,
+  first = _Streams(quantile_q=q, threshold_layers=computed,
                    top_k=int(num_top_images),
                    store=_ActivationStore(max_ram_bytes, workdir) if store_acts else None)
   run_first = bool(computed) or keep_activations

@@ -46,7 +46,6 @@ import numpy as np
 from nemjax.dissect._checks import check_finite
 
 __all__ = [
-    "DEFAULT_ETA",
     "DEFAULT_Q",
     "NETDISSECT_LITE_Q",
     "QUANTILE_METHODS",
@@ -56,12 +55,16 @@ __all__ = [
     "threshold_finalize",
     "quantile_thresholds",
     "required_top_k",
+    "check_top_fraction",
+    "quantile_of",
+    "DEFAULT_TOP_FRACTION",
 ]
 
-DEFAULT_ETA = 0.005
-"""η, the top fraction of each unit's values above its threshold (the paper's 0.5 %)."""
-DEFAULT_Q = 1 - DEFAULT_ETA
-"""Top-0.5 % quantile of the Network Dissection paper (``1 - DEFAULT_ETA``)."""
+DEFAULT_TOP_FRACTION = 0.005
+"""η, the top fraction of each unit's values above its threshold (the paper's 0.5 %): the one
+home of this default; everything above this module speaks of ``top_fraction``."""
+DEFAULT_Q = 1 - DEFAULT_TOP_FRACTION
+"""Top-0.5 % quantile of the Network Dissection paper (``1 - DEFAULT_TOP_FRACTION``)."""
 NETDISSECT_LITE_Q = 994 / 999
 """The quantile NetDissect-Lite's ``readout(1000)[:, 994]`` actually reads out."""
 
@@ -137,6 +140,20 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.float64) -> np.ndarray:
   if t >= 0.5:
     out = b - diff * (1 - t)
   return out
+
+
+def check_top_fraction(top_fraction: float, name: str = "top_fraction") -> float:
+  """``top_fraction`` as a float; ValueError ``"{name}: ..."`` unless it lies in (0, 1)."""
+  if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float, np.floating)) \
+      or not 0.0 < float(top_fraction) < 1.0:
+    raise ValueError(f"{name}: η, the top fraction of a unit's activations above its "
+                     f"threshold, must lie in (0, 1), got {top_fraction!r}")
+  return float(top_fraction)
+
+
+def quantile_of(top_fraction: float) -> float:
+  """The quantile ``q = 1 - η`` a unit's threshold sits at (the only place it is computed)."""
+  return 1.0 - check_top_fraction(top_fraction)
 
 
 def required_top_k(total_count: int, q: float) -> int:

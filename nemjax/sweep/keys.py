@@ -19,6 +19,8 @@ import zlib
 import jax
 import numpy as np
 
+from nemjax.preprocess import eps_to_255
+
 __all__ = ["name_code", "eps_code", "micro_code", "item_key"]
 
 
@@ -28,8 +30,9 @@ def name_code(name: str) -> int:
 
 
 def eps_code(eps: float) -> int:
-  """ε in [0, 1] as an integer: ``round(ε·255·1000)`` (exact for ε in 1/1000 steps of /255)."""
-  return int(round(float(eps) * 255 * 1000))
+  """ε in [0, 1] as an integer: its /255 value in thousandths (exact for ε in 1/1000 steps of
+  /255)."""
+  return int(round(eps_to_255(eps) * 1000))
 
 
 def micro_code(x: float) -> int:

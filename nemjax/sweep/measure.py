@@ -66,7 +66,7 @@ def redissect(
     labels: tuple[np.ndarray, np.ndarray],
     *,
     layer: str = "",
-    quantile: float = 0.005,
+    top_fraction: float = quantile_lib.DEFAULT_TOP_FRACTION,
     quantile_method: str = "linear",
     tally_method: str = "auto",
 ) -> LayerDissection:
@@ -77,6 +77,7 @@ def redissect(
     rows: (P,) probe rows that were poisoned.
     new_acts: (P, h, w, U) activations of the poisoned images.
     labels: ``(pixels (N,K,sh,sw), scalars (N,S))`` of the whole probe set.
+    top_fraction: η of the thresholds (as :func:`nemjax.dissect.dissect`).
   """
   clean_acts = np.asarray(clean_acts)
   rows = np.asarray(rows, np.int64)
@@ -86,6 +87,7 @@ def redissect(
                      f"got {new_acts.shape}")
   acts = np.array(clean_acts, np.float32, copy=True)
   acts[rows] = new_acts
-  thr = quantile_lib.quantile_thresholds(acts, q=1.0 - quantile, method=quantile_method)
+  thr = quantile_lib.quantile_thresholds(acts, q=quantile_lib.quantile_of(top_fraction),
+                                         method=quantile_method)
   state = tally_layer(acts, probe, thr, method=tally_method, progress=False, labels=labels)
   return finish_layer(layer, probe, thr, state)

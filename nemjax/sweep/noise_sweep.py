@@ -3,7 +3,7 @@ Network-Dissection label changes when noise of std σ is added to a fraction of 
 
 Rows of ``results.csv`` are keyed by (layer, kind, σ, fraction, delivery, seed), so a re-run
 skips finished cells and a run with more σ values, another delivery or another seed appends
-to the same table. What changes results but is not in the key (probe set, weights, quantile,
+to the same table. What changes results but is not in the key (probe set, weights, top fraction,
 batch size, JPEG quality) is recorded in ``config.json`` and must match on re-runs.
 
 Noise is drawn per image from a key folded from (seed, architecture, kind name, σ, fraction,
@@ -16,6 +16,7 @@ Dissection's bar for an interpretable unit); ``units`` in each row is how many w
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,10 +31,11 @@ from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import activation_fn, dissect, make_mesh
 from nemjax.files import write_json
-from nemjax.sweep.delivery import DELIVERY_MODES, deliver
+from nemjax.sweep.config import NoiseSweepConfig
+from nemjax.sweep.delivery import deliver
 from nemjax.sweep.keys import item_key, micro_code
 from nemjax.sweep.measure import batched_activations, redissect
-from nemjax.sweep.units import DEFAULT_MIN_IOU, eligible_units
+from nemjax.sweep.units import eligible_units
 from nemjax.sweep import store as store_lib
 
 FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "seed", "n_corrupted", "units",
@@ -41,36 +43,9 @@ FIELDS = ["layer", "kind", "sigma", "fraction", "delivery", "seed", "n_corrupted
 KEYS = ["layer", "kind", "sigma", "fraction", "delivery", "seed"]
 
 
-def check_noise_args(*, sigmas: Sequence[float], fractions: Sequence[float],
-                     kinds: Sequence[str], delivery: str, jpeg_quality: int, seed: int,
-                     batch_size: int, quantile: float, min_iou: float = DEFAULT_MIN_IOU) -> None:
-  """ValueError naming the first bad argument as ``name: ...`` (nothing is loaded or computed)."""
-  bad = [k for k in kinds if k not in NOISE_KINDS]
-  if bad or not kinds:
-    raise ValueError(f"kinds: unknown noise kinds {bad}; expected among {NOISE_KINDS}")
-  if not sigmas or any(not 0 < s <= 1 for s in sigmas):
-    raise ValueError(f"sigmas: every σ must lie in (0, 1] (pixel units), got {list(sigmas)}")
-  if not fractions or any(not 0 < f <= 1 for f in fractions):
-    raise ValueError(f"fractions: must lie in (0, 1], got {list(fractions)}")
-  if delivery not in DELIVERY_MODES:
-    raise ValueError(f"delivery: must be one of {DELIVERY_MODES}, got {delivery!r}")
-  if not 1 <= jpeg_quality <= 100:
-    raise ValueError(f"jpeg_quality: must lie in [1, 100], got {jpeg_quality}")
-  if seed < 0:
-    raise ValueError(f"seed: must be >= 0, got {seed}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-  if not 0 < quantile < 1:
-    raise ValueError(f"quantile: must lie in (0, 1), got {quantile}")
-  if not 0 <= min_iou < 1:
-    raise ValueError(f"min_iou: must lie in [0, 1), got {min_iou}")
-
-
-def noise_record(*, batch_size: int, quantile: float, jpeg_quality: int, min_iou: float = DEFAULT_MIN_IOU,
-                 run_info: Mapping[str, Any] | None = None) -> dict:
-  """What ``config.json`` holds: settings outside the row key, and the run's inputs."""
-  return {"batch_size": batch_size, "quantile": quantile, "quantile_method": "linear",
-          "jpeg_quality": jpeg_quality, "min_iou": min_iou, **(run_info or {})}
+def noise_record(config: NoiseSweepConfig, run_info: Mapping[str, Any] | None = None) -> dict:
+  """What ``config.json`` holds: the settings outside the row key, and the run's inputs."""
+  return json.loads(json.dumps({**config.record(), **(run_info or {})}))
 
 
 def check_noise_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
@@ -92,34 +67,28 @@ def noisy_images(key: jax.Array, rows: np.ndarray, x01: np.ndarray, kind: str, s
   return np.asarray(jax.vmap(one)(keys, jnp.asarray(x01)))
 
 
-def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path, *,
-                    sigmas: Sequence[float] = (0.01, 0.02, 0.03, 0.04, 0.05),
-                    fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
-                    kinds: Sequence[str] = NOISE_KINDS, delivery: str = "float",
-                    jpeg_quality: int = 90, seed: int = 0, batch_size: int = 32,
-                    quantile: float = 0.005, min_iou: float = DEFAULT_MIN_IOU, progress: bool = True,
-                    run_info: Mapping[str, Any] | None = None) -> list[dict]:
+def run_noise_sweep(model, probe: ProbeSet, config: NoiseSweepConfig, out_dir: Path, *,
+                    progress: bool = True, run_info: Mapping[str, Any] | None = None
+                    ) -> list[dict]:
   """Runs (or resumes) the sweep.
 
   Writes ``out_dir/results.csv`` (all rows, of every run in that directory), ``config.json``,
   ``summary.json`` (this grid's rows, ``min_iou`` and the eligible units per layer) and
-  ``noise_sweep.png``. Only units with a clean label and IoU > ``min_iou`` are counted.
+  ``noise_sweep.png``. Only units with a clean label and IoU > ``config.min_iou`` are counted.
 
   Raises:
-    ValueError: a bad argument, another configuration in ``out_dir``, or a layer without an
-      eligible unit.
+    ValueError: another configuration in ``out_dir``, or a layer without an eligible unit.
 
   Returns:
     The rows of this grid (layers × kinds × σ × fractions at this delivery and seed), as
     stored (strings).
   """
-  check_noise_args(sigmas=sigmas, fractions=fractions, kinds=kinds, delivery=delivery,
-                   jpeg_quality=jpeg_quality, seed=seed, batch_size=batch_size, quantile=quantile,
-                   min_iou=min_iou)
+  layers, kinds, sigmas, fractions = config.layers, config.kinds, config.sigmas, config.fractions
+  pp, seed, min_iou = config.probe_pass, config.seed, config.min_iou
+  delivery, batch_size = pp.delivery, pp.batch_size
   out_dir = Path(out_dir)
   arch = str(getattr(model, "arch", type(model).__name__))
-  record = noise_record(batch_size=batch_size, quantile=quantile, jpeg_quality=jpeg_quality,
-                        min_iou=min_iou, run_info=run_info)
+  record = noise_record(config, run_info)
   store = store_lib.open_out_dir(out_dir, record, FIELDS, KEYS)
   cell = lambda l, k, s, f: dict(layer=l, kind=k, sigma=float(s), fraction=float(f),
                                  delivery=delivery, seed=seed)
@@ -127,7 +96,8 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
           if not all(store.done(**cell(l, k, s, f)) for l in layers)]
   if grid:
     mesh = make_mesh()
-    clean, acts = dissect(model, probe, layers, batch_size=batch_size, quantile=quantile,
+    clean, acts = dissect(model, probe, layers, batch_size=batch_size,
+                          top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
                           mesh=mesh, progress=progress, keep_activations=True)
     labels = loader.load_labels(probe, np.arange(probe.num_images))
     fn = activation_fn(model, layers, mesh=mesh)
@@ -144,14 +114,15 @@ def run_noise_sweep(model, probe: ProbeSet, layers: Sequence[str], out_dir: Path
     for s in range(0, len(rows), batch_size):
       chunk = rows[s:s + batch_size]
       x01 = loader.load_images(probe, chunk).astype(np.float32) / np.float32(255.0)
-      img = deliver(noisy_images(noise_key, chunk, x01, kind, sigma), delivery, jpeg_quality)
+      img = deliver(noisy_images(noise_key, chunk, x01, kind, sigma), delivery, pp.jpeg_quality)
       for l, a in batched_activations(fn, img, shapes, batch_size=batch_size,
                                       num_devices=mesh.size).items():
         new[l].append(a)
     results = []
     for l in layers:
       new_l = np.concatenate(new[l]) if new[l] else np.zeros((0, *shapes[l]), np.float32)
-      after = redissect(acts[l], rows, new_l, probe, labels, layer=l, quantile=quantile)
+      after = redissect(acts[l], rows, new_l, probe, labels, layer=l,
+                        top_fraction=pp.top_fraction, quantile_method=pp.quantile_method)
       u = counted[l]
       changed = after.best_label[u] != clean[l].best_label[u]
       results.append({

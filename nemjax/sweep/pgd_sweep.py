@@ -33,29 +33,28 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from nemjax import figures, preprocess
 from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
 from nemjax.attacks.noise import bernoulli_noise
-from nemjax.attacks.pgd import make_act_avg_attack, random_targets
+from nemjax.attacks.pgd import ActAvgAttack, make_act_avg_attack, random_targets
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import LayerDissection, activation_fn, dissect, make_mesh
 from nemjax.dissect.outputs import write_layer_outputs
 from nemjax.files import write_json
-from nemjax.sweep.delivery import DELIVERY_MODES, deliver
+from nemjax.sweep.config import MODES, PGDSweepConfig, eps_to_255, format_eps
+from nemjax.sweep.delivery import deliver
 from nemjax.sweep.measure import batched_activations, redissect
 from nemjax.sweep.keys import eps_code, item_key
-from nemjax.sweep.poison import POISON_ORDERS, choose_by_concept, choose_poisoned, poison_cap
-from nemjax.sweep.units import DEFAULT_MIN_IOU, choose_units, eligible_units
+from nemjax.sweep.poison import choose_by_concept, choose_poisoned, poison_cap
+from nemjax.sweep.units import choose_units, eligible_units
 from nemjax.sweep import store as store_lib
 
-MODES = ("u2", "targeted", "u1", "noise")
 MODE_TITLES = {"u2": "untargeted (U2)", "targeted": "targeted", "u1": "untargeted (U1)",
-               "noise": "control: random ±ε noise"}
-MASK_SOURCES = ("labels", "clean")
+               "noise": "noise control (±ε)"}
 RESULT_FIELDS = [
     "layer", "unit", "eps", "eps_255", "mode", "mask_source", "poison_order", "delivery",
     "clean_label", "clean_name", "clean_category", "clean_iou",
@@ -66,67 +65,6 @@ RESULT_FIELDS = [
     "changed", "success", "new_label_float", "changed_float", "success_float", "seconds",
 ]
 KEY_FIELDS = ["layer", "unit", "eps", "mode"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PGDSweepConfig:
-  """What a sweep runs. Everything that changes results is part of ``config.json``."""
-  layers: tuple[str, ...]
-  units: Mapping[str, tuple[int, ...]] | None = None  # explicit units per layer
-  num_units: int = 8            # else: this many eligible units per layer, seeded choice
-  min_iou: float = DEFAULT_MIN_IOU  # eligible: labelled with clean IoU > min_iou (not for `units`)
-  eps: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255)
-  steps: int = 10
-  step_size: float | None = None  # default 2·ε/steps
-  modes: tuple[str, ...] = ("u2", "targeted")
-  mask_source: str = "labels"   # 'labels' (ground truth) or 'clean' (Eq. 8)
-  poison_fraction: float = 0.1
-  poison_order: str = "concept"  # 'concept' (the paper's code) or 'activation'
-  delivery: str = "float"       # 'float' | 'uint8' | 'jpeg'
-  jpeg_quality: int = 90
-  seed: int = 0
-  batch_size: int = 32
-  units_per_call: int = 4
-  quantile: float = 0.005
-  quantile_method: str = "linear"
-
-  def validate(self) -> None:
-    """ValueError naming the first bad field (nothing is loaded or computed)."""
-    if not self.layers:
-      raise ValueError("no layers to attack")
-    if any(e <= 0 for e in self.eps) or not self.eps:
-      raise ValueError(f"every ε must be > 0, got {list(self.eps)}")
-    if self.steps < 1:
-      raise ValueError(f"steps must be >= 1, got {self.steps}")
-    if self.step_size is not None and self.step_size <= 0:
-      raise ValueError(f"step size must be > 0, got {self.step_size}")
-    bad = [m for m in self.modes if m not in MODES]
-    if bad or not self.modes:
-      raise ValueError(f"modes must be among {MODES}, got {list(self.modes)}")
-    if self.mask_source not in MASK_SOURCES:
-      raise ValueError(f"mask source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
-    if self.delivery not in DELIVERY_MODES:
-      raise ValueError(f"delivery must be one of {DELIVERY_MODES}, got {self.delivery!r}")
-    if not 1 <= self.jpeg_quality <= 100:
-      raise ValueError(f"JPEG quality must lie in [1, 100], got {self.jpeg_quality}")
-    poison_cap(10, self.poison_fraction)
-    if self.poison_order not in POISON_ORDERS:
-      raise ValueError(f"poison order must be one of {POISON_ORDERS}, got {self.poison_order!r}")
-    if not 0 <= self.min_iou < 1:
-      raise ValueError(f"min IoU must lie in [0, 1), got {self.min_iou}")
-    if not 0 < self.quantile < 1:
-      raise ValueError(f"quantile must lie in (0, 1), got {self.quantile}")
-    if self.num_units < 1 or self.units_per_call < 1 or self.batch_size < 1:
-      raise ValueError("num_units, units_per_call and batch_size must be >= 1")
-    if self.units is not None:
-      extra = sorted(set(self.units) - set(self.layers))
-      if extra:
-        raise ValueError(f"units given for layers not attacked: {extra}")
-
-  def to_json(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["units"] = None if self.units is None else {k: list(v) for k, v in self.units.items()}
-    return d
 
 
 def features_fn_for(model, layer: str) -> Callable[[jax.Array], jax.Array]:
@@ -151,104 +89,125 @@ def _noise_key(seed: int, arch: str, layer: str, unit: int, eps: float) -> jax.A
   return item_key(seed, "pgd/noise", arch, layer, unit, eps_code(eps))
 
 
-class _LayerContext:
-  """Everything about one layer that every attack on it reuses."""
+class SweepInputs(NamedTuple):
+  """What every layer of a sweep shares."""
+  probe: ProbeSet
+  labels: tuple[np.ndarray, np.ndarray]  # (pixels (N, K, sh, sw), scalars (N, S)) of every image
+  config: PGDSweepConfig
+  mesh: Mesh
 
-  def __init__(self, model, probe, layer, clean: LayerDissection, acts, labels,
-               config: PGDSweepConfig, mesh):
-    self.layer, self.clean, self.acts = layer, clean, acts
-    self.arch = str(getattr(model, "arch", type(model).__name__))
-    self.probe, self.labels, self.config, self.mesh = probe, labels, config, mesh
-    self.features_fn = features_fn_for(model, layer)
-    self.act_fn = activation_fn(model, [layer], mesh=mesh)
-    self.per_image_max = acts.reshape(acts.shape[0], -1, acts.shape[-1]).max(axis=1)  # (N, U)
-    present = np.flatnonzero(np.asarray(clean.tally.tally_labels) > 0)
-    self.present = present[present > 0]
-    self.cap = poison_cap(probe.num_images, config.poison_fraction)
-    self.attacks: dict = {}
 
-  def attack(self, eps: float, mode: str):
-    """The compiled PGD attack of (ε, mode), built on first use."""
-    if (eps, mode) not in self.attacks:
-      c = self.config
-      self.attacks[(eps, mode)] = make_act_avg_attack(
-          self.features_fn, eps=eps, steps=c.steps, step_size=c.step_size,
-          objective="u1" if mode == "u1" else "targeted")
-    return self.attacks[(eps, mode)]
+class LayerData(NamedTuple):
+  """Everything about one layer that every attack on it reuses (from :func:`layer_data`)."""
+  layer: str
+  arch: str
+  clean: LayerDissection        # the clean dissection
+  acts: np.ndarray              # (N, h, w, U) clean activations
+  per_image_max: np.ndarray     # (N, U) max of each unit over each image
+  present: np.ndarray           # (L,) labels (> 0) present in the probe set
+  cap: int                      # most poisoned images per unit
+  act_fn: Callable              # images 0..255 -> {layer: (B, h, w, U)}
+  attacks: Mapping[tuple[float, str], ActAvgAttack]  # (ε, mode) -> its attack
 
-  def target_for(self, unit: int, mode: str) -> int:
-    """The target concept of ``unit`` in ``mode`` (0 for ``u1``). ``noise`` uses U2's target,
-    so it poisons the same images as U2.
 
-    Candidates: the labels present in the probe set (``mask_source='clean'``: the clean labels
-    of the layer's units); ``targeted`` keeps those of the source's category.
+def layer_data(model, inputs: SweepInputs, layer: str, clean: LayerDissection,
+               acts: np.ndarray) -> LayerData:
+  """The :class:`LayerData` of ``layer`` (its attacks are built, not yet compiled)."""
+  c = inputs.config
+  features_fn = features_fn_for(model, layer)
+  attacks = {(eps, mode): make_act_avg_attack(
+      features_fn, eps=eps, steps=c.attack.steps, step_size=c.attack.step_size,
+      objective="u1" if mode == "u1" else "targeted")
+      for eps in c.attack.eps for mode in c.modes if mode != "noise"}
+  present = np.flatnonzero(np.asarray(clean.tally.tally_labels) > 0)
+  return LayerData(
+      layer=layer, arch=str(getattr(model, "arch", type(model).__name__)), clean=clean,
+      acts=acts, per_image_max=acts.reshape(acts.shape[0], -1, acts.shape[-1]).max(axis=1),
+      present=present[present > 0], cap=poison_cap(inputs.probe.num_images, c.poison_fraction),
+      act_fn=activation_fn(model, [layer], mesh=inputs.mesh), attacks=attacks)
 
-    Raises:
-      ValueError: no candidate other than the source (no fallback to another rule).
-    """
-    if mode == "u1":
-      return 0
-    if mode == "noise":
-      mode = "u2"
-    src = int(self.clean.best_label[unit])
-    cands = self.present
-    where = "present in the probe set"
-    if self.config.mask_source == "clean":
-      cands = np.unique(self.clean.best_label[self.clean.best_label > 0])
-      where = f"that label a unit of {self.layer} (mask source 'clean')"
-    if mode == "targeted":
-      cat = self.probe.primary_category[src]
-      cands = cands[self.probe.primary_category[cands] == cat]
-      where = f"of category {self.probe.category_names[cat]!r} {where}"
-    cands = cands[(cands != src) & (cands != 0)]
-    if cands.size == 0:
-      raise ValueError(f"layer {self.layer} unit {unit} ({mode}): no target label other than "
-                       f"its clean label {self.probe.label_names[src]!r} is {where}")
-    key = _unit_key(self.config.seed, self.arch, self.layer, unit, mode)
-    return int(random_targets(key, cands.astype(np.int32), np.array([src], np.int32))[0])
 
-  def poisoned_rows(self, source: int, target: int, unit: int) -> tuple[np.ndarray, int]:
-    """``(rows (P,) sorted int64, n_candidates)``: the images poisoned for ``unit`` (see
-    :mod:`nemjax.sweep.poison`) and the number holding the source or the target concept."""
-    has_src, has_tgt = self.contains(source), self.contains(target)
-    if self.config.poison_order == "concept":
-      rows = choose_by_concept(has_src, has_tgt, self.cap)
-    else:
-      rows = choose_poisoned(has_src | has_tgt, self.per_image_max[:, unit], self.cap)
-    return rows, int((has_src | has_tgt).sum())
+def target_for(inputs: SweepInputs, data: LayerData, unit: int, mode: str) -> int:
+  """The target concept of ``unit`` in ``mode`` (0 for ``u1``). ``noise`` uses U2's target,
+  so it poisons the same images as U2.
 
-  def masks(self, concept: int, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), sh, sw) float32 mask of ``concept`` (zeros for concept 0)."""
-    sh, sw = self.probe.seg_size
-    if concept == 0 or len(rows) == 0:
-      return np.zeros((len(rows), sh, sw), np.float32)
-    if self.config.mask_source == "labels":
-      return np.asarray(concept_mask_from_labels(self.labels[0][rows], self.labels[1][rows], concept))
-    units = np.flatnonzero(self.clean.best_label == concept)
-    if units.size == 0:
-      return np.zeros((len(rows), sh, sw), np.float32)
-    return np.asarray(concept_mask_from_unit_masks(
-        self.acts[rows], self.clean.thresholds, units, (sh, sw)))
+  Candidates: the labels present in the probe set (``mask_source='clean'``: the clean labels
+  of the layer's units); ``targeted`` keeps those of the source's category.
 
-  def contains(self, concept: int) -> np.ndarray:
-    """(N,) bool: images whose ``concept`` mask is non-empty."""
-    n = self.probe.num_images
-    if concept == 0:
-      return np.zeros(n, bool)
-    if self.config.mask_source == "labels":
-      pixels, scalars = self.labels
-      return (pixels == concept).any(axis=(1, 2, 3)) | (scalars == concept).any(axis=1)
-    out = np.zeros(n, bool)
-    for s in range(0, n, 64):
-      rows = np.arange(s, min(s + 64, n))
-      out[rows] = self.masks(concept, rows).reshape(len(rows), -1).any(axis=1)
-    return out
+  Raises:
+    ValueError: no candidate other than the source (no fallback to another rule).
+  """
+  if mode == "u1":
+    return 0
+  if mode == "noise":
+    mode = "u2"
+  probe, clean = inputs.probe, data.clean
+  src = int(clean.best_label[unit])
+  cands = data.present
+  where = "present in the probe set"
+  if inputs.config.mask_source == "clean":
+    cands = np.unique(clean.best_label[clean.best_label > 0])
+    where = f"that label a unit of {data.layer} (mask source 'clean')"
+  if mode == "targeted":
+    cat = probe.primary_category[src]
+    cands = cands[probe.primary_category[cands] == cat]
+    where = f"of category {probe.category_names[cat]!r} {where}"
+  cands = cands[(cands != src) & (cands != 0)]
+  if cands.size == 0:
+    raise ValueError(f"layer {data.layer} unit {unit} ({mode}): no target label other than "
+                     f"its clean label {probe.label_names[src]!r} is {where}")
+  key = _unit_key(inputs.config.seed, data.arch, data.layer, unit, mode)
+  return int(random_targets(key, cands.astype(np.int32), np.array([src], np.int32))[0])
 
-  def new_activations(self, images: np.ndarray) -> np.ndarray:
-    """(P, h, w, U) activations of delivered images (0..255), batched like the dissection."""
-    return batched_activations(self.act_fn, images, {self.layer: self.acts.shape[1:]},
-                               batch_size=self.config.batch_size,
-                               num_devices=self.mesh.size)[self.layer]
+
+def poisoned_rows(inputs: SweepInputs, data: LayerData, source: int, target: int,
+                  unit: int) -> tuple[np.ndarray, int]:
+  """``(rows (P,) sorted int64, n_candidates)``: the images poisoned for ``unit`` (see
+  :mod:`nemjax.sweep.poison`) and the number holding the source or the target concept."""
+  has_src, has_tgt = contains(inputs, data, source), contains(inputs, data, target)
+  if inputs.config.poison_order == "concept":
+    rows = choose_by_concept(has_src, has_tgt, data.cap)
+  else:
+    rows = choose_poisoned(has_src | has_tgt, data.per_image_max[:, unit], data.cap)
+  return rows, int((has_src | has_tgt).sum())
+
+
+def concept_masks(inputs: SweepInputs, data: LayerData, concept: int,
+                  rows: np.ndarray) -> np.ndarray:
+  """(len(rows), sh, sw) float32 mask of ``concept`` on probe ``rows`` (zeros for concept 0)."""
+  sh, sw = inputs.probe.seg_size
+  if concept == 0 or len(rows) == 0:
+    return np.zeros((len(rows), sh, sw), np.float32)
+  if inputs.config.mask_source == "labels":
+    pixels, scalars = inputs.labels
+    return np.asarray(concept_mask_from_labels(pixels[rows], scalars[rows], concept))
+  units = np.flatnonzero(data.clean.best_label == concept)
+  if units.size == 0:
+    return np.zeros((len(rows), sh, sw), np.float32)
+  return np.asarray(concept_mask_from_unit_masks(
+      data.acts[rows], data.clean.thresholds, units, (sh, sw)))
+
+
+def contains(inputs: SweepInputs, data: LayerData, concept: int) -> np.ndarray:
+  """(N,) bool: images whose ``concept`` mask is non-empty."""
+  n = inputs.probe.num_images
+  if concept == 0:
+    return np.zeros(n, bool)
+  if inputs.config.mask_source == "labels":
+    pixels, scalars = inputs.labels
+    return (pixels == concept).any(axis=(1, 2, 3)) | (scalars == concept).any(axis=1)
+  out = np.zeros(n, bool)
+  for s in range(0, n, 64):
+    rows = np.arange(s, min(s + 64, n))
+    out[rows] = concept_masks(inputs, data, concept, rows).reshape(len(rows), -1).any(axis=1)
+  return out
+
+
+def new_activations(inputs: SweepInputs, data: LayerData, images: np.ndarray) -> np.ndarray:
+  """(P, h, w, U) activations of delivered images (0..255), batched like the dissection."""
+  return batched_activations(data.act_fn, images, {data.layer: data.acts.shape[1:]},
+                             batch_size=inputs.config.probe_pass.batch_size,
+                             num_devices=inputs.mesh.size)[data.layer]
 
 
 def _pad_rows(n: int, multiple: int) -> int:
@@ -264,33 +223,34 @@ class _Plan(NamedTuple):
   rows: np.ndarray     # (P,) int64 poisoned probe rows, sorted
 
 
-def _perturb(ctx: _LayerContext, plans: Sequence[_Plan], x01: np.ndarray, eps: float,
-             mode: str) -> np.ndarray:
+def _perturb(inputs: SweepInputs, data: LayerData, plans: Sequence[_Plan], x01: np.ndarray,
+             eps: float, mode: str) -> np.ndarray:
   """(P, H, W, 3) poisoned images in [0, 1] of all ``plans``' rows (x01: their clean
   images, (P, H, W, 3) in [0, 1]), in plan order."""
   if mode == "noise":  # one key per unit: independent of how units are grouped into calls
     out, offset = [], 0
     for p in plans:
-      key = _noise_key(ctx.config.seed, ctx.arch, ctx.layer, p.unit, eps)
+      key = _noise_key(inputs.config.seed, data.arch, data.layer, p.unit, eps)
       out.append(np.asarray(bernoulli_noise(key, x01[offset:offset + len(p.rows)], eps)))
       offset += len(p.rows)
     return np.concatenate(out)
   unit_ids = np.concatenate([np.full(len(p.rows), p.unit, np.int32) for p in plans])
-  src_m = np.concatenate([ctx.masks(p.source, p.rows) for p in plans])
-  tgt_m = np.concatenate([ctx.masks(p.target, p.rows) for p in plans])
+  src_m = np.concatenate([concept_masks(inputs, data, p.source, p.rows) for p in plans])
+  tgt_m = np.concatenate([concept_masks(inputs, data, p.target, p.rows) for p in plans])
   n_real = len(x01)
-  n_pad = _pad_rows(n_real, 8 * ctx.mesh.size) - n_real
+  n_pad = _pad_rows(n_real, 8 * inputs.mesh.size) - n_real
   pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])
-  sharding = NamedSharding(ctx.mesh, PartitionSpec("data"))
+  sharding = NamedSharding(inputs.mesh, PartitionSpec("data"))
   put = lambda a: jax.device_put(pad(a), sharding)
-  x_adv = ctx.attack(eps, mode)(put(x01), put(unit_ids), put(src_m),
-                                None if mode == "u1" else put(tgt_m))
+  x_adv = data.attacks[(eps, mode)](put(x01), put(unit_ids), put(src_m),
+                                    None if mode == "u1" else put(tgt_m))
   return np.asarray(x_adv)[:n_real]
 
 
-def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode: str,
-                     return_images: bool = False):
-  """Attacks ``units`` in one compiled call, re-dissects each, returns result rows.
+def run_attack_group(inputs: SweepInputs, data: LayerData, units: Sequence[int], eps: float,
+                     mode: str, return_images: bool = False):
+  """Attacks ``units`` of ``data.layer`` in one compiled call, re-dissects each, returns
+  result rows.
 
   With a ``uint8`` / ``jpeg`` delivery each unit is also re-dissected with the undelivered
   floats (``new_label_float``, ``changed_float``, ``success_float``); with ``float`` delivery
@@ -300,52 +260,55 @@ def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode:
   before delivery (what :func:`nemjax.sweep.export.export_corrupted_probe` takes).
   """
   t0 = time.time()
-  probe, c = ctx.probe, ctx.config
+  probe, c = inputs.probe, inputs.config
+  delivery, jpeg_quality = c.probe_pass.delivery, c.probe_pass.jpeg_quality
   plans = []
   for u in units:
-    src, tgt = int(ctx.clean.best_label[u]), ctx.target_for(u, mode)
-    rows, n_cand = ctx.poisoned_rows(src, tgt, u)
+    src, tgt = int(data.clean.best_label[u]), target_for(inputs, data, u, mode)
+    rows, n_cand = poisoned_rows(inputs, data, src, tgt, u)
     plans.append(_Plan(u, src, tgt, n_cand, rows))
   all_rows = np.concatenate([p.rows for p in plans]) if plans else np.zeros(0, np.int64)
   x_adv = np.zeros((0, *probe.image_size, 3), np.float32)
-  new_acts = new_acts_float = np.zeros((0, *ctx.acts.shape[1:]), np.float32)
+  new_acts = new_acts_float = np.zeros((0, *data.acts.shape[1:]), np.float32)
   if len(all_rows):
     x01 = loader.load_images(probe, all_rows).astype(np.float32) / np.float32(255.0)
-    x_adv = _perturb(ctx, plans, x01, eps, mode)
-    new_acts = ctx.new_activations(deliver(x_adv, c.delivery, c.jpeg_quality))
-    new_acts_float = (new_acts if c.delivery == "float"
-                      else ctx.new_activations(deliver(x_adv, "float")))
+    x_adv = _perturb(inputs, data, plans, x01, eps, mode)
+    new_acts = new_activations(inputs, data, deliver(x_adv, delivery, jpeg_quality))
+    new_acts_float = (new_acts if delivery == "float"
+                      else new_activations(inputs, data, deliver(x_adv, "float")))
   out_rows, images = [], {}
   offset = 0
   seconds = (time.time() - t0) / max(len(units), 1)
+  clean = data.clean
   for u, src, tgt, n_cand, rows in plans:
     sl = slice(offset, offset + len(rows))
     if return_images:
       images[u] = (rows, x_adv[sl])
     offset += len(rows)
-    measure = lambda acts: redissect(ctx.acts[..., [u]], rows, acts[sl, ..., [u]], probe,
-                                     ctx.labels, layer=ctx.layer, quantile=c.quantile,
-                                     quantile_method=c.quantile_method)
+    measure = lambda acts: redissect(data.acts[..., [u]], rows, acts[sl, ..., [u]], probe,
+                                     inputs.labels, layer=data.layer,
+                                     top_fraction=c.probe_pass.top_fraction,
+                                     quantile_method=c.probe_pass.quantile_method)
     after = measure(new_acts)
-    after_float = after if c.delivery == "float" else measure(new_acts_float)
+    after_float = after if delivery == "float" else measure(new_acts_float)
     new_label, new_label_float = int(after.best_label[0]), int(after_float.best_label[0])
     success_of = lambda label: (label == tgt) if mode == "targeted" else (label != src)
     name = lambda l: str(probe.label_names[l])
     out_rows.append({
-        "layer": ctx.layer, "unit": u, "eps": float(eps), "eps_255": round(eps * 255, 4),
+        "layer": data.layer, "unit": u, "eps": float(eps), "eps_255": round(eps_to_255(eps), 4),
         "mode": mode, "mask_source": c.mask_source, "poison_order": c.poison_order,
-        "delivery": c.delivery,
+        "delivery": delivery,
         "clean_label": src, "clean_name": name(src),
-        "clean_category": probe.category_names[ctx.clean.best_category[u]],
-        "clean_iou": float(ctx.clean.score[u]),
+        "clean_category": probe.category_names[clean.best_category[u]],
+        "clean_iou": float(clean.score[u]),
         "target_label": tgt, "target_name": name(tgt),
         "new_label": new_label, "new_name": name(new_label),
         "new_category": probe.category_names[after.best_category[0]],
         "new_iou": float(after.score[0]),
         "source_iou_after": float(after.iou[0, src]),
-        "target_iou_before": float(ctx.clean.iou[u, tgt]) if tgt else 0.0,
+        "target_iou_before": float(clean.iou[u, tgt]) if tgt else 0.0,
         "target_iou_after": float(after.iou[0, tgt]) if tgt else 0.0,
-        "threshold_before": float(ctx.clean.thresholds[u]),
+        "threshold_before": float(clean.thresholds[u]),
         "threshold_after": float(after.thresholds[0]),
         "n_candidates": n_cand, "n_poisoned": len(rows),
         "changed": new_label != src, "success": bool(success_of(new_label)),
@@ -356,20 +319,21 @@ def run_attack_group(ctx: _LayerContext, units: Sequence[int], eps: float, mode:
 
 
 def prepare(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path | None, mesh=None,
-            progress: bool = True):
-  """Clean dissection + per-layer contexts (the sweep's set-up, shared with export)."""
+            progress: bool = True) -> tuple[SweepInputs, dict[str, LayerData]]:
+  """The sweep's set-up, shared with export: the clean dissection (written under
+  ``out_dir/clean`` unless None) and ``(inputs, {layer: LayerData})``."""
   mesh = make_mesh() if mesh is None else mesh
-  clean, acts = dissect(model, probe, config.layers, batch_size=config.batch_size,
-                        quantile=config.quantile, quantile_method=config.quantile_method,
+  pp = config.probe_pass
+  clean, acts = dissect(model, probe, config.layers, batch_size=pp.batch_size,
+                        top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
                         mesh=mesh, progress=progress, keep_activations=True)
   if out_dir is not None:
     for res in clean.values():
       write_layer_outputs(Path(out_dir) / "clean", res, probe)
-  labels = loader.load_labels(probe, np.arange(probe.num_images))
-  contexts = {layer: _LayerContext(model, probe, layer, clean[layer], acts[layer], labels,
-                                   config, mesh)
-              for layer in config.layers}
-  return contexts
+  inputs = SweepInputs(probe, loader.load_labels(probe, np.arange(probe.num_images)), config,
+                       mesh)
+  return inputs, {layer: layer_data(model, inputs, layer, clean[layer], acts[layer])
+                  for layer in config.layers}
 
 
 def run_record(config: PGDSweepConfig, run_info: Mapping[str, Any] | None = None) -> dict:
@@ -387,34 +351,33 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
                   mesh=None, progress: bool = True, run_info: dict | None = None) -> dict:
   """Runs (or resumes) the sweep; writes results.csv, summary.json, config.json, and the clean
   dissection under ``out_dir/clean``. Returns the summary."""
-  config.validate()
   out_dir = Path(out_dir)
   record = run_record(config, run_info)
   store = store_lib.open_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS)
-  contexts = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
+  inputs, layers = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
   work, eligible = [], {}
-  for layer, ctx in contexts.items():
-    eligible[layer] = {"eligible": int(eligible_units(ctx.clean, config.min_iou).size),
-                       "units": int(ctx.clean.num_units)}
+  for layer, data in layers.items():
+    eligible[layer] = {"eligible": int(eligible_units(data.clean, config.min_iou).size),
+                       "units": int(data.clean.num_units)}
     units = (config.units or {}).get(layer) or choose_units(
-        ctx.clean, config.num_units, config.seed, layer=layer, arch=ctx.arch,
+        data.clean, config.num_units, config.seed, layer=layer, arch=data.arch,
         min_iou=config.min_iou)
-    bad = [u for u in units if not 0 <= u < ctx.clean.num_units]
+    bad = [u for u in units if not 0 <= u < data.clean.num_units]
     if bad:
-      raise ValueError(f"units {bad} out of range for layer {layer} ({ctx.clean.num_units} units)")
+      raise ValueError(f"units {bad} out of range for layer {layer} ({data.clean.num_units} units)")
     for mode in config.modes:  # every target exists, checked before any attack runs
       for u in units:
-        ctx.target_for(u, mode)
-    for eps in config.eps:
+        target_for(inputs, data, u, mode)
+    for eps in config.attack.eps:
       for mode in config.modes:
         todo = [u for u in units if not store.done(layer=layer, unit=u, eps=float(eps), mode=mode)]
         for s in range(0, len(todo), config.units_per_call):
-          work.append((ctx, todo[s:s + config.units_per_call], float(eps), mode))
+          work.append((data, todo[s:s + config.units_per_call], float(eps), mode))
   total_units = sum(len(w[1]) for w in work)
   bar = tqdm(total=total_units, desc="pgd sweep", unit="attack", disable=not progress)
-  for ctx, units, eps, mode in work:
-    bar.set_postfix_str(f"{ctx.layer} ε={eps * 255:.0f}/255 {mode}")
-    store.add(run_attack_group(ctx, units, eps, mode))
+  for data, units, eps, mode in work:
+    bar.set_postfix_str(f"{data.layer} ε={format_eps(eps)} {mode}")
+    store.add(run_attack_group(inputs, data, units, eps, mode))
     bar.update(len(units))
   bar.close()
   summary = summarise(store.rows, probe.category_names)
@@ -453,7 +416,7 @@ def summarise(rows: Sequence[Mapping[str, str]], category_names: Sequence[str]) 
         per_cat[cat] = {"units": len(sel), "pct_manipulated": 100.0 * float(np.mean(sel))}
     delivered = deliveries != ["float"]
     table.append({
-        "layer": layer, "eps": eps, "eps_255": round(eps * 255, 4), "mode": mode,
+        "layer": layer, "eps": eps, "eps_255": round(eps_to_255(eps), 4), "mode": mode,
         "units": len(rs), "pct_manipulated": 100.0 * float(succ.mean()),
         "pct_label_changed": 100.0 * float(chg.mean()),
         "delivery": "/".join(deliveries), "poison_order": "/".join(orders),

@@ -24,7 +24,8 @@ from nemjax.data import broden
 from nemjax.dissect.driver import dissect
 from nemjax.files import write_json
 from nemjax.sweep.export import export_corrupted_probe
-from nemjax.sweep.pgd_sweep import PGDSweepConfig, prepare, run_attack_group
+from nemjax.sweep.config import PGDSweepConfig
+from nemjax.sweep.pgd_sweep import prepare, run_attack_group
 
 # Columns that a re-run of the same attack with the same delivery reproduces exactly.
 _REPRODUCED = ("clean_label", "target_label", "new_label", "new_iou", "threshold_after",
@@ -66,22 +67,25 @@ def export_and_verify(model, probe, config: PGDSweepConfig, layer: str, unit: in
     (the fresh dissection finds the stored label and threshold; None when quantised) and
     ``stored_survives`` (the fresh dissection finds the stored label).
   """
-  delivery = export_delivery(config.delivery)
-  quantised = delivery != config.delivery
-  cfg = dataclasses.replace(config, layers=(layer,), delivery=delivery)
-  ctx = prepare(model, probe, cfg, None, progress=progress)[layer]
-  (row,), images = run_attack_group(ctx, [unit], eps, mode, return_images=True)
+  swept_as = config.probe_pass.delivery
+  delivery = export_delivery(swept_as)
+  quantised = delivery != swept_as
+  pp = dataclasses.replace(config.probe_pass, delivery=delivery)
+  cfg = dataclasses.replace(config, layers=(layer,), units=None, modes=(mode,), probe_pass=pp,
+                            attack=dataclasses.replace(config.attack, eps=(eps,)))
+  inputs, layers = prepare(model, probe, cfg, None, progress=progress)
+  (row,), images = run_attack_group(inputs, layers[layer], [unit], eps, mode, return_images=True)
   rows, x_adv = images[unit]
   export_corrupted_probe(probe, export_dir, dict(zip(rows.tolist(), x_adv)), delivery=delivery,
-                         jpeg_quality=cfg.jpeg_quality, overwrite=overwrite)
+                         jpeg_quality=pp.jpeg_quality, overwrite=overwrite)
   exported = broden.load_probe(export_dir, categories=list(probe.category_names))
-  res = dissect(model, exported, [layer], batch_size=cfg.batch_size, quantile=cfg.quantile,
-                quantile_method=cfg.quantile_method, progress=progress)[layer]
+  res = dissect(model, exported, [layer], batch_size=pp.batch_size, top_fraction=pp.top_fraction,
+                quantile_method=pp.quantile_method, progress=progress)[layer]
   measured = int(res.best_label[unit])
   measured_thr = float(res.thresholds[unit])
   report: dict[str, Any] = {
       "layer": layer, "unit": unit, "eps": eps, "mode": mode,
-      "sweep_delivery": config.delivery, "export_delivery": delivery, "quantised": quantised,
+      "sweep_delivery": swept_as, "export_delivery": delivery, "quantised": quantised,
       "note": ("the sweep measured float images; the exported files hold them rounded to "
                "uint8, so their label may differ from the sweep's" if quantised else ""),
       "export_dir": str(export_dir), "n_poisoned": int(len(rows)),
