@@ -98,7 +98,7 @@ def load_thresholds(specs: list[str], layers: list[str], units: dict[str, int]
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  from nemjax.data import broden
+  from nemjax.data import broden, synthetic
   from nemjax.dissect.driver import layer_shapes
   from nemjax.dissect.run import DissectConfig, run_dissection
   from nemjax.models import checkpoint
@@ -124,6 +124,11 @@ def main(argv=None) -> None:
     units = {k: v[-1] for k, v in layer_shapes(checked.model, layers, checked.image_size).items()}
   except (ValueError, FileNotFoundError) as e:  # BrodenFormatError is a ValueError
     fail(one_line(e))
+  known = synthetic.CATEGORIES if checked.probe is None else checked.probe.category_names
+  unknown = [c for c in args.categories or () if c not in known]
+  if unknown or args.categories == []:
+    fail(f"--categories: {unknown or 'none given'} not among the probe set's categories "
+         f"{', '.join(known)}")
   thresholds = load_thresholds(args.thresholds, layers, units)
   try:
     model, _ = _common.load_sweep_inputs(args, target, checked, progress=True)

@@ -117,7 +117,8 @@ def main(argv=None) -> None:
   try:
     _common.refuse_inapplicable(argv, [
         ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
-        ("--jpeg-quality", args.delivery == "jpeg", "--delivery jpeg")])
+        ("--jpeg-quality", args.delivery == "jpeg", "--delivery jpeg"),
+        ("--overwrite", args.export_dir is not None, "--export-dir")])
     target = _common.resolve_target(args)
   except ValueError as e:
     _common.fail(str(e))

@@ -2,7 +2,6 @@
 oracle exactly, streams (two passes, no stored activations) with bit-identical results, is
 identical on 1 and 4 devices, writes NetDissect-Lite's files, and its CLI fails cleanly."""
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from PIL import Image
 
 import nemjax.dissect
 import oracle_netdissect as oracle
+from cli_helpers import cli_error, import_script
 from conftest import REPO
 from nemjax.data import broden, loader
 from nemjax.dissect import driver
@@ -271,27 +271,11 @@ def test_dissect_cli_bad_input(tiny_probe_dir, tiny_model_dir, tmp_path, args, m
 @pytest.fixture(scope="module")
 def cli():
   """experiments/dissect.py imported in-process (its venv bootstrap disabled)."""
-  sys.path.insert(0, str(REPO / "experiments"))
-  import _common
-  real, _common.bootstrap = _common.bootstrap, lambda: None
-  try:
-    spec = importlib.util.spec_from_file_location("dissect_cli", REPO / "experiments/dissect.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-  finally:
-    _common.bootstrap = real
-  return mod
+  return import_script("dissect")
 
 
 def _cli_error(cli, capsys, argv) -> str:
-  with pytest.raises(SystemExit) as e:
-    cli.main(argv)
-  err = capsys.readouterr().err
-  assert e.value.code == 2, err
-  lines = err.strip().splitlines()  # progress bars may come first
-  assert "Traceback" not in err and lines[-1].startswith("error: "), err
-  assert sum(line.startswith("error") for line in lines) == 1, err
-  return lines[-1]
+  return cli_error(cli, capsys, argv)
 
 
 def _thr_file(tmp_path, name, content):
