@@ -43,6 +43,7 @@ from nemjax.manipulate import losses
 from nemjax.manipulate import prune
 
 __all__ = [
+    "PAPER_LEARNING_RATE",
     "TrainState",
     "default_optimizer",
     "trainable_mask",
@@ -55,6 +56,10 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 TrainableFn = Callable[[str, Any], bool]
 
+# Adam's learning rate in the papers (Nanfack et al. 2024; Fulleringer 2023): the one home of a
+# default learning rate (the experiments' schedules in nemjax.manipulate.config build on it).
+PAPER_LEARNING_RATE = 1e-5
+
 
 class TrainState(NamedTuple):
   """Fine-tuning state (a pytree; donated to the jitted step)."""
@@ -64,8 +69,9 @@ class TrainState(NamedTuple):
   step: jax.Array         # () int32, number of updates applied
 
 
-def default_optimizer(learning_rate: float = 1e-5) -> optax.GradientTransformation:
-  """Adam with the paper's learning rate 1e-5."""
+def default_optimizer(learning_rate: float = PAPER_LEARNING_RATE
+                      ) -> optax.GradientTransformation:
+  """Adam with the papers' learning rate (:data:`PAPER_LEARNING_RATE`)."""
   return optax.adam(learning_rate)
 
 
