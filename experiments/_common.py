@@ -162,12 +162,12 @@ def embedded_default(data: Any, seed: int, progress: bool) -> Any:
   return build_embedded_default(data.cache, seed=seed, progress=progress)
 
 
-def data_sources(args, target: "Target", **extra) -> Any:
+def data_sources(args, **extra) -> Any:
   """The ``DataSources`` of a fine-tuning script's model and held-out flags (``extra``: decoys,
-  groups); nothing is checked here (the config's ``validate`` does it)."""
+  groups), checked when built (ValueError naming the field)."""
   from nemjax.manipulate.config import DataSources  # pylint: disable=import-outside-toplevel
   return DataSources(
-      probe=args.probe, weights=args.weights, arch=target.arch, normalize=args.normalize,
+      probe=args.probe, weights=args.weights, normalize=args.normalize,
       train_folder=args.train_folder, val_folder=args.val_folder,
       val_unlabelled=args.val_unlabelled, val_size=args.val_size,
       train_eval_size=args.train_eval_size, embedder=args.embedder, cache=args.cache, **extra)

@@ -141,11 +141,14 @@ def make_config(args: argparse.Namespace, argv=None) -> C.ManipulateConfig:
       *[(f, push_up, "--attack push-up") for f in (
           "--decoy-class", "--decoy-folder", "--num-decoys", "--decoys-per-step")],
       ("--group-concept", fairwash, "--attack fairwash")])
+  group = args.group_concept if args.group_concept is not None else (
+      C.FAIRWASH_GROUP_CONCEPT if fairwash else None)
+  data = _common.data_sources(args, decoy_class=args.decoy_class,
+                              decoy_folder=args.decoy_folder, num_decoys=args.num_decoys,
+                              group_concept=group)
   target = _common.resolve_target(args, default_layers=C.embedded_layers(args.attack))
   schedule = C.EMBEDDED_SCHEDULE if target.embedded else C.PAPER_SCHEDULE
   given = lambda value, default: default if value is None else value
-  group = args.group_concept if args.group_concept is not None else (
-      C.FAIRWASH_GROUP_CONCEPT if fairwash else None)
   return C.ManipulateConfig(
       attack=args.attack, layers=target.layers,
       channels=parse_channels(args.channels, target.layers), k=args.k,
@@ -159,10 +162,7 @@ def make_config(args: argparse.Namespace, argv=None) -> C.ManipulateConfig:
       loss_scale=args.loss_scale, train_from=args.train_from, embed_layer=args.embed_layer,
       eval_batch_size=args.eval_batch_size,
       featvis=C.FeatVisReport(channels=args.featvis_channels, steps=args.featvis_steps),
-      data=_common.data_sources(args, target, decoy_class=args.decoy_class,
-                                decoy_folder=args.decoy_folder, num_decoys=args.num_decoys,
-                                group_concept=group),
-      seed=args.seed)
+      data=data, arch=target.arch, seed=args.seed)
 
 
 def main(argv=None) -> None:

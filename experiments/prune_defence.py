@@ -70,13 +70,14 @@ def make_config(args: argparse.Namespace, argv=None) -> C.PruneDefenceConfig:
   _common.refuse_inapplicable(argv, [
       ("--cache", embedded, _common.EMBEDDED_ONLY),
       *[(f, not embedded, _common.PROBE_ONLY) for f in _common.HELDOUT_FLAGS]])
+  data = _common.data_sources(args)
   target = _common.resolve_target(args, layer_flag="--layer")
   attack = C.ManipulateConfig(
       attack="push-down", layers=target.layers, k=args.k,
       overlap_k=min(C.ManipulateConfig.overlap_k, args.k), epochs=args.epochs,
       learning_rate=args.lr, batch_size=args.batch_size,
       attack_batch_size=args.attack_batch_size, eval_every=args.eval_every,
-      data=_common.data_sources(args, target), seed=args.seed)
+      data=data, arch=target.arch, seed=args.seed)
   return C.PruneDefenceConfig(attack=attack, l1_rates=tuple(args.l1_rates),
                               vulnerability_rates=tuple(args.vulnerability_rates),
                               recover_steps=args.recover_steps)

@@ -2,8 +2,8 @@
 
 :class:`ManipulateConfig` is one fine-tuning attack (``experiments/manipulate.py``),
 :class:`PruneDefenceConfig` the pruning defence around it (``experiments/prune_defence.py``).
-Both are frozen and check every value once, when they are built (``__post_init__`` calls
-``validate()``, the only place values are checked): a bad one is a ``ValueError("field: ...")``
+Both (and :class:`DataSources`) are frozen and check every value once, when they are built
+(``__post_init__`` calls ``validate()``, the only place values are checked): a bad one is a ``ValueError("field: ...")``
 naming the field (``alpha.init``, ``data.val_size``, ... for nested settings), which the CLIs
 turn into a one-line error naming the flag. :class:`ExperimentInputs` holds the model and the
 image sets a run works on (:mod:`nemjax.manipulate.inputs` assembles it from paths).
@@ -68,10 +68,10 @@ def _at_least(obj: Any, names: Sequence[str], low: int = 1) -> None:
       raise ValueError(f"{name}: must be >= {low}, got {v}")
 
 
-def _nested(prefix: str, settings: Any, *args: Any) -> None:
-  """``settings.validate(*args)`` with its field names prefixed (``alpha.init: ...``)."""
+def _nested(prefix: str, settings: Any) -> None:
+  """``settings.validate()`` with its field names prefixed (``alpha.init: ...``)."""
   try:
-    settings.validate(*args)
+    settings.validate()
   except ValueError as e:
     raise ValueError(f"{prefix}.{e}") from None
 
@@ -100,7 +100,6 @@ class DataSources:
   """
   probe: Path | None = None          # Broden-format probe directory
   weights: Path | None = None        # orbax model checkpoint
-  arch: str | None = None            # the model's architecture: layer names are checked on it
   normalize: str = "netdissect"      # input normalisation the model expects
   train_folder: Path | None = None   # class-per-subfolder training stream
   val_folder: Path | None = None     # held-out images (accuracy, α rule)
@@ -114,13 +113,16 @@ class DataSources:
   embedder: str = "model"            # CLIP-δ/W embedder spec (nemjax.metrics.load_embedder)
   cache: Path = Path("cache/embedded")  # the embedded default's cache
 
+  def __post_init__(self) -> None:
+    self.validate()
+
   @property
   def embedded(self) -> bool:
     return self.probe is None
 
-  def validate(self, attack: str) -> None:
-    """``ValueError("field: ...")`` for the first bad source (``attack`` decides whether
-    decoys or groups are needed)."""
+  def validate(self) -> None:
+    """``ValueError("field: ...")`` for the first bad source (run once, when built; whether
+    the attack needs decoys or groups is :meth:`ManipulateConfig.validate`'s check)."""
     if (self.probe is None) != (self.weights is None):
       raise ValueError("probe: give both --probe and --weights, or neither (embedded default)")
     if not self.embedded and self.val_folder is None:
@@ -136,11 +138,6 @@ class DataSources:
     if self.normalize not in NORMALIZATIONS:
       raise ValueError(f"normalize: must be one of {NORMALIZATIONS}, got {self.normalize!r}")
     _at_least(self, ("val_size", "train_eval_size", "num_decoys"))
-    if attack == "push-up" and (self.decoy_class is None) == (self.decoy_folder is None):
-      raise ValueError("decoy_class: push-up needs exactly one of --decoy-class or "
-                       "--decoy-folder")
-    if attack == "fairwash" and not self.group_concept:
-      raise ValueError("group_concept: fairwash needs a group concept")
     for name in ("train_folder", "val_folder", "decoy_folder"):
       d = getattr(self, name)
       if d is not None and not Path(d).is_dir():
@@ -171,7 +168,8 @@ class ManipulateConfig:
   embed_layer: str = "avgpool"           # pooled features used as the CLIP stand-in
   eval_batch_size: int = 50              # images per forward pass when evaluating
   featvis: FeatVisReport = FeatVisReport()
-  data: DataSources = DataSources()
+  data: DataSources = DataSources()      # checked when built
+  arch: str | None = None                # the model's architecture: layer names checked on it
   seed: int = 0
 
   def __post_init__(self) -> None:
@@ -193,7 +191,12 @@ class ManipulateConfig:
       raise ValueError(f"loss_scale: must be one of {LOSS_SCALES}, got {self.loss_scale!r}")
     _nested("alpha", self.alpha)
     _nested("featvis", self.featvis)
-    _nested("data", self.data, self.attack)
+    if self.attack == "push-up" and (self.data.decoy_class is None) == (
+        self.data.decoy_folder is None):
+      raise ValueError("data.decoy_class: push-up needs exactly one of --decoy-class or "
+                       "--decoy-folder")
+    if self.attack == "fairwash" and not self.data.group_concept:
+      raise ValueError("data.group_concept: fairwash needs a group concept")
     for layer, chans in (self.channels or {}).items():
       if layer not in self.layers:
         raise ValueError(f"channels: given for {layer!r}, which is not an attacked layer "
@@ -201,14 +204,14 @@ class ManipulateConfig:
       if not chans or any(c < 0 for c in chans):
         raise ValueError(f"channels: those of {layer!r} must be a non-empty list of "
                          "indices >= 0")
-    if self.data.arch is not None:
+    if self.arch is not None:
       from nemjax.models import registry  # pylint: disable=import-outside-toplevel
       for name, value in (("layers", self.layers), ("train_from", (self.train_from,)),
                           ("embed_layer", (self.embed_layer,))):
         for layer in value:
           if layer is not None:
             try:
-              registry.canonical_layer(self.data.arch, layer)
+              registry.canonical_layer(self.arch, layer)
             except ValueError as e:
               raise ValueError(f"{name}: {e}") from None
 

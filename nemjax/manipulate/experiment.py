@@ -161,7 +161,8 @@ def run_experiment(config: ManipulateConfig, inputs: ExperimentInputs, out_dir: 
               "num_decoys": 0 if inputs.decoy_images is None else int(len(inputs.decoy_images))}
   # what the fine-tune depends on (the feature-visualisation settings only change the report)
   # (and where the data came from: run_info's data_fingerprint, not the paths as typed)
-  trained = {k: v for k, v in cfg_json["config"].items() if k not in ("featvis", "data")}
+  trained = {k: v for k, v in cfg_json["config"].items()
+             if k not in ("featvis", "data", "arch")}
   fingerprint = ckpt.fingerprint({k: v for k, v in cfg_json.items() if k != "run"} |
                                  {"config": trained} |
                                  {"data": (run_info or {}).get("data_fingerprint")})
