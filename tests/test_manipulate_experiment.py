@@ -511,7 +511,7 @@ def test_pixel_correlation_of_a_constant_image_is_undefined():
   assert np.isnan(X.pixel_correlation(grey, grey)).all()        # never r = 1 for two blanks
   np.testing.assert_allclose(r[0], np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1], rtol=1e-6)
   from nemjax.manipulate import report
-  table = report.format_table([{"layer": "l", "featvis_corr": X._nanmean(r[1:3]),
+  table = report.format_table([{"layer": "l", "featvis_corr": E.nanmean(r[1:3]),
                                 "featvis_undefined": 2}])
   assert "| l | undefined | 2 |" in table
   with pytest.raises(ValueError, match="one shape"):
