@@ -138,7 +138,7 @@ def train_init(params: PyTree, optimizer: optax.GradientTransformation | None = 
 
   Args:
     params: variables of the model to fine-tune (as ``apply_fn`` takes them).
-    optimizer: optax transformation (default :func:`default_optimizer`, Adam lr 1e-5); it only
+    optimizer: optax transformation (default :func:`default_optimizer`, Adam at :data:`PAPER_LEARNING_RATE`); it only
       sees the trainable leaves (a pytree with ``None`` at frozen leaves).
     teacher_params: variables for ``frozen_apply_fn``; default a copy of ``params`` (the
       frozen original model). Leaves shared with ``params`` are copied, since the state is
@@ -193,7 +193,7 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
     attack_loss_fn: ``attack_loss_fn(acts, batch, decoy_acts) -> scalar`` (see the
       ``*_objective`` factories in :mod:`nemjax.manipulate.losses`); ``decoy_acts`` is ``None``
       unless the batch has a ``"decoy"`` entry.
-    optimizer: the optax transformation used in :func:`train_init` (default Adam lr 1e-5).
+    optimizer: the optax transformation used in :func:`train_init` (default: :func:`default_optimizer`).
     trainable: the filter used in :func:`train_init`.
     donate: donate the train state's buffers (default ``True``).
     fast_grad: run ``apply_fn`` through :func:`nemjax.ops.fastgrad.cpu_fast_grad` (same
