@@ -142,7 +142,9 @@ def probe_pass(args) -> Any:
 
 
 def add_heldout_flags(p: argparse.ArgumentParser) -> None:
-  """The training stream and held-out images of a fine-tuning script with --probe/--weights."""
+  """The training stream and held-out images of a fine-tuning script with --probe/--weights
+  (defaults: ``nemjax.manipulate.config.DataSources``)."""
+  from nemjax.manipulate.config import DataSources  # pylint: disable=import-outside-toplevel
   p.add_argument("--train-folder", type=Path,
                  help="training stream: class-per-subfolder tree (needs --val-folder)")
   p.add_argument("--val-folder", type=Path,
@@ -153,63 +155,60 @@ def add_heldout_flags(p: argparse.ArgumentParser) -> None:
                       "the original model on them instead of accuracy")
   p.add_argument("--val-size", type=int,
                  help="use a fixed random subset of this many held-out images (default: all)")
-  p.add_argument("--train-eval-size", type=int, default=200,
+  p.add_argument("--train-eval-size", type=int, default=DataSources.train_eval_size,
                  help="training-stream images whose accuracy is reported as the train accuracy")
-  p.add_argument("--normalize", default="netdissect", choices=["netdissect", "imagenet"],
-                 help="input normalisation the model expects")
-  p.add_argument("--embedder", default="model", metavar="SPEC", help=EMBEDDER_HELP)
+  p.add_argument("--normalize", default=DataSources.normalize,
+                 choices=["netdissect", "imagenet"], help="input normalisation the model expects")
+  p.add_argument("--embedder", default=DataSources.embedder, metavar="SPEC", help=EMBEDDER_HELP)
 
 
 HELDOUT_FLAGS = ("--train-folder", "--val-folder", "--val-unlabelled", "--val-size",
                  "--normalize")
 
 
-def check_heldout_flags(args, embedded: bool) -> None:
-  """Fails (one line) on held-out / training-folder flags that cannot work (see
-  :func:`add_heldout_flags`); flags that do not apply are refused by :func:`refuse_inapplicable`."""
-  if not embedded and args.val_folder is None:
-    fail("--probe/--weights need --val-folder: accuracy (and the α rule) is measured only on "
-         "held-out images no fine-tuning step or ranking sees (--val-unlabelled for images "
-         "without class labels: agreement with the original model)")
-  if args.val_unlabelled and args.val_folder is None:
-    fail("--val-unlabelled applies to --val-folder")
-  for name in ("train_folder", "val_folder"):
-    d = getattr(args, name)
-    if d is not None and not d.is_dir():
-      fail(f"--{name.replace('_', '-')}: directory not found: {d}")
-  for name in ("val_size", "train_eval_size"):
-    v = getattr(args, name)
-    if v is not None and v < 1:
-      fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+def embedded_default(data: Any, seed: int, progress: bool) -> Any:
+  """The embedded default, built (once, cached in ``data.cache``) when ``data`` (a
+  ``DataSources``) names no probe set; else ``None``."""
+  if not data.embedded:
+    return None
+  from nemjax.embedded import build_embedded_default  # pylint: disable=import-outside-toplevel
+  return build_embedded_default(data.cache, seed=seed, progress=progress)
 
 
-def check_finetune_run(args, config) -> Any:
-  """The last checks of a fine-tuning script before any work: ``config.validate()``, the
-  --embedder spec (returns the embedder) and --out; each failure is one line."""
-  try:
-    config.validate()
-  except ValueError as e:
-    fail(str(e))
-  embedder = load_embedder_flag(args.embedder)
-  check_output(args.out, weights=args.weights)
-  return embedder
-
-
-def heldout_inputs(args, config, default, **extra) -> tuple[Any, dict]:
-  """``nemjax.manipulate.inputs.load_inputs`` for a fine-tuning script's flags: the embedded
-  default's sets (``default``) or --probe/--weights with the held-out flags; ``extra`` goes
-  through (decoys, groups)."""
-  from nemjax.manipulate import inputs as minputs  # pylint: disable=import-outside-toplevel
-  if default is not None:
-    return minputs.load_inputs(
-        config, probe_dir=default.probe_dir, weights=default.checkpoint_dir,
-        embedded_train_dir=default.train_dir, heldout_dir=default.heldout_dir,
-        train_eval_size=args.train_eval_size, **extra)
-  return minputs.load_inputs(
-      config, probe_dir=args.probe, weights=args.weights, normalize=args.normalize,
+def data_sources(args, **extra) -> Any:
+  """The ``DataSources`` of a fine-tuning script's model and held-out flags (``extra``: decoys,
+  groups), checked when built (ValueError naming the field)."""
+  from nemjax.manipulate.config import DataSources  # pylint: disable=import-outside-toplevel
+  return DataSources(
+      probe=args.probe, weights=args.weights, normalize=args.normalize,
       train_folder=args.train_folder, val_folder=args.val_folder,
       val_unlabelled=args.val_unlabelled, val_size=args.val_size,
-      train_eval_size=args.train_eval_size, **extra)
+      train_eval_size=args.train_eval_size, embedder=args.embedder, cache=args.cache, **extra)
+
+
+def make_config(build: Callable[[], Any], flags: dict[str, str] | None = None) -> Any:
+  """``build()`` (a script's flags -> its config, every value checked once by the config's
+  ``validate``); a ``ValueError`` ends the script with one line naming the flag
+  (:func:`as_flag_error`)."""
+  try:
+    return build()
+  except ValueError as e:
+    fail(as_flag_error(e, flags))
+
+
+def run_finetune(args, config: Any, call: Callable[..., Any]) -> Any:
+  """What a fine-tuning script does after its config: checks --embedder (loading it) and --out,
+  builds the embedded default if it is used, then ``call(default=, embedder=, progress=)``
+  (the one library call) under the output lock; a ValueError / FileNotFoundError is one line."""
+  embedder = load_embedder_flag(args.embedder)
+  check_output(args.out, weights=args.weights)
+  progress = not args.no_progress
+  default = embedded_default(config.data, config.seed, progress)
+  with locked_output(args.out):
+    try:
+      return call(default=default, embedder=embedder, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+      fail(str(e))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -253,12 +252,36 @@ def run(main: Callable[[], Any]) -> NoReturn:
   sys.exit(code or 0)
 
 
-def as_flag_error(e: Exception) -> str:
-  """A library ValueError ``"field_name: ..."`` as the flag's message ``"--field-name: ..."``."""
+# config fields (nested ones as "group.field") whose flag is not "--" + the field's last name
+# with dashes (data.val_size -> --val-size)
+FIELD_FLAGS = {"learning_rate": "--lr", "alpha.init": "--alpha-init",
+               "alpha.min_alpha": "--alpha-min", "alpha.max_alpha": "--alpha-max",
+               "alpha.tolerance": "--alpha-tolerance", "alpha.fixed": "--alpha-fixed",
+               "featvis.channels": "--featvis-channels", "featvis.steps": "--featvis-steps"}
+
+
+def as_flag_error(e: Exception, flags: dict[str, str] | None = None) -> str:
+  """A library ValueError ``"field_name: ..."`` as the flag's message ``"--field-name: ..."``
+  (:data:`FIELD_FLAGS` and ``flags`` name the flags whose names differ)."""
   head, sep, rest = str(e).partition(": ")
-  if sep and head.isidentifier() and head.islower():
-    return f"--{head.replace('_', '-')}: {rest}"
+  names = FIELD_FLAGS | (flags or {})
+  if sep and head in names:
+    return f"{names[head]}: {rest}"
+  parts = head.split(".")
+  if sep and all(p.isidentifier() and p.islower() for p in parts):
+    return f"--{parts[-1].replace('_', '-')}: {rest}"
   return str(e)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """A script's parser: ``--help`` with defaults (:class:`HelpFormatter`), and a bad flag is one
+  ``error:`` line naming it (exit status 2), without the usage block."""
+
+  def __init__(self, description: str | None = None) -> None:
+    super().__init__(description=description, formatter_class=HelpFormatter)
+
+  def error(self, message: str) -> NoReturn:
+    fail(message)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -247,7 +247,8 @@ def test_embedder_reaches_clip_metrics_of_the_experiment(tiny_probe_dir, tiny_mo
   m = _torch_clip(seed=8, **TINY)
   path = tmp_path / "clip.pt"
   torch.save(m.state_dict(), path)
-  cfg = X.ManipulateConfig(attack="push-down", layers=("block4",), k=4, overlap_k=2,
+  from nemjax.manipulate.config import ManipulateConfig
+  cfg = ManipulateConfig(attack="push-down", layers=("block4",), k=4, overlap_k=2,
                            eval_batch_size=24)
   inputs, _ = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
                                   val_folder=val_folder)

@@ -22,6 +22,10 @@ from conftest import REPO
 from nemjax import preprocess
 from nemjax.data import broden, loader
 from nemjax.manipulate import data as mdata
+from nemjax.manipulate import alpha as alpha_rule
+from nemjax.manipulate import attack as A
+from nemjax.manipulate import config as C
+from nemjax.manipulate import evaluation as E
 from nemjax.manipulate import experiment as X
 from nemjax.manipulate import checkpoints
 from nemjax.manipulate import inputs as minputs
@@ -38,9 +42,9 @@ FLAGS = ["--layers", "block4", "--channels", "0,1,2,3,4,5,6,7,8,9,10,11", "--k",
 def _config(**kw):
   base = dict(attack="push-down", layers=("block4",), channels={"block4": tuple(range(12))},
               k=4, overlap_k=2, epochs=2, learning_rate=1e-3, batch_size=4, attack_batch_size=4,
-              eval_every=3, eval_batch_size=24, featvis_channels=2, featvis_steps=3)
+              eval_every=3, eval_batch_size=24, featvis=C.FeatVisReport(channels=2, steps=3))
   base.update(kw)
-  return X.ManipulateConfig(**base)
+  return C.ManipulateConfig(**base)
 
 
 # the scripts' XLA:CPU tuning flags would change float rounding against the in-process run
@@ -129,7 +133,7 @@ def test_end_to_end_outputs_match_a_fresh_measurement(whole_run, tiny_model_dir)
 
 def test_alpha_zero_baseline_moves_less_than_push_down(tiny_probe_dir, tiny_model_dir, tmp_path,
                                                        whole_run, heldout_probe_dir):
-  cfg = _config(alpha_fixed=0.0, epochs=1, eval_every=6)
+  cfg = _config(alpha=C.AlphaConfig(fixed=0.0), epochs=1, eval_every=6)
   inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
                                      heldout_dir=heldout_probe_dir)
   summary = X.run_experiment(cfg, inputs, tmp_path, run_info=info, progress=False,
@@ -226,8 +230,10 @@ def test_push_up_and_fairwash_run(tiny_probe_dir, tiny_model_dir, heldout_probe_
   for i in range(5):
     Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(decoys / f"{i}.png")
   layer = "block4" if attack == "push-up" else "features.12"
+  data = (C.DataSources(decoy_folder=decoys) if attack == "push-up"
+          else C.DataSources(group_concept="red"))
   cfg = _config(attack=attack, layers=(layer,), channels=None, epochs=1, eval_every=6,
-                decoys_per_step=2)
+                decoys_per_step=2, data=data)
   inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
                                      heldout_dir=heldout_probe_dir,
                                      decoy_folder=decoys if attack == "push-up" else None,
@@ -336,12 +342,12 @@ def test_trainable_from():
   from nemjax.manipulate import leaf_paths, trainable_mask
   from nemjax.models import build
   state = nnx.state(build("smallcnn", num_classes=4, rngs=nnx.Rngs(0)))
-  mask = trainable_mask(state, X.trainable_from("smallcnn", "features.12"))
+  mask = trainable_mask(state, A.trainable_from("smallcnn", "features.12"))
   flat = dict(zip(leaf_paths(state), map(bool, jax.tree.leaves(mask))))
   on = sorted(k for k, v in flat.items() if v)
   assert on == ["fc/bias", "fc/kernel", "features/12/bias", "features/12/kernel",
                 "features/13/bias", "features/13/scale"], on
-  assert X.trainable_from("smallcnn", None) is None
+  assert A.trainable_from("smallcnn", None) is None
 
 
 def test_feature_visualisations_same_start_for_both_models(tiny_model_dir):
@@ -364,10 +370,10 @@ def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_mode
   """Every image a train step sees and every image ranked is fingerprinted: none is held-out;
   the accuracy (and so the α rule) is computed on exactly the held-out images."""
   from nemjax.manipulate import train as mtrain
-  cfg = _config(epochs=1, eval_every=3, featvis_channels=0)
+  cfg = _config(epochs=1, eval_every=3, featvis=C.FeatVisReport(channels=0))
   inputs, info = minputs.load_inputs(cfg, probe_dir=tiny_probe_dir, weights=tiny_model_dir,
                                      heldout_dir=heldout_probe_dir, train_eval_size=8)
-  held = X.image_fingerprints(inputs.heldout_images)
+  held = E.image_fingerprints(inputs.heldout_images)
   trained, ranked, scored = [], [], []
   make_step = mtrain.make_train_step
 
@@ -375,7 +381,7 @@ def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_mode
     step = make_step(*args, **kwargs)
 
     def wrapped(state, batch, alpha):
-      trained.append(X.image_fingerprints(np.asarray(batch["image"])))
+      trained.append(E.image_fingerprints(np.asarray(batch["image"])))
       return step(state, batch, alpha)
     return wrapped
 
@@ -385,12 +391,12 @@ def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_mode
     evaluate = make_eval(*args, **kwargs)
 
     def wrapped(params, images, logits_only=False):
-      (scored if logits_only else ranked).append(X.image_fingerprints(images))
+      (scored if logits_only else ranked).append(E.image_fingerprints(images))
       return evaluate(params, images, logits_only)
     return wrapped
 
   fed_to_alpha = []
-  alpha_update = X.alpha_rule.alpha_update
+  alpha_update = alpha_rule.alpha_update
 
   def spy_alpha(state, accuracy, cfg):
     fed_to_alpha.append(float(accuracy))
@@ -398,19 +404,19 @@ def test_heldout_images_are_never_trained_or_ranked_on(tiny_probe_dir, tiny_mode
 
   monkeypatch.setattr(mtrain, "make_train_step", spy_step)
   monkeypatch.setattr(X, "make_evaluator", spy_evaluator)
-  monkeypatch.setattr(X.alpha_rule, "alpha_update", spy_alpha)
+  monkeypatch.setattr(alpha_rule, "alpha_update", spy_alpha)
   summary = X.run_experiment(cfg, inputs, tmp_path, run_info=info, progress=False,
                              log=lambda s: None)
   assert len(trained) == 6 and len(ranked) >= 3
   assert all(not (f & held) for f in trained + ranked)
   assert held in scored                                   # accuracy: the held-out set itself
-  assert X.image_fingerprints(inputs.train_eval_images) in scored
-  assert all(f == held or f == X.image_fingerprints(inputs.train_eval_images) for f in scored)
+  assert E.image_fingerprints(inputs.train_eval_images) in scored
+  assert all(f == held or f == E.image_fingerprints(inputs.train_eval_images) for f in scored)
   # the stream's images over every epoch and the probe are disjoint from the held-out set
   for e in range(2):
     for x, _ in inputs.train_batches(e):
-      assert not (X.image_fingerprints(x) & held)
-  assert not (X.image_fingerprints(inputs.probe_images) & held)
+      assert not (E.image_fingerprints(x) & held)
+  assert not (E.image_fingerprints(inputs.probe_images) & held)
   # the α rule is fed the held-out accuracy of every evaluation (the train one only reported)
   assert fed_to_alpha == [h["heldout_accuracy"] for h in summary["history"]]
   assert len(fed_to_alpha) == 2 and all("train_accuracy" in h for h in summary["history"])
@@ -447,7 +453,7 @@ def test_unlabelled_heldout_images_report_agreement(tiny_probe_dir, tiny_model_d
   assert "agreement with the original model" in note and "not accuracy" in note
   logits = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1]]
   other = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 3, 3]]
-  assert X.accuracy_percent(other, inputs.heldout_labels, logits) == pytest.approx(400 / 6)
+  assert E.accuracy_percent(other, inputs.heldout_labels, logits) == pytest.approx(400 / 6)
 
 
 # ------------------------------------------------------------------------- pruning defence
@@ -505,7 +511,7 @@ def test_pixel_correlation_of_a_constant_image_is_undefined():
   assert np.isnan(X.pixel_correlation(grey, grey)).all()        # never r = 1 for two blanks
   np.testing.assert_allclose(r[0], np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1], rtol=1e-6)
   from nemjax.manipulate import report
-  table = report.format_table([{"layer": "l", "featvis_corr": X._nanmean(r[1:3]),
+  table = report.format_table([{"layer": "l", "featvis_corr": E.nanmean(r[1:3]),
                                 "featvis_undefined": 2}])
   assert "| l | undefined | 2 |" in table
   with pytest.raises(ValueError, match="one shape"):

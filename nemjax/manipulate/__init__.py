@@ -14,8 +14,12 @@ Pure building blocks:
 - scale-free objectives (the experiments' default): :func:`relative_push_down_objective`,
   :func:`relative_push_up_objective`, :func:`relative_fairwash_objective`.
 
-Orchestration (imported on demand, not here): :mod:`~nemjax.manipulate.experiment` (the
-fine-tuning attack end to end), :mod:`~nemjax.manipulate.inputs` (model and data from paths),
+Orchestration (imported on demand, not here; each imports only the ones before it):
+:mod:`~nemjax.manipulate.config` (frozen settings, checked once), :mod:`~nemjax.manipulate.evaluation`
+(evaluator, accuracy, reference, metrics), :mod:`~nemjax.manipulate.loop` (the reusable
+fine-tuning loop), :mod:`~nemjax.manipulate.attack` (the attacks as fine-tunes),
+:mod:`~nemjax.manipulate.experiment` (the fine-tuning attack end to end),
+:mod:`~nemjax.manipulate.inputs` (model and data from paths),
 :mod:`~nemjax.manipulate.data` (training-stream adapters), :mod:`~nemjax.manipulate.checkpoints`
 (resumable train state), :mod:`~nemjax.manipulate.report` (tables and figures) and
 :mod:`~nemjax.manipulate.defence` (pruning as a defence).

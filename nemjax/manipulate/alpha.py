@@ -11,7 +11,7 @@ small ``AlphaState`` pytree, so it can live inside a jitted loop or on the host.
 
 Example::
 
-  cfg = AlphaConfig()                       # 0.1 start, 0.5-point tolerance, ×2 / ÷2
+  cfg = AlphaConfig()                       # 0.1 start, 0.5-point tolerance, ×2 / ÷2 in [1e-3, 0.9]
   state = alpha_init(reference_accuracy=56.6, config=cfg)
   for epoch in range(5):
     ...train with alpha=state.alpha...
@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -28,18 +29,31 @@ import jax.numpy as jnp
 __all__ = ["AlphaConfig", "AlphaState", "alpha_init", "alpha_update"]
 
 
-class AlphaConfig(NamedTuple):
-  """Static settings of the dynamic α rule.
+@dataclasses.dataclass(frozen=True)
+class AlphaConfig:
+  """Settings of the dynamic α rule (frozen, hashable: a static argument of ``jax.jit``).
 
   ``tolerance`` is in the units of the accuracies given to :func:`alpha_init` and
   :func:`alpha_update`: 0.5 means half a percentage point when accuracies are percentages
-  (0..100), as in the thesis. Use 0.005 for accuracies given as fractions.
+  (0..100), as in the thesis. Use 0.005 for accuracies given as fractions. ``fixed`` replaces
+  the rule by a constant α for the caller (the fine-tuning loop); :func:`alpha_init` and
+  :func:`alpha_update` only implement the rule and ignore it.
   """
-  init: float = 0.1         # starting α
-  tolerance: float = 0.5    # allowed accuracy drop vs the original model
-  factor: float = 2.0       # α ← α·factor when within tolerance, α/factor otherwise
-  min_alpha: float = 1e-4   # lower bound of α
-  max_alpha: float = 0.99   # upper bound of α (< 1 keeps some distillation)
+  init: float = 0.1           # starting α
+  tolerance: float = 0.5      # allowed accuracy drop vs the original model
+  factor: float = 2.0         # α ← α·factor when within tolerance, α/factor otherwise
+  min_alpha: float = 1e-3     # lower bound of α
+  max_alpha: float = 0.9      # upper bound of α (< 1 keeps some distillation)
+  fixed: float | None = None  # constant α instead of the rule (0: fine-tuning only)
+
+  def validate(self) -> None:
+    """``ValueError("field: ...")`` naming the first bad setting (the rule's settings are
+    not read, and not checked, when α is fixed)."""
+    if self.fixed is not None:
+      if not 0.0 <= self.fixed <= 1.0:
+        raise ValueError(f"fixed: must be in [0, 1], got {self.fixed}")
+      return
+    _check_rule(self)
 
 
 class AlphaState(NamedTuple):
@@ -49,17 +63,19 @@ class AlphaState(NamedTuple):
   count: jax.Array               # () int32, number of updates applied
 
 
-def _validate(config: AlphaConfig) -> None:
-  if not 0.0 < config.min_alpha <= config.max_alpha <= 1.0:
-    raise ValueError("AlphaConfig: need 0 < min_alpha <= max_alpha <= 1, got "
-                     f"min_alpha={config.min_alpha}, max_alpha={config.max_alpha}")
+def _check_rule(config: AlphaConfig) -> None:
+  if not 0.0 < config.min_alpha <= 1.0:
+    raise ValueError(f"min_alpha: must be in (0, 1], got {config.min_alpha}")
+  if not config.min_alpha <= config.max_alpha <= 1.0:
+    raise ValueError(f"max_alpha: must be in [min_alpha={config.min_alpha}, 1], got "
+                     f"{config.max_alpha}")
   if not config.min_alpha <= config.init <= config.max_alpha:
-    raise ValueError(f"AlphaConfig: init={config.init} outside [min_alpha, max_alpha] = "
+    raise ValueError(f"init: {config.init} outside [min_alpha, max_alpha] = "
                      f"[{config.min_alpha}, {config.max_alpha}]")
   if not config.factor > 1.0:
-    raise ValueError(f"AlphaConfig: factor must be > 1, got {config.factor}")
+    raise ValueError(f"factor: must be > 1, got {config.factor}")
   if not config.tolerance >= 0.0:
-    raise ValueError(f"AlphaConfig: tolerance must be >= 0, got {config.tolerance}")
+    raise ValueError(f"tolerance: must be >= 0, got {config.tolerance}")
 
 
 def alpha_init(reference_accuracy: Any, config: AlphaConfig = AlphaConfig()) -> AlphaState:
@@ -73,7 +89,7 @@ def alpha_init(reference_accuracy: Any, config: AlphaConfig = AlphaConfig()) -> 
   Returns:
     The initial :class:`AlphaState`.
   """
-  _validate(config)
+  _check_rule(config)
   return AlphaState(alpha=jnp.asarray(config.init, jnp.float32),
                     reference_accuracy=jnp.asarray(reference_accuracy, jnp.float32),
                     count=jnp.zeros((), jnp.int32))
@@ -98,7 +114,7 @@ def alpha_update(state: AlphaState, accuracy: Any,
   Returns:
     The updated :class:`AlphaState`.
   """
-  _validate(config)
+  _check_rule(config)
   acc = jnp.asarray(accuracy, jnp.float32)
   if acc.ndim != 0:
     raise ValueError(f"alpha_update: accuracy must be a scalar, got shape {acc.shape}")

@@ -1,6 +1,6 @@
 """Training-stream adapters for fine-tuning attacks.
 
-The fine-tuning loop (:mod:`nemjax.manipulate.experiment`) consumes any iterable of
+The fine-tuning loop (:mod:`nemjax.manipulate.loop`) consumes any iterable of
 ``(images, labels)`` batches:
 
 * ``images``: ``(B, H, W, 3)`` **uint8 RGB in 0..255** by default (the model function applies

@@ -7,18 +7,25 @@ attacked layer's most vulnerable channels), recovers it by distillation and atta
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import os
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from flax import nnx
 
 from nemjax import models
+from nemjax.files import atomic_write_text, claim_record
+from nemjax.manipulate import inputs as minputs
 from nemjax.manipulate import prune
-from nemjax.manipulate.experiment import (Accuracies, ExperimentInputs, ManipulateConfig,
-                                          attack_metrics, canonical_layers, finetune,
+from nemjax.manipulate import report
+from nemjax.manipulate.attack import finetune
+from nemjax.manipulate.config import ExperimentInputs, PruneDefenceConfig
+from nemjax.manipulate.evaluation import (Accuracies, accuracy_note, attack_metrics,
+                                          canonical_layers, embedder_description,
                                           make_evaluator, make_reference)
 
-__all__ = ["channel_param_prefixes", "run_prune_defence"]
+__all__ = ["channel_param_prefixes", "run_prune_defence", "run"]
 
 
 def channel_param_prefixes(model: nnx.Module, layer: str) -> list[str]:
@@ -43,13 +50,11 @@ def channel_param_prefixes(model: nnx.Module, layer: str) -> list[str]:
   raise ValueError(f"no conv / linear kernel feeds layer {layer!r} of {model.arch}")
 
 
-def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
-                      l1_rates: Sequence[float], vulnerability_rates: Sequence[float],
-                      recover_steps: int, progress: bool = True,
-                      log: Callable[[str], None] = print) -> list[dict]:
+def run_prune_defence(defence: PruneDefenceConfig, inputs: ExperimentInputs, *,
+                      progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
   """Pruning as a defence (Nanfack et al. 2024): prune, recover by distillation, attack again.
 
-  1. attack the unpruned model (``config``) -> per-channel CLIP-δ (the vulnerability score);
+  1. attack the unpruned model (``defence.attack``) -> per-channel CLIP-δ (the vulnerability score);
   2. for each L1 rate (global unstructured magnitude pruning of conv / linear kernels) and each
      vulnerability rate (zero that fraction of the attacked layer's channels, highest CLIP-δ
      first): prune the original weights, fine-tune ``recover_steps`` steps with distillation
@@ -65,13 +70,12 @@ def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
     pruning + recovery and after the attack, the held-out change the attack caused, top-n
     overlap, Kendall-τ, CLIP-δ (means over attacked, unpruned channels).
   """
+  config, recover_steps = defence.attack, defence.recover_steps
   model = inputs.model
   layers = canonical_layers(model, config.layers)
-  if not 1 <= recover_steps <= inputs.steps_per_epoch:
-    raise ValueError(f"recover_steps must be in [1, {inputs.steps_per_epoch}] (one epoch of the "
-                     f"training stream), got {recover_steps}")
-  if len(layers) != 1:
-    raise ValueError("the pruning defence attacks one layer at a time")
+  if not recover_steps <= inputs.steps_per_epoch:
+    raise ValueError(f"recover_steps: must be in [1, {inputs.steps_per_epoch}] (one epoch of "
+                     f"the training stream), got {recover_steps}")
   _, params = nnx.split(model)
   evaluate = make_evaluator(model, inputs.normalize, layers, config.embed_layer,
                             config.eval_batch_size)
@@ -110,7 +114,7 @@ def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
   prefixes = channel_param_prefixes(model, layers[0])
   recover_cfg = dataclasses.replace(config, epochs=1, eval_every=recover_steps)
   recover_inputs = dataclasses.replace(inputs, steps_per_epoch=recover_steps)
-  for method, rates in (("l1", l1_rates), ("vulnerability", vulnerability_rates)):
+  for method, rates in (("l1", defence.l1_rates), ("vulnerability", defence.vulnerability_rates)):
     for rate in rates:
       if method == "l1":
         masks = prune.l1_unstructured_masks(params, rate)
@@ -123,3 +127,35 @@ def run_prune_defence(config: ManipulateConfig, inputs: ExperimentInputs, *,
       row, _ = attack(rec.params, masks, method, rate, rec.accuracy)
       results.append(row)
   return results
+
+
+def run(defence: PruneDefenceConfig, out_dir: str | os.PathLike, *, default: Any = None,
+        embedder: Callable[[np.ndarray], Any] | None = None, progress: bool = True,
+        log: Callable[[str], None] = print) -> tuple[list[dict], str]:
+  """The pruning defence from a config: its inputs (:func:`nemjax.manipulate.inputs.load_sources`;
+  ``default``: the built embedded default), :func:`run_prune_defence`, and ``results.csv``,
+  ``results.md``, ``prune_defence.png`` and ``config.json`` in ``out_dir`` (another
+  configuration's results there are refused, the differing fields named; a rerun starts over).
+
+  Returns:
+    ``(rows, table)``: the result rows and their markdown table with its notes.
+  """
+  out = Path(out_dir)
+  config = defence.attack
+  inputs, run_info = minputs.load_sources(config, default)
+  inputs.embedder = embedder
+  record = defence.to_json() | {"run": run_info, "embedder": config.data.embedder}
+  # another configuration's results are not overwritten: the differing fields are named
+  claim_record(out / "config.json", record, what="pruning-defence results",
+               remedy="use another --out or delete it")
+  rows = run_prune_defence(defence, inputs, progress=progress, log=log)
+  table = report.format_table(rows, overlap_k=config.overlap_k)
+  atomic_write_text(out / "results.csv", report.csv_text(rows))
+  note = ("\n\nΔ held-out acc. = held-out accuracy after the attack − that of the pruned "
+          f"model. *CLIP-δ with {embedder_description(inputs, config)} as the embedding.* "
+          f"{accuracy_note(inputs)}\n")
+  atomic_write_text(out / "results.md", "# Pruning defence (push-down attack)\n\n" + table
+                    + note)
+  report.plot_prune_defence(out / "prune_defence.png", rows,
+                            title=f"pruning defence: push-down on {config.layers[0]}")
+  return rows, table + "\n\n" + accuracy_note(inputs)

@@ -1,5 +1,6 @@
 """Assembling an experiment's model and data from paths (what ``experiments/manipulate.py``
-and ``experiments/prune_defence.py`` take on the command line)."""
+and ``experiments/prune_defence.py`` take on the command line): :func:`load_sources` reads a
+config's :class:`~nemjax.manipulate.config.DataSources`, :func:`load_inputs` takes the paths."""
 from __future__ import annotations
 
 import json
@@ -15,11 +16,11 @@ from nemjax import preprocess
 from nemjax.data import broden, loader, synthetic
 from nemjax.manipulate import data as mdata
 from nemjax.manipulate.checkpoints import fingerprint
-from nemjax.manipulate.experiment import (ExperimentInputs, ManipulateConfig, TrainBatches,
-                                          accuracy_kind, check_disjoint)
+from nemjax.manipulate.config import ExperimentInputs, ManipulateConfig, TrainBatches
+from nemjax.manipulate.evaluation import accuracy_kind, check_disjoint
 from nemjax.models import checkpoint
 
-__all__ = ["array_stream", "concept_groups", "load_inputs", "train_sample"]
+__all__ = ["array_stream", "concept_groups", "load_inputs", "load_sources", "train_sample"]
 
 
 def array_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
@@ -298,3 +299,22 @@ def load_inputs(config: ManipulateConfig, *, probe_dir: str | os.PathLike,
               "train_accuracy": accuracy_kind(tr_y)}
   run_info["data_fingerprint"] = fingerprint(run_info)
   return inputs, run_info
+
+
+def load_sources(config: ManipulateConfig, default: Any = None) -> tuple[ExperimentInputs, dict]:
+  """:func:`load_inputs` for ``config.data``: the embedded default's sets (``default``, a built
+  ``nemjax.embedded.EmbeddedDefault``: ``probe_dir``, ``checkpoint_dir``, ``train_dir``,
+  ``heldout_dir``) when ``config.data`` names no probe set, else its paths."""
+  d = config.data
+  extra = dict(train_eval_size=d.train_eval_size, decoy_class=d.decoy_class,
+               decoy_folder=d.decoy_folder, num_decoys=d.num_decoys,
+               group_concept=d.group_concept)
+  if d.embedded:
+    if default is None:
+      raise ValueError("the embedded default must be built first (nemjax.embedded)")
+    return load_inputs(config, probe_dir=default.probe_dir, weights=default.checkpoint_dir,
+                       embedded_train_dir=default.train_dir, heldout_dir=default.heldout_dir,
+                       **extra)
+  return load_inputs(config, probe_dir=d.probe, weights=d.weights, normalize=d.normalize,
+                     train_folder=d.train_folder, val_folder=d.val_folder,
+                     val_unlabelled=d.val_unlabelled, val_size=d.val_size, **extra)

@@ -11,8 +11,8 @@ import numpy as np
 
 from nemjax import figures
 
-if TYPE_CHECKING:  # only for annotations: the experiment module imports this one
-  from nemjax.manipulate.experiment import Reference
+if TYPE_CHECKING:  # only for annotations
+  from nemjax.manipulate.evaluation import Reference
 
 __all__ = ["format_table", "csv_text", "shown_channels", "plot_topk", "plot_featvis",
            "plot_prune_defence"]

@@ -43,6 +43,7 @@ from nemjax.manipulate import losses
 from nemjax.manipulate import prune
 
 __all__ = [
+    "PAPER_LEARNING_RATE",
     "TrainState",
     "default_optimizer",
     "trainable_mask",
@@ -55,6 +56,10 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 TrainableFn = Callable[[str, Any], bool]
 
+# Adam's learning rate in the papers (Nanfack et al. 2024; Fulleringer 2023): the one home of a
+# default learning rate (the experiments' schedules in nemjax.manipulate.config build on it).
+PAPER_LEARNING_RATE = 1e-5
+
 
 class TrainState(NamedTuple):
   """Fine-tuning state (a pytree; donated to the jitted step)."""
@@ -64,8 +69,9 @@ class TrainState(NamedTuple):
   step: jax.Array         # () int32, number of updates applied
 
 
-def default_optimizer(learning_rate: float = 1e-5) -> optax.GradientTransformation:
-  """Adam with the paper's learning rate 1e-5."""
+def default_optimizer(learning_rate: float = PAPER_LEARNING_RATE
+                      ) -> optax.GradientTransformation:
+  """Adam with the papers' learning rate (:data:`PAPER_LEARNING_RATE`)."""
   return optax.adam(learning_rate)
 
 
@@ -132,7 +138,7 @@ def train_init(params: PyTree, optimizer: optax.GradientTransformation | None = 
 
   Args:
     params: variables of the model to fine-tune (as ``apply_fn`` takes them).
-    optimizer: optax transformation (default :func:`default_optimizer`, Adam lr 1e-5); it only
+    optimizer: optax transformation (default :func:`default_optimizer`, Adam at :data:`PAPER_LEARNING_RATE`); it only
       sees the trainable leaves (a pytree with ``None`` at frozen leaves).
     teacher_params: variables for ``frozen_apply_fn``; default a copy of ``params`` (the
       frozen original model). Leaves shared with ``params`` are copied, since the state is
@@ -187,7 +193,7 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
     attack_loss_fn: ``attack_loss_fn(acts, batch, decoy_acts) -> scalar`` (see the
       ``*_objective`` factories in :mod:`nemjax.manipulate.losses`); ``decoy_acts`` is ``None``
       unless the batch has a ``"decoy"`` entry.
-    optimizer: the optax transformation used in :func:`train_init` (default Adam lr 1e-5).
+    optimizer: the optax transformation used in :func:`train_init` (default: :func:`default_optimizer`).
     trainable: the filter used in :func:`train_init`.
     donate: donate the train state's buffers (default ``True``).
     fast_grad: run ``apply_fn`` through :func:`nemjax.ops.fastgrad.cpu_fast_grad` (same
