@@ -65,3 +65,40 @@ def test_no_flag_calls_eta_a_quantile(word):
   found = [_where(p, n) for p in (REPO / "experiments").glob("*.py") for n in _code_nodes(p)
            if isinstance(n, ast.Constant) and n.value == f"--{word}"]
   assert not found, found
+
+
+# Where each learning-rate default is written: the papers' fine-tuning rate
+# (manipulate/train.py), the experiments' schedules built on it (manipulate/config.py) and the
+# embedded default's training recipe (embedded.py) and feature visualisation's image step
+# (manipulate/featvis.py, once there).
+_LR_HOMES = {"nemjax/manipulate/train.py", "nemjax/manipulate/config.py", "nemjax/embedded.py",
+             "nemjax/manipulate/featvis.py"}
+
+
+def _is_lr(name: str) -> bool:
+  name = name.lower()
+  return name in ("lr", "--lr") or "learning_rate" in name or name.endswith("_lr")
+
+
+def test_learning_rate_defaults_have_one_home():
+  found = []
+  for p in SOURCES:
+    if str(p.relative_to(REPO)) in _LR_HOMES:
+      continue
+    for n in _code_nodes(p):
+      bound = []
+      if isinstance(n, ast.keyword) and n.arg and _is_lr(n.arg):
+        bound.append(n.value)
+      if isinstance(n, (ast.Assign, ast.AnnAssign)):
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+        if any(_is_lr(ast.unparse(t).split(".")[-1]) for t in targets) and n.value is not None:
+          bound.append(n.value)
+      if isinstance(n, ast.arguments):
+        args = [*n.posonlyargs, *n.args, *n.kwonlyargs]
+        defaults = [*([None] * (len(n.posonlyargs) + len(n.args) - len(n.defaults))),
+                    *n.defaults, *n.kw_defaults]
+        bound += [d for a, d in zip(args, defaults) if d is not None and _is_lr(a.arg)]
+      found += [_where(p, v) for v in bound
+                if any(isinstance(c, ast.Constant) and isinstance(c.value, float)
+                       for c in ast.walk(v))]
+  assert not found, f"a learning-rate literal outside {sorted(_LR_HOMES)}: {found}"

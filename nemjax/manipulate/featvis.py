@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 __all__ = [
+    "FEATVIS_LEARNING_RATE",
     "COLOR_CORRELATION_SVD_SQRT",
     "FeatVisConfig",
     "init_spectrum",
@@ -43,6 +44,9 @@ __all__ = [
     "visualize_channel",
     "visualize_channels",
 ]
+
+FEATVIS_LEARNING_RATE = 0.05
+"""Adam's step on the image parameterisation (lucid's default): the one home of this default."""
 
 # Square root of the ImageNet RGB colour covariance (lucid.optvis.param.color).
 COLOR_CORRELATION_SVD_SQRT = np.array([[0.26, 0.09, 0.02],
@@ -201,7 +205,8 @@ def _check(steps: int, lr: float, config: FeatVisConfig) -> None:
 
 
 def visualize_channel(features_fn: FeaturesFn, layer_channel: Any, key: jax.Array, *,
-                      size: int | tuple[int, int] = 128, steps: int = 256, lr: float = 0.05,
+                      size: int | tuple[int, int] = 128, steps: int = 256,
+                      lr: float = FEATVIS_LEARNING_RATE,
                       config: FeatVisConfig = FeatVisConfig()) -> jax.Array:
   r"""Synthesise the image that maximises one channel.
 
@@ -241,7 +246,8 @@ def visualize_channel(features_fn: FeaturesFn, layer_channel: Any, key: jax.Arra
 
 def visualize_channels(features_fn: FeaturesFn, layer: str | None, channels: Sequence[int] | jax.Array,
                        key: jax.Array, *, size: int | tuple[int, int] = 128, steps: int = 256,
-                       lr: float = 0.05, config: FeatVisConfig = FeatVisConfig()) -> jax.Array:
+                       lr: float = FEATVIS_LEARNING_RATE,
+                       config: FeatVisConfig = FeatVisConfig()) -> jax.Array:
   """Visualise several channels of one layer at once (``jax.vmap`` of :func:`visualize_channel`
   over channels, each with its own key from ``jax.random.split(key, len(channels))``).
 
