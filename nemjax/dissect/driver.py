@@ -17,8 +17,17 @@ stores every activation (in RAM, or in a float32 memmap beyond ``max_ram_bytes``
 forward pass and tallies the stored arrays; it returns them too (the sweeps re-dissect from
 them). Both paths give bit-identical results.
 
-The forward pass is data-parallel over ``jax.devices()`` (a 1-D ``Mesh`` with the batch
+The forward pass is data-parallel over ``jax.local_devices()`` (a 1-D ``Mesh`` with the batch
 sharded); every count is exact, so results do not depend on the device count.
+
+Several processes (``jax.distributed``, :mod:`nemjax.distributed`): each process loads and
+runs only its contiguous shard of the probe rows on its own devices, then the processes
+combine their states exactly -- the thresholds' running top-k (``quantile.threshold_merge``:
+the k largest of a union are the k largest of the parts' k largest), the top images
+(``topimages.top_images_merge``) and the integer tallies (``tally.tally_merge``, a sum) -- so
+every process ends with the same results, bit-identical to one process's (a row's
+activations do not depend on which batch it is in). ``keep_activations=True`` also exchanges
+the activations, so every process returns all N rows (the sweeps re-dissect from them).
 
 Example::
 
@@ -39,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from nemjax import preprocess
+from nemjax import distributed, preprocess
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
@@ -122,9 +131,10 @@ def layer_shapes(model, layers: Sequence[str], image_size: tuple[int, int]
 
 def _forward_batches(fn, probe: ProbeSet, batch_size: int,
                      image_overrides: Mapping[int, np.ndarray] | None,
-                     progress: bool | str) -> Iterator[tuple[loader.ProbeBatch,
-                                                             dict[str, np.ndarray]]]:
-  """Yields ``(batch, {layer: (B, h, w, U) float32 host array})`` over the whole probe set.
+                     progress: bool | str, rows: np.ndarray | None = None
+                     ) -> Iterator[tuple[loader.ProbeBatch, dict[str, np.ndarray]]]:
+  """Yields ``(batch, {layer: (B, h, w, U) float32 host array})`` over the probe set's
+  ``rows`` (default all).
 
   Batches are padded to ``batch_size`` (``batch.valid`` marks the real rows). The next
   batch's forward pass is dispatched before the current one is handed out, so the device
@@ -145,7 +155,8 @@ def _forward_batches(fn, probe: ProbeSet, batch_size: int,
     return {k: v[:, None, None, :] if v.ndim == 2 else v for k, v in acts.items()}
 
   pending = None
-  for batch in loader.iterate_batches(probe, batch_size, pad_last=True, progress=progress):
+  for batch in loader.iterate_batches(probe, batch_size, indices=rows, pad_last=True,
+                                      progress=progress):
     current, pending = pending, launch(batch)
     if current is not None:
       yield current[0], to_host(current[1])
@@ -228,6 +239,7 @@ def tally_layers(
     method: str = "auto",
     progress: bool | str = True,
     labels: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: np.ndarray | None = None,
 ) -> dict[str, tally_lib.TallyState]:
   """Exact NetDissect tallies of several layers in one pass over the label maps.
 
@@ -239,6 +251,7 @@ def tally_layers(
     thresholds: ``{layer: (U,) float64}``.
     labels: optional preloaded ``(pixels (N,K,sh,sw), scalars (N,S))`` of the whole probe set
       (from ``loader.load_labels``); default: decoded batch by batch.
+    rows: tally only these probe rows (a process's shard; default all N).
   """
   n = probe.num_images
   states, thr = {}, {}
@@ -250,17 +263,20 @@ def tally_layers(
     if thr[layer].shape != (shape[-1],):
       raise ValueError(f"thresholds of {layer} must be ({shape[-1]},); got {thr[layer].shape}")
     states[layer] = tally_lib.tally_init(shape[-1], probe.num_labels, probe.num_categories)
-  bar = tqdm(range(0, n, batch_size), desc=progress if isinstance(progress, str) else "tally",
-             disable=not progress, unit="batch")
+  todo = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+  bar = tqdm(range(0, len(todo), batch_size),
+             desc=progress if isinstance(progress, str) else "tally", disable=not progress,
+             unit="batch")
   for s in bar:
-    idx = np.arange(s, min(s + batch_size, n))
+    idx = todo[s:s + batch_size]
     if labels is None:
       pixels, scalars = loader.load_labels(probe, idx)
     else:
       pixels, scalars = labels[0][idx], labels[1][idx]
     lab = tally_lib.prepare_labels(pixels, scalars, probe.num_labels)
     for layer, a in acts.items():
-      states[layer] = tally_lib.tally_update(states[layer], np.asarray(a[s:s + len(idx)]),
+      part = a[s:s + len(idx)] if rows is None else a[idx]
+      states[layer] = tally_lib.tally_update(states[layer], np.asarray(part),
                                              thr[layer], labelcat=probe.labelcat, method=method,
                                              labels=lab)
   return states
@@ -311,7 +327,7 @@ def _check_thresholds(shapes: Mapping[str, tuple[int, int, int]],
 
 def _tally_pass(fn, probe: ProbeSet, batch_size: int, thresholds: Mapping[str, np.ndarray],
                 image_overrides, method: str, progress: bool, streams: _Streams,
-                fingerprints: list[float] | None):
+                fingerprints: list[float] | None, rows: np.ndarray | None = None):
   """Forward pass + tally of every batch against ``thresholds``; feeds ``streams`` too.
 
   ``fingerprints``: per-batch activation sums of pass 1 to check that this pass saw the same
@@ -320,7 +336,7 @@ def _tally_pass(fn, probe: ProbeSet, batch_size: int, thresholds: Mapping[str, n
   n = probe.num_images
   states: dict[str, tally_lib.TallyState] = {}
   for i, (batch, acts) in enumerate(_forward_batches(fn, probe, batch_size, image_overrides,
-                                                     "tally" if progress else False)):
+                                                     "tally" if progress else False, rows)):
     if fingerprints is not None and _fingerprint(acts) != fingerprints[i]:
       raise RuntimeError(
           f"the model's activations on probe rows {batch.index[batch.valid][[0, -1]].tolist()} "
@@ -397,7 +413,9 @@ def dissect(
     thresholds: optional ``{layer: (U,) float}`` used instead of the computed quantiles
       (to compare with another implementation fed the same thresholds).
     tally_method: 'auto', 'sparse' or 'dense' (see ``tally.tally_update``).
-    mesh: 1-D device mesh of the forward pass (default all local devices).
+    mesh: 1-D device mesh of the forward pass (default all local devices). Under
+      ``jax.distributed`` each process dissects its shard of the rows on its own mesh and
+      the results are combined exactly (module docstring); every process must call this.
     max_ram_bytes: RAM budget for activations. When all of them (N·Σ h·w·U float32) fit,
       one forward pass keeps them in RAM and the tally reads them back; beyond it the tally
       takes a second forward pass and nothing is stored (0: always stream).
@@ -433,6 +451,8 @@ def dissect(
   given = _check_thresholds(shapes, dict(thresholds or {}))
   computed = tuple(layer for layer in layers if layer not in given)
   n = probe.num_images
+  procs = distributed.current()
+  rows = None if procs.single else distributed.shard_rows(n, procs)
   # Activations that fit in max_ram_bytes are kept in RAM during one forward pass and tallied
   # from there; larger ones take the second, streaming pass (memory stays at the budget).
   total_bytes = 4 * n * sum(int(np.prod(s)) for s in shapes.values())
@@ -446,24 +466,40 @@ def dissect(
   fingerprints: list[float] | None = [] if run_first and not store_acts else None
   try:
     if run_first:
+      if first.store is not None and rows is not None:  # a shard may be empty: allocate now
+        first.store.allocate({layer: (n, *shapes[layer]) for layer in layers})
       for batch, acts in _forward_batches(fn, probe, batch_size, image_overrides,
-                                          "activations" if progress else False):
+                                          "activations" if progress else False, rows):
         first.update(n, batch, acts)
         if fingerprints is not None:
           fingerprints.append(_fingerprint(acts))
+      if rows is not None:  # every process: the thresholds and top images of all N rows
+        first.thresholds = distributed.combine_dicts(first.thresholds,
+                                                     quantile_lib.threshold_merge, procs)
+        first.tops = distributed.combine_dicts(first.tops, topimages_lib.top_images_merge,
+                                               procs)
     thr = {layer: (given[layer] if layer in given else
                    quantile_lib.threshold_finalize(first.thresholds[layer],
                                                    method=quantile_method))
            for layer in layers}
     if store_acts:
       tallies = tally_layers({l: first.store.arrays[l] for l in layers}, probe, thr,
-                             method=tally_method, progress="tally" if progress else False)
+                             method=tally_method, progress="tally" if progress else False,
+                             rows=rows)
       tops = first.tops
     else:
       second = _Streams(top_k=0 if run_first else int(num_top_images))
       tallies = _tally_pass(fn, probe, batch_size, thr, image_overrides, tally_method, progress,
-                            second, fingerprints)
+                            second, fingerprints, rows)
+      if rows is not None and not run_first:
+        second.tops = distributed.combine_dicts(second.tops, topimages_lib.top_images_merge,
+                                                procs)
       tops = first.tops if run_first else second.tops
+    if rows is not None:
+      tallies = distributed.combine_dicts(tallies, tally_lib.tally_merge, procs)
+      if keep_activations:
+        for layer in layers:
+          distributed.fill_rows(first.store.arrays[layer], rows, procs)
     results = {layer: finish_layer(layer, probe, thr[layer], tallies[layer], tops.get(layer))
                for layer in layers}
     if keep_activations:

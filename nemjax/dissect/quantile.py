@@ -52,6 +52,7 @@ __all__ = [
     "ThresholdState",
     "threshold_init",
     "threshold_update",
+    "threshold_merge",
     "threshold_finalize",
     "quantile_thresholds",
     "required_top_k",
@@ -310,6 +311,24 @@ def threshold_update(state: ThresholdState, acts, valid=None, layout: str = "NHW
   else:
     raise ValueError(f"impl must be 'auto', 'host' or 'device', got {impl!r}")
   return state._replace(top=top, pool=pool, count=new_count)
+
+
+def threshold_merge(a: ThresholdState, b: ThresholdState) -> ThresholdState:
+  """The state of the values of ``a`` and ``b`` together (states of disjoint values of the same
+  units, e.g. two processes' shards of the probe set, both from :func:`threshold_init` with the
+  same ``total_count``, ``q`` and ``k``).
+
+  Exact: the k largest values of a union are the k largest of the parts' k largest, so the
+  finalized thresholds equal those of one stream over all the values, bit for bit.
+  """
+  if a.top.shape != b.top.shape or (a.total_count, a.q) != (b.total_count, b.q):
+    raise ValueError(f"threshold states differ: top {a.top.shape} vs {b.top.shape}, "
+                     f"(total_count, q) {(a.total_count, a.q)} vs {(b.total_count, b.q)}")
+  if a.count + b.count > a.total_count:
+    raise ValueError(f"more values than announced: {a.count + b.count} > total_count="
+                     f"{a.total_count}")
+  top = _top_k_merge(_top_k_merge(a.top, a.pool), np.concatenate([b.top, b.pool], axis=1))
+  return a._replace(top=top, pool=a.pool[:, :0], count=a.count + b.count)
 
 
 def threshold_finalize(state: ThresholdState, method: str = "linear",

@@ -82,6 +82,7 @@ __all__ = [
     "tally_init",
     "prepare_labels",
     "tally_update",
+    "tally_merge",
     "compute_iou",
     "best_labels",
     "floor_to_float32",
@@ -796,6 +797,15 @@ def tally_batches(batches, thresholds, labelcat, *, layout: str = "NHWC", method
   if state is None:
     raise ValueError("tally_batches: no batches")
   return state
+
+
+def tally_merge(a: TallyState, b: TallyState) -> TallyState:
+  """The tally of the images of ``a`` and ``b`` together (states of disjoint probe rows, e.g.
+  two processes' shards): every count is a sum over images, so this is exact."""
+  shapes = [(x.shape, y.shape) for x, y in zip(a, b) if x.shape != y.shape]
+  if shapes:
+    raise ValueError(f"tally states differ in shape: {shapes}")
+  return TallyState(*(np.asarray(x, np.int64) + np.asarray(y, np.int64) for x, y in zip(a, b)))
 
 
 def compute_iou(state: TallyState, labelcat) -> np.ndarray:

@@ -20,7 +20,8 @@ import numpy as np
 
 from nemjax.dissect._checks import check_finite
 
-__all__ = ["TopImagesState", "top_images_init", "top_images_update", "top_images_from_acts"]
+__all__ = ["TopImagesState", "top_images_init", "top_images_update", "top_images_merge",
+           "top_images_from_acts"]
 
 
 class TopImagesState(NamedTuple):
@@ -83,6 +84,23 @@ def top_images_update(state: TopImagesState, acts, rows, valid=None) -> TopImage
   maps[uu, slot] = a[order[uu, slot] - k, :, :, uu]  # (n, h, w)
   return TopImagesState(np.take_along_axis(value, order, axis=1),
                         np.take_along_axis(row, order, axis=1), maps)
+
+
+def top_images_merge(a: TopImagesState, b: TopImagesState) -> TopImagesState:
+  """The top-k of ``a`` and ``b`` together (states of disjoint probe rows, same units, k and
+  map shape), in the same order as one stream over both: descending value, ties to the lower
+  row."""
+  if a.maps.shape != b.maps.shape:
+    raise ValueError(f"top-image states differ: maps {a.maps.shape} vs {b.maps.shape}")
+  k = a.value.shape[1]
+  value = np.concatenate([a.value, b.value], axis=1)
+  row = np.concatenate([a.row, b.row], axis=1)
+  empty = row < 0  # empty slots (-inf, row -1) last, after every real image
+  order = np.lexsort((np.where(empty, np.iinfo(np.int64).max, row), -value), axis=-1)[:, :k]
+  maps = np.concatenate([a.maps, b.maps], axis=1)
+  return TopImagesState(np.take_along_axis(value, order, axis=1),
+                        np.take_along_axis(row, order, axis=1),
+                        np.take_along_axis(maps, order[:, :, None, None], axis=1))
 
 
 def top_images_from_acts(acts, k: int) -> TopImagesState:

@@ -69,7 +69,7 @@ def restore_checkpoint(ckpt_root: Path, template: train.TrainState
   if found is None:
     raise FileNotFoundError(f"no fine-tuning checkpoint under {ckpt_root}")
   leaves, treedef = jax.tree.flatten(template)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(l), l.dtype, sharding=sharding)
             for i, l in enumerate(leaves)}
   restored = checkpoint.restore_arrays(

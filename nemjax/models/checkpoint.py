@@ -168,7 +168,7 @@ def load(ckpt_dir: str | os.PathLike, *, arch: str | None = None) -> nnx.Module:
     raise ValueError(f"corrupt nemjax checkpoint: {d} has no {_STATE}/ directory")
   abstract = registry.build_abstract(meta["arch"], int(meta["num_classes"]))
   graphdef, state = nnx.split(abstract)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nnx.to_pure_dict(state))
   restored = restore_arrays(
       d / _STATE, target,
