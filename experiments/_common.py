@@ -71,11 +71,39 @@ PROBE_ONLY = "your own data (--probe/--weights)"
 @contextlib.contextmanager
 def locked_output(out: Path, flag: str = "--out") -> Iterator[Path]:
   """Holds the output directory's lock for the run (a second run on it is refused in one line)
-  and first removes the temp files a killed earlier run left there."""
-  from nemjax import files  # pylint: disable=import-outside-toplevel
-  with files.output_lock(out, flag=flag):
+  and first removes the temp files a killed earlier run left there.
+
+  Under several processes each takes its own lock (process i > 0: ``.nemjax.<i>.lock``, so the
+  processes of one run may share the directory) and nobody writes before every process has
+  removed the stale temps (a barrier)."""
+  from nemjax import distributed, files  # pylint: disable=import-outside-toplevel
+  procs = distributed.current()
+  name = files.LOCK_NAME if procs.leader else f".nemjax.{procs.index}.lock"
+  with files.output_lock(out, flag=flag, name=name):
     files.remove_stale_temps(out)
+    distributed.barrier("nemjax output ready", procs)
     yield Path(out)
+
+
+def add_process_flags(p: argparse.ArgumentParser) -> None:
+  """--coordinator, --num-processes, --process-id: one process of a ``jax.distributed`` run."""
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="several processes (jax.distributed): address of process 0's coordinator, "
+                      "the same on every process")
+  p.add_argument("--num-processes", type=int, default=1,
+                 help="processes of the run (one per host, or several on one machine)")
+  p.add_argument("--process-id", type=int, default=0, help="this process's index in [0, N)")
+
+
+def join_processes(args) -> Any:
+  """Joins the ``jax.distributed`` run of the process flags (before anything uses JAX); a bad
+  value ends the script with one line naming its flag. Returns ``distributed.Processes``."""
+  from nemjax import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    distributed.check_launch(args.coordinator, args.num_processes, args.process_id)
+  except ValueError as e:
+    fail(as_flag_error(e))
+  return distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 # What a run writes, for the free-space check before it starts (checked with a 1.5x margin):

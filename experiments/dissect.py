@@ -51,6 +51,7 @@ def parse_args(argv=None):
   p.add_argument("--no-report", action="store_true", help="skip the HTML report")
   p.add_argument("--cache", type=Path, default=Path("cache/embedded"), help="embedded default cache")
   p.add_argument("--seed", type=int, default=0, help="embedded default seed")
+  _common.add_process_flags(p)
   return p.parse_args(argv)
 
 
@@ -98,6 +99,7 @@ def load_thresholds(specs: list[str], layers: list[str], units: dict[str, int]
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  leader = _common.join_processes(args).leader
   from nemjax.data import broden, synthetic
   from nemjax.dissect.driver import layer_shapes
   from nemjax.dissect.run import DissectConfig, run_dissection
@@ -131,16 +133,18 @@ def main(argv=None) -> None:
          f"{', '.join(known)}")
   thresholds = load_thresholds(args.thresholds, layers, units)
   try:
-    model, _ = _common.load_sweep_inputs(args, target, checked, progress=True)
+    model, _ = _common.load_sweep_inputs(args, target, checked, progress=leader)
     probe = broden.load_probe(target.probe_dir, categories=args.categories or None)
   except (ValueError, FileNotFoundError) as e:
     fail(one_line(e))
   with _common.locked_output(args.out):  # a second run on --out is refused
     try:
       summaries = run_dissection(model, probe, config, args.out, thresholds=thresholds,
-                                 extra={"weights": str(target.weights)})
+                                 extra={"weights": str(target.weights)}, progress=leader)
     except (ValueError, FileNotFoundError) as e:
       fail(f"dissection failed: {one_line(e)}")
+  if not leader:  # process 0 writes the files and reports
+    return
   for layer, summary in summaries.items():
     print(f"{layer}: {summary['num_units']} units, mean IoU {summary['mean_iou']:.4f}, "
           f"{summary['distinct_labels']} distinct labels, per category "

@@ -46,12 +46,14 @@ def parse_args(argv=None):
   p.add_argument("--min-iou", type=float, default=d("min_iou"),
                  help="count only these units: " + _common.MIN_IOU_HELP)
   _common.add_run_flags(p, "runs/noise_sweep", "output directory (re-running resumes)")
+  _common.add_process_flags(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  progress = not args.no_progress
+  leader = _common.join_processes(args).leader
+  progress = not args.no_progress and leader
   try:
     _common.refuse_inapplicable(argv, [
         ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
@@ -78,6 +80,8 @@ def main(argv=None) -> None:
                              run_info=run_info)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
+  if not leader:  # process 0 writes the shared files and reports
+    return
   counts = {r["layer"]: r["units"] for r in rows}
   print("eligible units (clean label with IoU > %g): %s" % (
       config.min_iou, ", ".join(f"{l} {counts[l]}" for l in config.layers)))

@@ -74,6 +74,7 @@ def parse_args(argv=None):
   p.add_argument("--export-mode", help="mode of the export (default: the first of --modes)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
   _common.add_run_flags(p, "runs/pgd_sweep", "output directory (re-running resumes)")
+  _common.add_process_flags(p)
   return p.parse_args(argv)
 
 
@@ -113,12 +114,15 @@ def export_request(args, config: PGDSweepConfig) -> tuple[str, int, float, str] 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  progress = not args.no_progress
+  leader = _common.join_processes(args).leader
+  progress = not args.no_progress and leader
   try:
     _common.refuse_inapplicable(argv, [
         ("--cache", args.probe is None, _common.EMBEDDED_ONLY),
         ("--jpeg-quality", args.delivery == "jpeg", "--delivery jpeg"),
-        ("--overwrite", args.export_dir is not None, "--export-dir")])
+        ("--overwrite", args.export_dir is not None, "--export-dir"),
+        ("--export-unit", args.num_processes == 1,
+         "one process (export after the sweep, alone: the sweep resumes with nothing to do)")])
     target = _common.resolve_target(args)
   except ValueError as e:
     _common.fail(str(e))
@@ -146,6 +150,8 @@ def main(argv=None) -> None:
                                         run_info=run_info)
   except (ValueError, FileNotFoundError) as e:
     _common.fail(str(e))
+  if not leader:  # process 0 writes the shared files and reports
+    return
   print_summary(config, summary)
   pgd_sweep.plot_summary(summary, args.out / "pgd_sweep.png")
   print(f"\nwrote {args.out}/results.csv, summary.json, pgd_sweep.png")

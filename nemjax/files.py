@@ -228,8 +228,11 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def output_lock(directory: str | os.PathLike, *, flag: str = "--out") -> Iterator[Path]:
-  """Holds an exclusive advisory lock on ``directory`` (created if needed) for a run.
+def output_lock(directory: str | os.PathLike, *, flag: str = "--out",
+                name: str = LOCK_NAME) -> Iterator[Path]:
+  """Holds an exclusive advisory lock on ``directory`` (created if needed) for a run
+  (``name``: the lock file; one process of a multi-process run other than process 0 takes
+  its own).
 
   Raises:
     OutputError: another process holds it (a second run on the same output is refused).
@@ -237,7 +240,7 @@ def output_lock(directory: str | os.PathLike, *, flag: str = "--out") -> Iterato
   import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  lock = directory / LOCK_NAME
+  lock = directory / name
   fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
   try:
     try:

@@ -12,6 +12,13 @@ from cli_helpers import cli_error, import_script, parser_flags
 # Flags that take no value that could be bad.
 EXEMPT = {"--help", "--no-progress", "--no-report"}
 
+# One process of a jax.distributed run (every script has them).
+PROCESS_FLAGS = {
+    "--coordinator": ["--num-processes", "2", "--coordinator", "localhost"],
+    "--num-processes": ["--num-processes", "0"],
+    "--process-id": ["--process-id", "1"],
+}
+
 # script -> {flag: extra argv with a bad (or inapplicable) value}; "{tmp}" is a fresh directory.
 BAD: dict[str, dict[str, list[str]]] = {
     "pgd_sweep": {
@@ -32,7 +39,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "--export-dir": ["--export-dir", "{tmp}/e"], "--export-eps": ["--export-eps", "4"],
         "--export-mode": ["--export-mode", "u2"], "--overwrite": ["--overwrite"],
         "--seed": ["--seed", "-1"], "--out": ["--out", "{tmp}/file"],
-        "--cache": ["--cache", "{tmp}/cache"],
+        "--cache": ["--cache", "{tmp}/cache"], **PROCESS_FLAGS,
     },
     "noise_sweep": {
         "--probe": ["--probe", "{tmp}/nope"], "--weights": ["--weights", "{tmp}/nope"],
@@ -43,7 +50,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "--batch-size": ["--batch-size", "0"], "--top-fraction": ["--top-fraction", "0"],
         "--quantile-method": ["--quantile-method", "bogus"], "--min-iou": ["--min-iou", "-1"],
         "--seed": ["--seed", "-1"], "--out": ["--out", "{tmp}/file"],
-        "--cache": ["--cache", "{tmp}/cache"],
+        "--cache": ["--cache", "{tmp}/cache"], **PROCESS_FLAGS,
     },
     "dissect": {
         "--probe": ["--probe", "{tmp}/nope"], "--weights": ["--weights", "{tmp}/nope"],
@@ -53,7 +60,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "--quantile-method": ["--quantile-method", "bogus"],
         "--categories": ["--categories", "smell"], "--batch-size": ["--batch-size", "0"],
         "--tally-method": ["--tally-method", "fast"], "--report-top": ["--report-top", "0"],
-        "--cache": ["--cache", "{tmp}/cache"], "--seed": ["--seed", "3"],
+        "--cache": ["--cache", "{tmp}/cache"], "--seed": ["--seed", "3"], **PROCESS_FLAGS,
     },
 }
 

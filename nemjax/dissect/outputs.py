@@ -13,8 +13,10 @@ from nemjax.files import atomic_write_text, write_json
 from nemjax.dissect.tally import BestLabels
 
 
-def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | None = None) -> dict:
-  """Writes the four files of ``result`` (a ``LayerDissection``); returns the summary dict."""
+def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | None = None,
+                        *, write: bool = True) -> dict:
+  """Writes the four files of ``result`` (a ``LayerDissection``); returns the summary dict
+  (``write=False``: only returns it, as processes other than 0 of a multi-process run do)."""
   out_dir = Path(out_dir)
   layer = result.layer
   t = result.tally
@@ -25,9 +27,10 @@ def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | No
       best=best, iou=result.iou, tally_both=np.asarray(t.tally_both, np.float64),
       tally_labels=np.asarray(t.tally_labels, np.float64), units_cat_by_label=units_cat_by_label,
       label_names=list(probe.label_names), category_names=probe.category_names)
-  atomic_write_text(out_dir / f"{layer}_tally.csv", tally_csv_text(rows, probe.category_names))
-  atomic_save_npy(out_dir / f"{layer}_thresholds.npy", result.thresholds)
-  atomic_save_npy(out_dir / f"{layer}_iou.npy", result.iou)
+  if write:
+    atomic_write_text(out_dir / f"{layer}_tally.csv", tally_csv_text(rows, probe.category_names))
+    atomic_save_npy(out_dir / f"{layer}_thresholds.npy", result.thresholds)
+    atomic_save_npy(out_dir / f"{layer}_iou.npy", result.iou)
   cats = [probe.category_names[c] for c in result.best_category]
   summary = {
       "layer": layer,
@@ -40,5 +43,6 @@ def write_layer_outputs(out_dir: Path, result, probe: ProbeSet, extra: dict | No
       "distinct_labels": int(len(set(result.best_label.tolist()))),
       **(extra or {}),
   }
-  write_json(out_dir / f"{layer}_summary.json", summary)
+  if write:
+    write_json(out_dir / f"{layer}_summary.json", summary)
   return summary

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nemjax import distributed
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect.driver import check_options, dissect
@@ -56,17 +57,23 @@ def run_dissection(model, probe: ProbeSet, config: DissectConfig, out_dir: Path,
   """Dissects ``config.layers`` and writes ``out_dir/<layer>/`` files (tally.csv, thresholds,
   IoU, summary.json), the per-layer HTML pages and ``index.html`` (unless ``config.report`` is
   off). ``thresholds``: ``{layer: (U,)}`` used instead of quantiles; ``extra`` goes into each
-  summary.json. Returns ``{layer: summary}``."""
+  summary.json. Returns ``{layer: summary}``.
+
+  Under ``jax.distributed`` every process calls this (each dissects its shard of the probe
+  set, see :func:`nemjax.dissect.dissect`); process 0 alone writes the files.
+  """
   results = dissect(model, probe, config.layers, batch_size=config.batch_size,
                     top_fraction=config.top_fraction, quantile_method=config.quantile_method,
                     thresholds=thresholds, tally_method=config.tally_method,
                     num_top_images=config.report_top if config.report else 0,
                     progress=progress)
+  write = distributed.current().leader
   summaries = {}
   for layer, res in results.items():
-    summaries[layer] = write_layer_outputs(out_dir, res, probe, extra=dict(extra or {}))
-    if config.report:
+    summaries[layer] = write_layer_outputs(out_dir, res, probe, extra=dict(extra or {}),
+                                           write=write)
+    if config.report and write:
       write_layer_report(out_dir, layer, res, probe)
-  if config.report:
+  if config.report and write:
     write_index(out_dir, results, probe)
   return summaries

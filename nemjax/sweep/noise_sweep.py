@@ -13,6 +13,13 @@ corrupted images are the same ``round(fraction·N)`` rows for every layer.
 
 Units counted: those with a clean label and clean IoU > ``min_iou`` (default 0.04, Network
 Dissection's bar for an interpretable unit); ``units`` in each row is how many were eligible.
+
+Several processes (``jax.distributed``): the clean dissection is computed together (each
+process loads its shard of the probe set, results combined exactly), the processes agree on
+the finished cells and deal out the unfinished (kind, σ, fraction) cells round-robin in grid
+order; each writes its rows to ``results.<process>.csv`` and process 0 merges them into
+``results.csv`` and writes the summary and plot (:mod:`nemjax.sweep.store`). A cell's rows do
+not depend on the process that computes it.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from nemjax import figures
+from nemjax import distributed, figures
 from nemjax.attacks.noise import NOISE_KINDS, corrupt, select_fraction
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
@@ -89,7 +96,8 @@ def run_noise_sweep(model, probe: ProbeSet, config: NoiseSweepConfig, out_dir: P
   out_dir = Path(out_dir)
   arch = str(getattr(model, "arch", type(model).__name__))
   record = noise_record(config, run_info)
-  store = store_lib.open_out_dir(out_dir, record, FIELDS, KEYS)
+  procs = distributed.current()
+  store = store_lib.open_out_dir(out_dir, record, FIELDS, KEYS, procs)
   cell = lambda l, k, s, f: dict(layer=l, kind=k, sigma=float(s), fraction=float(f),
                                  delivery=delivery, seed=seed)
   grid = [(k, s, f) for k in kinds for s in sigmas for f in fractions
@@ -107,7 +115,8 @@ def run_noise_sweep(model, probe: ProbeSet, config: NoiseSweepConfig, out_dir: P
     if empty:
       raise ValueError(f"layers {empty} have no unit labelled with IoU > {min_iou:g}; "
                        "lower --min-iou")
-  for kind, sigma, frac in tqdm(grid, desc="noise sweep", disable=not progress):
+  for kind, sigma, frac in tqdm(distributed.split_work(grid, procs), desc="noise sweep",
+                                disable=not progress):
     sel_key, noise_key = jax.random.split(_cell_key(seed, arch, kind, sigma, frac))
     rows = np.flatnonzero(np.asarray(select_fraction(sel_key, probe.num_images, frac)))
     new = {l: [] for l in layers}
@@ -132,12 +141,16 @@ def run_noise_sweep(model, probe: ProbeSet, config: NoiseSweepConfig, out_dir: P
           "mean_iou_after": float(after.score[u].mean()),
       })
     store.add(results)
+  store.finish([cell(l, k, s, f) for k in kinds for s in sigmas for f in fractions
+                for l in layers])
   rows_out = [store.get(**cell(l, k, s, f))
               for l in layers for k in kinds for s in sigmas for f in fractions]
   eligible = {l: int(next(r["units"] for r in rows_out if r["layer"] == l)) for l in layers}
-  write_json(out_dir / "summary.json", {"delivery": delivery, "seed": seed, "min_iou": min_iou,
-                                        "eligible_units": eligible, "rows": rows_out})
-  plot_noise_sweep(rows_out, out_dir / "noise_sweep.png")
+  if procs.leader:
+    write_json(out_dir / "summary.json", {"delivery": delivery, "seed": seed,
+                                          "min_iou": min_iou, "eligible_units": eligible,
+                                          "rows": rows_out})
+    plot_noise_sweep(rows_out, out_dir / "noise_sweep.png")
   return rows_out
 
 

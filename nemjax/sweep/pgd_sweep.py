@@ -3,7 +3,20 @@ and count the units whose Network-Dissection label changed (Srivastava et al., T
 
 Work is keyed by (layer, unit, ε, mode); each finished group of units is appended to
 ``results.csv`` atomically, so a re-run of the same command skips finished work and a SIGKILL
-loses at most the attack in flight.
+loses at most the attack in flight. Groups of ``units_per_call`` units are cut from each
+layer's whole unit list (finished units are then dropped from their group), so a resumed run
+attacks units in the same groups as an uninterrupted one.
+
+Several processes (``jax.distributed``): every process takes part in the clean dissection
+(each loads its shard of the probe set; thresholds, tallies and activations are combined
+exactly, so every process holds the whole clean result), the processes agree on the finished
+keys, and the unfinished groups, in the sweep's order, are dealt out round-robin
+(:func:`nemjax.distributed.split_work`): the same on every process, whatever list a process
+sees, since each builds it from the same config and the same finished keys. A group's rows
+depend only on its units and names, never on which process runs it. Each process writes its
+rows to ``results.<process>.csv``; process 0 merges them into ``results.csv`` and writes the
+summary and the clean dissection (:mod:`nemjax.sweep.store`). A killed process loses only its
+group in flight: re-running the same command (with any number of processes) resumes.
 
 Poisoned images (:mod:`nemjax.sweep.poison`): the images holding the unit's source or target
 concept, at most ``poison_fraction·N``, taken in ``poison_order``: ``concept`` (default, the
@@ -36,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from nemjax import figures, preprocess
+from nemjax import distributed, figures, preprocess
 from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
 from nemjax.attacks.noise import bernoulli_noise
 from nemjax.attacks.pgd import ActAvgAttack, make_act_avg_attack, random_targets
@@ -327,7 +340,7 @@ def prepare(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path | None
   clean, acts = dissect(model, probe, config.layers, batch_size=pp.batch_size,
                         top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
                         mesh=mesh, progress=progress, keep_activations=True)
-  if out_dir is not None:
+  if out_dir is not None and distributed.current().leader:
     for res in clean.values():
       write_layer_outputs(Path(out_dir) / "clean", res, probe)
   inputs = SweepInputs(probe, loader.load_labels(probe, np.arange(probe.num_images)), config,
@@ -350,12 +363,17 @@ def check_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
 def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path, *,
                   mesh=None, progress: bool = True, run_info: dict | None = None) -> dict:
   """Runs (or resumes) the sweep; writes results.csv, summary.json, config.json, and the clean
-  dissection under ``out_dir/clean``. Returns the summary."""
+  dissection under ``out_dir/clean``. Returns the summary.
+
+  Under ``jax.distributed`` every process calls this with the same arguments (module
+  docstring); each returns the same summary, process 0 writes the shared files.
+  """
   out_dir = Path(out_dir)
+  procs = distributed.current()
   record = run_record(config, run_info)
-  store = store_lib.open_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS)
+  store = store_lib.open_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS, procs)
   inputs, layers = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
-  work, eligible = [], {}
+  work, eligible, order = [], {}, []
   for layer, data in layers.items():
     eligible[layer] = {"eligible": int(eligible_units(data.clean, config.min_iou).size),
                        "units": int(data.clean.num_units)}
@@ -370,9 +388,13 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
         target_for(inputs, data, u, mode)
     for eps in config.attack.eps:
       for mode in config.modes:
-        todo = [u for u in units if not store.done(layer=layer, unit=u, eps=float(eps), mode=mode)]
-        for s in range(0, len(todo), config.units_per_call):
-          work.append((data, todo[s:s + config.units_per_call], float(eps), mode))
+        keys = [dict(layer=layer, unit=u, eps=float(eps), mode=mode) for u in units]
+        order.extend(keys)
+        for s in range(0, len(keys), config.units_per_call):
+          todo = [k["unit"] for k in keys[s:s + config.units_per_call] if not store.done(**k)]
+          if todo:
+            work.append((data, todo, float(eps), mode))
+  work = distributed.split_work(work, procs)
   total_units = sum(len(w[1]) for w in work)
   bar = tqdm(total=total_units, desc="pgd sweep", unit="attack", disable=not progress)
   for data, units, eps, mode in work:
@@ -380,10 +402,11 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
     store.add(run_attack_group(inputs, data, units, eps, mode))
     bar.update(len(units))
   bar.close()
-  summary = summarise(store.rows, probe.category_names)
+  summary = summarise(store.finish(order), probe.category_names)
   summary.update(poison_order=config.poison_order, min_iou=config.min_iou,
                  eligible_units=eligible)
-  write_json(out_dir / "summary.json", summary)
+  if procs.leader:
+    write_json(out_dir / "summary.json", summary)
   return summary
 
 
