@@ -35,7 +35,7 @@ def run_all(probe_dir: Path, ckpt: Path, out: Path) -> dict:
   pp = cfg.ProbePass(batch_size=8)
   res["pgd"] = run_pgd_sweep(
       model, probe, cfg.PGDSweepConfig(layers=("block4",), num_units=2, modes=("u2",),
-                                       attack=cfg.PGDAttack(eps=(4 / 255,), steps=2),
+                                       attack=cfg.PGDAttack(eps=(4 / 255, 8 / 255), steps=2),
                                        probe_pass=pp, units_per_call=1),
       out / "pgd", progress=False)
   res["noise"] = run_noise_sweep(
