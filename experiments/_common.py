@@ -415,13 +415,20 @@ def run_info(target: Target) -> dict:
 
 def load_sweep_inputs(args, target: Target, checked: SweepModel, progress: bool
                       ) -> tuple[Any, Any]:
-  """``(model, probe)`` to run on: builds (once, cached) and loads the embedded default."""
+  """``(model, probe)`` to run on: builds (once, cached) and loads the embedded default.
+  Several processes: process 0 builds it first, the others then load it from a shared
+  ``--cache`` (or build their own copy on another host's disk)."""
   if not target.embedded:
     return checked.model, checked.probe
-  from nemjax import embedded  # pylint: disable=import-outside-toplevel
+  from nemjax import distributed, embedded  # pylint: disable=import-outside-toplevel
   from nemjax.data import broden  # pylint: disable=import-outside-toplevel
   from nemjax.models import checkpoint  # pylint: disable=import-outside-toplevel
+  procs = distributed.current()
+  if not procs.leader:
+    distributed.barrier("nemjax embedded default built", procs)
   embedded.build_embedded_default(args.cache, seed=args.seed, progress=progress)
+  if procs.leader:
+    distributed.barrier("nemjax embedded default built", procs)
   return checkpoint.load(target.weights, arch=target.arch), broden.load_probe(target.probe_dir)
 
 

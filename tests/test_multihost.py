@@ -1,7 +1,8 @@
 """Two processes under ``jax.distributed`` (a localhost coordinator, two CPU devices each) give
 bit for bit what one process gives: the dissection's thresholds, tallies, IoU, labels and top
 images (all three driver paths), and the rows of both sweeps; a sweep whose process 1 is killed
-resumes from the shards to the same rows."""
+resumes from the shards to the same rows. The merges that make this exact, the row shards and
+the results shards are also checked in this process."""
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,9 @@ import pytest
 from conftest import REPO
 
 import multihost_worker
-
-pytestmark = pytest.mark.slow
+from nemjax import distributed
+from nemjax.dissect import quantile, tally, topimages
+from nemjax.sweep import store
 
 TIMEOUT_S = 600
 
@@ -96,6 +98,7 @@ def single(tiny_probe_dir, tiny_model_dir, tmp_path_factory):
   return multihost_worker.run_all(tiny_probe_dir, tiny_model_dir, out), out
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_results(single, tiny_probe_dir, tiny_model_dir,
                                                        tmp_path):
   ref, ref_out = single
@@ -128,6 +131,7 @@ def _pgd_cli(out: Path, probe: Path, ckpt: Path):
   return argv_of
 
 
+@pytest.mark.slow
 def test_kill_one_process_then_rerun_resumes_to_the_same_rows(single, tiny_probe_dir,
                                                               tiny_model_dir, tmp_path):
   _, ref_out = single
@@ -161,3 +165,54 @@ def test_kill_one_process_then_rerun_resumes_to_the_same_rows(single, tiny_probe
   assert set(partial) <= set(rows)
   assert not list(out.glob("results.*.csv"))
   assert (out / "summary.json").exists() and (out / "pgd_sweep.png").exists()
+
+
+def test_merges_of_disjoint_row_shards_equal_one_stream():
+  rng = np.random.default_rng(0)
+  acts = np.round(rng.standard_normal((11, 3, 3, 4)), 1).astype(np.float32)  # many ties
+  n, parts = len(acts), [np.arange(0, 5), np.arange(5, 5), np.arange(5, 11)]  # one empty
+  q = quantile.quantile_of(0.05)
+  states = [quantile.threshold_update(quantile.threshold_init(4, n * 9, q), acts[r])
+            for r in parts]
+  tops = [topimages.top_images_update(topimages.top_images_init(4, 3, (3, 3)), acts[r], r)
+          for r in parts]
+  merged = states[0]
+  for st in states[1:]:
+    merged = quantile.threshold_merge(merged, st)
+  want = np.quantile(acts.reshape(-1, 4).astype(np.float64), q, axis=0)
+  assert quantile.threshold_finalize(merged).tobytes() == want.tobytes()
+  top = tops[2]
+  for t in (tops[1], tops[0]):  # any order
+    top = topimages.top_images_merge(top, t)
+  _assert_same(tuple(top), tuple(topimages.top_images_from_acts(acts, 3)))
+  a = tally.tally_init(4, 5, 2)._replace(tally_labels=np.arange(5, dtype=np.int64))
+  assert tally.tally_merge(a, a).tally_labels.tolist() == [0, 2, 4, 6, 8]
+  with pytest.raises(ValueError, match="more values than announced"):
+    quantile.threshold_merge(merged, merged)
+
+
+def test_row_shards_and_work_split_cover_everything_once():
+  for n, count in ((24, 2), (5, 3), (2, 3)):
+    rows = [distributed.shard_rows(n, distributed.Processes(i, count)) for i in range(count)]
+    assert np.concatenate(rows).tolist() == list(range(n))
+    work = [distributed.split_work(list(range(7)), distributed.Processes(i, count))
+            for i in range(count)]
+    assert sorted(sum(work, [])) == list(range(7))
+  one = distributed.Processes(0, 1)
+  assert distributed.allgather_objects({"a": 1}, one) == [{"a": 1}]
+  for bad, field in (((None, 2, 0), "coordinator"), (("h:0", 2, 0), "coordinator"),
+                     (("h:1", 0, 0), "num_processes"), (("h:1", 2, 2), "process_id")):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+      distributed.check_launch(*bad)
+
+
+def test_single_process_run_folds_in_the_shards_of_a_killed_multi_process_run(tmp_path):
+  fields, keys = ["k", "v"], ["k"]
+  store.ResultsStore(tmp_path / "results.csv", fields, keys).add([{"k": 1, "v": "a"}])
+  store.ResultsStore(store.shard_path(tmp_path, 1), fields, keys).add(
+      [{"k": 1, "v": "a"}, {"k": 2, "v": "b"}])
+  s = store.open_out_dir(tmp_path, {"x": 1}, fields, keys, distributed.Processes(0, 1))
+  assert [r["k"] for r in s.rows] == ["1", "2"] and s.done(k=2)
+  assert not store.shard_path(tmp_path, 1).exists()
+  assert [r["k"] for r in store.ResultsStore(tmp_path / "results.csv", fields, keys).rows] == \
+      ["1", "2"]
