@@ -38,7 +38,7 @@ from jax import lax
 
 from nemjax.ops import interpret
 
-__all__ = ["cpu_fast_grad", "max_pool", "strided_conv"]
+__all__ = ["cpu_fast_grad", "max_pool", "max_pool_geometry", "strided_conv"]
 
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs NHWC, rhs HWIO, out NHWC
 
@@ -220,9 +220,18 @@ strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 # ---------------------------------------------------------------------------------------------
 # The jaxpr rewrite.
 
-def _rule_max_pool(eqn, invals, opts):
+def max_pool_geometry(eqn: Any, x: Any) -> tuple | None:
+  """``(kernel, strides, padding)`` of an NHWC spatial ``reduce_window_max`` equation, else None.
+
+  Args:
+    eqn: a jaxpr equation whose primitive is ``reduce_window_max``.
+    x: its operand (anything with ``ndim`` and ``dtype``).
+
+  Returns:
+    ``((kh, kw), (sh, sw), ((top, bottom), (left, right)))``, or None when the window also spans
+    the batch or channel axis, is dilated, or ``x`` is not a floating (N, H, W, C) array.
+  """
   p = eqn.params
-  x, = invals
   if (x.ndim != 4 or p["window_dimensions"][0] != 1 or p["window_dimensions"][3] != 1
       or p["window_strides"][0] != 1 or p["window_strides"][3] != 1
       or any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"])
@@ -232,7 +241,13 @@ def _rule_max_pool(eqn, invals, opts):
   k = tuple(int(v) for v in p["window_dimensions"][1:3])
   s = tuple(int(v) for v in p["window_strides"][1:3])
   pad = tuple(tuple(int(a) for a in pr) for pr in p["padding"][1:3])
-  return max_pool(x, k, s, pad)
+  return k, s, pad
+
+
+def _rule_max_pool(eqn, invals, opts):
+  x, = invals
+  geom = max_pool_geometry(eqn, x)
+  return None if geom is None else max_pool(x, *geom)
 
 
 def _rule_conv(eqn, invals, opts):

@@ -94,8 +94,8 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
         out = eval_jaxpr(inner[0], inner[1], invals, rules, opts)
     if out is None:
       out = _bind(eqn, invals)
-    if not eqn.primitive.multiple_results and not isinstance(out, (list, tuple)):
-      out = [out]
+    if not isinstance(out, (list, tuple)):   # one array (a rule may return one for a
+      out = [out]                            # multiple-results call such as custom_jvp_call)
     for v, o in zip(eqn.outvars, out):
       write(v, o)
   return [_read(env, v) for v in jaxpr.outvars]

@@ -1,0 +1,301 @@
+"""nemjax.explain against Captum 0.9 on the same random-weight PyTorch models converted to Flax.
+
+Captum's maps (N, 3, H, W) are summed over channels, as nemjax's (N, H, W). Where Captum draws
+noise, baselines or masks, its draws are recorded (the drawing function wrapped) and passed to
+nemjax explicitly, so both use identical samples.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conftest  # noqa: E402  (tests/ is on sys.path)
+
+torch = conftest.import_torch()
+captum_attr = pytest.importorskip("captum.attr")
+
+import torch_models as tm  # noqa: E402
+from nemjax import convert, explain, models  # noqa: E402
+
+RTOL = 1e-4
+
+
+def close(a, b, rtol=RTOL):
+  """Equal within rtol relative to the reference's largest magnitude (float32 maps)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  scale = max(np.abs(b).max(), 1e-12)
+  err = np.abs(a - b).max() / scale
+  assert err <= rtol, f"max |diff| / max |ref| = {err:.3g} > {rtol}"
+
+
+def nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def csum(t):
+  """Captum (N, C, H, W) -> (N, H, W) channel sum."""
+  return t.detach().numpy().sum(1)
+
+
+class Pair:
+  """A torch model and its nemjax conversion (pure apply function with taps)."""
+
+  def __init__(self, arch, num_classes, taps, size, seed=0):
+    torch.manual_seed(seed)
+    self.torch = tm.randomize_(tm.build(arch, num_classes), seed)
+    sd = {k: v.numpy().copy() for k, v in self.torch.state_dict().items()}
+    self.model = convert.convert_state_dict(arch, sd)
+    self.apply, self.params = models.pure_apply(self.model, taps=taps)
+    rng = np.random.default_rng(seed)
+    self.x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    self.target = np.array([1, 3], np.int32)
+    self.tx = nchw(self.x)
+    self.tt = torch.from_numpy(self.target.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def small():
+  return Pair("smallcnn", 5, ("block3", "block4"), 64)
+
+
+def test_forward_matches(small):
+  logits, _ = small.apply(small.params, jnp.asarray(small.x))
+  with torch.no_grad():
+    close(logits, small.torch(small.tx).numpy(), 1e-5)
+
+
+@pytest.mark.parametrize("abs_", [True, False])
+def test_saliency(small, abs_):
+  ref = captum_attr.Saliency(small.torch).attribute(small.tx, target=small.tt, abs=abs_)
+  got = explain.explain("saliency", small.apply, small.params, small.x, small.target, abs=abs_)
+  close(got, csum(ref))
+  none = explain.saliency(small.apply, small.params, small.x, small.target, abs=abs_, reduce="none")
+  close(none, nhwc(ref))
+
+
+def test_input_x_gradient(small):
+  ref = captum_attr.InputXGradient(small.torch).attribute(small.tx, target=small.tt)
+  close(explain.input_x_gradient(small.apply, small.params, small.x, small.target), csum(ref))
+
+
+@pytest.mark.parametrize("method, n_steps", [("gausslegendre", 50), ("riemann_trapezoid", 7),
+                                             ("riemann_left", 7), ("riemann_right", 7),
+                                             ("riemann_middle", 7), ("gausslegendre", 7)])
+def test_integrated_gradients(small, method, n_steps):
+  # A non-constant baseline: a constant image ties inside max-pool windows, where PyTorch and
+  # XLA route the gradient to different (equally maximal) elements.
+  base = (0.25 + 0.1 * np.random.default_rng(9).standard_normal(small.x.shape)).astype(np.float32)
+  ref = captum_attr.IntegratedGradients(small.torch).attribute(
+    small.tx, baselines=nchw(base), target=small.tt, n_steps=n_steps, method=method)
+  got = explain.integrated_gradients(small.apply, small.params, small.x, small.target,
+                                     baselines=base, n_steps=n_steps, method=method)
+  close(got, csum(ref))
+  if n_steps == 7:
+    chunked = explain.integrated_gradients(small.apply, small.params, small.x, small.target,
+                                           baselines=base, n_steps=n_steps, method=method,
+                                           internal_batch_size=3)
+    close(chunked, got, 1e-5)
+
+
+def test_integrated_gradients_default_zero_baseline(small):
+  """Zero baseline (Captum's default). Right Riemann sums: Gauss-Legendre's first nodes
+  (α ≈ 5e-4 at 50 steps) put near-ties in max-pool windows, where float32 rounding of either
+  library may pick another maximum (6.6e-4 relative there)."""
+  ref = captum_attr.IntegratedGradients(small.torch).attribute(small.tx, target=small.tt,
+                                                               method="riemann_right", n_steps=6)
+  close(explain.integrated_gradients(small.apply, small.params, small.x, small.target,
+                                     method="riemann_right", n_steps=6), csum(ref))
+
+
+class Recorder:
+  """Wraps a drawing function, keeping what it returns."""
+
+  def __init__(self, fn):
+    self.fn, self.out = fn, []
+
+  def __call__(self, *a, **k):
+    r = self.fn(*a, **k)
+    self.out.append(r)
+    return r
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_smoothgrad(small, nt_type, monkeypatch):
+  rec = Recorder(torch.normal)
+  monkeypatch.setattr(torch, "normal", rec)
+  torch.manual_seed(1)
+  ref = captum_attr.NoiseTunnel(captum_attr.Saliency(small.torch)).attribute(
+    small.tx, nt_type=nt_type, nt_samples=4, stdevs=0.3, target=small.tt)
+  monkeypatch.undo()
+  noise = nhwc(rec.out[0]).reshape(2, 4, *small.x.shape[1:])  # repeat_interleave order
+  got = explain.smoothgrad(small.apply, small.params, small.x, small.target, noise=noise,
+                           nt_type=nt_type)
+  close(got, csum(ref))
+  chunked = explain.smoothgrad(small.apply, small.params, small.x, small.target, noise=noise,
+                               nt_type=nt_type, nt_samples_batch_size=3)
+  close(chunked, got, 1e-5)
+
+
+def test_noise_tunnel_keyed_draws_are_reproducible(small):
+  a = explain.smoothgrad(small.apply, small.params, small.x, small.target, key=jax.random.key(3),
+                         nt_samples=3, stdevs=0.2)
+  b = explain.smoothgrad(small.apply, small.params, small.x, small.target, key=jax.random.key(3),
+                         nt_samples=3, stdevs=0.2)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="key is required"):
+    explain.smoothgrad(small.apply, small.params, small.x, small.target)
+
+
+def test_gradient_shap(small, monkeypatch):
+  normal, choice, uniform = Recorder(torch.normal), Recorder(np.random.choice), Recorder(np.random.uniform)
+  monkeypatch.setattr(torch, "normal", normal)
+  monkeypatch.setattr(np.random, "choice", choice)
+  monkeypatch.setattr(np.random, "uniform", uniform)
+  rng = np.random.default_rng(5)
+  base = rng.standard_normal((3, *small.x.shape[1:])).astype(np.float32)
+  np.random.seed(0)
+  torch.manual_seed(0)
+  ref = captum_attr.GradientShap(small.torch).attribute(small.tx, baselines=nchw(base),
+                                                        target=small.tt, n_samples=4, stdevs=0.1)
+  monkeypatch.undo()
+  noise = nhwc(normal.out[0]).reshape(2, 4, *small.x.shape[1:])
+  idx = np.asarray(choice.out[0]).reshape(2, 4)
+  alphas = np.asarray(uniform.out[0], np.float32).reshape(2, 4)
+  got = explain.gradient_shap(small.apply, small.params, small.x, small.target, baselines=base,
+                              n_samples=4, noise=noise, baseline_index=idx, alphas=alphas)
+  close(got, csum(ref))
+  keyed = explain.gradient_shap(small.apply, small.params, small.x, small.target, baselines=base,
+                                key=jax.random.key(0), n_samples=4)
+  assert keyed.shape == (2, 64, 64) and np.isfinite(np.asarray(keyed)).all()
+
+
+@pytest.mark.parametrize("name, cls", [("guided_backprop", "GuidedBackprop"),
+                                       ("deconvolution", "Deconvolution")])
+def test_guided_and_deconvolution(small, name, cls):
+  ref = getattr(captum_attr, cls)(small.torch).attribute(small.tx, target=small.tt)
+  close(explain.explain(name, small.apply, small.params, small.x, small.target), csum(ref))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_grad_cam(small, relu):
+  ref = captum_attr.LayerGradCam(small.torch, small.torch.features[10]).attribute(
+    small.tx, target=small.tt, relu_attributions=relu)
+  got = explain.grad_cam(small.apply, small.params, small.x, small.target, layer="block3",
+                         relu_attributions=relu)
+  close(got, ref.detach().numpy()[:, 0])
+
+
+def test_grad_cam_heo_numpy(small):
+  """Heo et al.'s Grad-CAM re-stated in NumPy from PyTorch's layer activations and gradients."""
+  acts = {}
+  h = small.torch.features[14].register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+  x = small.tx.clone().requires_grad_(False)
+  out = small.torch(x)
+  h.remove()
+  a = acts["a"]
+  g, = torch.autograd.grad(out.gather(1, small.tt[:, None]).sum(), a)
+  a, g = a.detach().numpy(), g.numpy()                             # (N, C, h, w)
+  cam = np.maximum((g.mean(axis=(2, 3), keepdims=True) * a).sum(1), 0)
+  cam = cam / cam.max(axis=(1, 2), keepdims=True)
+  got = explain.grad_cam_heo(small.apply, small.params, small.x, small.target, layer="block4")
+  close(got, cam)
+  assert float(np.max(np.asarray(got))) == pytest.approx(1.0)
+
+
+def test_guided_grad_cam(small):
+  ref = captum_attr.GuidedGradCam(small.torch, small.torch.features[10]).attribute(
+    small.tx, target=small.tt)
+  got = explain.guided_grad_cam(small.apply, small.params, small.x, small.target, layer="block3")
+  close(got, csum(ref))
+
+
+def test_interpolate_nearest_matches_torch():
+  m = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
+  for out in ((7, 11), (6, 10), (64, 64)):
+    ref = torch.nn.functional.interpolate(torch.from_numpy(m)[:, None], size=out, mode="nearest")
+    np.testing.assert_array_equal(np.asarray(explain.gradient.interpolate_nearest(jnp.asarray(m), out)),
+                                  ref.numpy()[:, 0])
+
+
+def test_sobel_matches_scipy(small):
+  from scipy import ndimage
+  grey = small.x.mean(-1).astype(np.float64)
+  ref = np.stack([np.hypot(ndimage.sobel(g, 0), ndimage.sobel(g, 1)) for g in grey])
+  close(explain.explain("sobel", None, None, small.x, small.target), ref, 1e-5)
+  np.testing.assert_array_equal(np.asarray(explain.blank(None, None, small.x, small.target)),
+                                np.zeros(small.x.shape[:3]))
+
+
+def test_jit_and_plain_logit_function(small):
+  logits_only = lambda p, x: small.apply(p, x)[0]
+  f = jax.jit(lambda p, x, t: explain.saliency(logits_only, p, x, t))
+  close(f(small.params, small.x, small.target),
+        explain.saliency(small.apply, small.params, small.x, small.target), 1e-6)
+  g = jax.jit(lambda p, x, t: explain.grad_cam(small.apply, p, x, t, layer="block4"))
+  close(g(small.params, small.x, small.target),
+        explain.grad_cam(small.apply, small.params, small.x, small.target, layer="block4"), 1e-6)
+
+
+def test_bad_arguments(small):
+  with pytest.raises(ValueError, match="method must be one of"):
+    explain.explain("nope", small.apply, small.params, small.x, small.target)
+  with pytest.raises(ValueError, match="target must be"):
+    explain.saliency(small.apply, small.params, small.x, small.target[:1])
+  with pytest.raises(ValueError, match="x must be"):
+    explain.saliency(small.apply, small.params, small.x[0], small.target)
+  with pytest.raises(ValueError, match="not among apply_fn's taps"):
+    explain.grad_cam(small.apply, small.params, small.x, small.target, layer="block1")
+  with pytest.raises(ValueError, match="must return \\(logits"):
+    explain.grad_cam(lambda p, x: small.apply(p, x)[0], small.params, small.x, small.target,
+                     layer="block4")
+  with pytest.raises(ValueError, match="method must be one of"):
+    explain.integrated_gradients(small.apply, small.params, small.x, small.target, method="simpson")
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiability with respect to parameters: jax.grad of a scalar of the map equals float64
+# central differences on a tiny conv-ReLU-maxpool-dense model.
+
+def tiny_apply(p, x):
+  z = jax.lax.conv_general_dilated(x, p["w1"], (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["b1"]
+  a = jax.nn.relu(z)
+  m = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  h = jax.nn.relu(m.reshape(m.shape[0], -1) @ p["w2"] + p["b2"])
+  return h @ p["w3"] + p["b3"], {"conv": a}
+
+
+def tiny_params(dtype):
+  r = np.random.default_rng(0)
+  shapes = {"w1": (3, 3, 3, 4), "b1": (4,), "w2": (4 * 4 * 4, 6), "b2": (6,), "w3": (6, 3), "b3": (3,)}
+  return {k: jnp.asarray(r.standard_normal(s) * 0.5, dtype) for k, s in shapes.items()}
+
+
+GRAD_CASES = {
+  "saliency": dict(abs=False), "input_x_gradient": {}, "guided_backprop": {},
+  "grad_cam": dict(layer="conv"), "grad_cam_heo": dict(layer="conv"),
+  "integrated_gradients": dict(n_steps=4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(GRAD_CASES))
+def test_param_gradient_matches_central_differences(method):
+  with jax.enable_x64(True):
+    p = tiny_params(jnp.float64)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 3)), jnp.float64)
+    t = jnp.array([0, 2])
+    loss = lambda q: jnp.sum(explain.explain(method, tiny_apply, q, x, t, **GRAD_CASES[method]) ** 2)
+    g = jax.grad(loss)(p)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(np.random.default_rng(2).standard_normal(a.shape), a.dtype), p)
+    h = 1e-6
+    shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * h * b, p, v)
+    fd = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * h)
+    an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v)))
+    assert abs(float(an) - float(fd)) <= 1e-5 * max(1.0, abs(float(fd))), (float(an), float(fd))
