@@ -281,7 +281,7 @@ def tiny_params(dtype):
 GRAD_CASES = {
   "saliency": dict(abs=False), "input_x_gradient": {}, "guided_backprop": {},
   "grad_cam": dict(layer="conv"), "grad_cam_heo": dict(layer="conv"),
-  "integrated_gradients": dict(n_steps=4),
+  "integrated_gradients": dict(n_steps=4), "deeplift": dict(baselines=0.1, maxpool="rescale"),
 }
 
 
@@ -299,3 +299,29 @@ def test_param_gradient_matches_central_differences(method):
     fd = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * h)
     an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v)))
     assert abs(float(an) - float(fd)) <= 1e-5 * max(1.0, abs(float(fd))), (float(an), float(fd))
+
+
+# --------------------------------------------------------------------------------------------
+# DeepLIFT family.
+
+def test_deeplift(small):
+  base = (0.1 * np.random.default_rng(4).standard_normal(small.x.shape)).astype(np.float32)
+  ref = captum_attr.DeepLift(small.torch).attribute(small.tx, baselines=nchw(base), target=small.tt)
+  close(explain.deeplift(small.apply, small.params, small.x, small.target, baselines=base), csum(ref))
+
+
+def test_deeplift_rescale_maxpool_sums_to_delta(small):
+  """maxpool='rescale': Σ attributions = f(x) − f(x') per image (Captum's maps do not)."""
+  base = (0.1 * np.random.default_rng(4).standard_normal(small.x.shape)).astype(np.float32)
+  got = explain.deeplift(small.apply, small.params, small.x, small.target, baselines=base,
+                         maxpool="rescale")
+  with torch.no_grad():
+    d = (small.torch(small.tx) - small.torch(nchw(base))).numpy()[[0, 1], small.target]
+  np.testing.assert_allclose(np.asarray(got).sum((1, 2)), d, rtol=1e-4, atol=1e-6)
+
+
+def test_deeplift_shap(small):
+  base = (0.1 * np.random.default_rng(6).standard_normal((3, *small.x.shape[1:]))).astype(np.float32)
+  ref = captum_attr.DeepLiftShap(small.torch).attribute(small.tx, baselines=nchw(base), target=small.tt)
+  close(explain.deeplift_shap(small.apply, small.params, small.x, small.target, baselines=base),
+        csum(ref))

@@ -29,7 +29,7 @@ from jax import lax
 from nemjax.ops import fastgrad, interpret
 
 __all__ = ["guided_relu", "deconv_relu", "deeplift_relu", "deeplift_max_pool", "with_rules",
-           "GUIDED", "DECONV", "DEEPLIFT"]
+           "GUIDED", "DECONV", "DEEPLIFT", "DEEPLIFT_POOL"]
 
 
 @jax.custom_vjp
@@ -134,11 +134,13 @@ def _dl_pool_rule(eqn, invals, opts):
 
 GUIDED = {"max": _relu_rule(guided_relu), "custom_jvp_call": _relu_rule(guided_relu)}
 DECONV = {"max": _relu_rule(deconv_relu), "custom_jvp_call": _relu_rule(deconv_relu)}
-DEEPLIFT = {"max": _relu_rule(deeplift_relu), "custom_jvp_call": _relu_rule(deeplift_relu),
-            "reduce_window_max": _dl_pool_rule}
+DEEPLIFT = {"max": _relu_rule(deeplift_relu), "custom_jvp_call": _relu_rule(deeplift_relu)}
+DEEPLIFT_POOL = {**DEEPLIFT, "reduce_window_max": _dl_pool_rule}
 
 
 def with_rules(fn: Callable[..., Any], rules: dict, eps: float = 1e-10) -> Callable[..., Any]:
-  """``fn`` with ``rules`` (:data:`GUIDED`, :data:`DECONV` or :data:`DEEPLIFT`) substituted."""
-  opts = {"eps": eps, "relu_kw": {"eps": eps}} if rules is DEEPLIFT else {}
+  """``fn`` with ``rules`` (:data:`GUIDED`, :data:`DECONV`, :data:`DEEPLIFT` (ReLU only) or
+  :data:`DEEPLIFT_POOL` (ReLU and max-pool)) substituted."""
+  deeplift = rules is DEEPLIFT or rules is DEEPLIFT_POOL
+  opts = {"eps": eps, "relu_kw": {"eps": eps}} if deeplift else {}
   return interpret.rewrite(fn, rules, opts)
