@@ -282,6 +282,7 @@ GRAD_CASES = {
   "saliency": dict(abs=False), "input_x_gradient": {}, "guided_backprop": {},
   "grad_cam": dict(layer="conv"), "grad_cam_heo": dict(layer="conv"),
   "integrated_gradients": dict(n_steps=4), "deeplift": dict(baselines=0.1, maxpool="rescale"),
+  "lrp": {}, "lrp_layer": dict(layer="conv"),
 }
 
 
@@ -325,3 +326,110 @@ def test_deeplift_shap(small):
   ref = captum_attr.DeepLiftShap(small.torch).attribute(small.tx, baselines=nchw(base), target=small.tt)
   close(explain.deeplift_shap(small.apply, small.params, small.x, small.target, baselines=base),
         csum(ref))
+
+
+# --------------------------------------------------------------------------------------------
+# LRP.
+
+def canonised_torch_smallcnn(pair):
+  """The torch SmallCNN with every BatchNorm folded into the preceding conv and removed."""
+  import copy
+  m = copy.deepcopy(pair.torch)
+  feats = list(m.features)
+  keep = []
+  with torch.no_grad():
+    for i, layer in enumerate(feats):
+      if isinstance(layer, torch.nn.BatchNorm2d):
+        conv = keep[-1]
+        a = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+        conv.weight.mul_(a[:, None, None, None])
+        conv.bias.copy_((conv.bias - layer.running_mean) * a + layer.bias)
+      else:
+        keep.append(layer)
+  m.features = torch.nn.Sequential(*keep)
+  return m.eval()
+
+
+def captum_lrp(model, x, target):
+  from captum.attr._utils import lrp_rules
+  for layer in model.modules():
+    if isinstance(layer, torch.nn.Conv2d):
+      layer.rule = lrp_rules.Alpha1_Beta0_Rule()
+    elif isinstance(layer, torch.nn.Linear):
+      layer.rule = lrp_rules.EpsilonRule(epsilon=0.01)
+  return captum_attr.LRP(model).attribute(x, target=target)
+
+
+def test_lrp_smallcnn_canonised_vs_captum(small):
+  tmodel = canonised_torch_smallcnn(small)
+  with torch.no_grad():
+    close(tmodel(small.tx).numpy(), small.torch(small.tx).numpy(), 1e-5)
+  ref = captum_lrp(tmodel, small.tx, small.tt)
+  got = explain.explain("lrp", small.apply, small.params, small.x, small.target)
+  close(got, csum(ref))
+
+
+def tiny_resnet_apply(p, x):
+  """conv-BN-ReLU, then a residual block (conv-BN + skip, ReLU), 2x2 max-pool, mean, dense."""
+  conv = lambda a, w: jax.lax.conv_general_dilated(a, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h1 = jax.nn.relu((conv(x, p["w1"]) + p["b1"]) * p["s1"] + p["t1"])
+  u = conv(h1, p["w2"]) * p["s2"] + p["t2"]
+  h2 = jax.nn.relu(h1 + u)
+  m = jax.lax.reduce_window(h2, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  return jnp.mean(m, axis=(1, 2)) @ p["w3"] + p["b3"], {"block": h2}
+
+
+def tiny_resnet_params():
+  r = np.random.default_rng(3)
+  p = {"w1": r.standard_normal((3, 3, 3, 4)) * 0.5, "b1": r.standard_normal(4) * 0.1,
+       "s1": r.uniform(0.5, 1.5, 4), "t1": r.standard_normal(4) * 0.2,
+       "w2": r.standard_normal((3, 3, 4, 4)) * 0.5, "s2": r.uniform(0.5, 1.5, 4),
+       "t2": r.standard_normal(4) * 0.2, "w3": r.standard_normal((4, 3)), "b3": r.standard_normal(3) * 0.1}
+  return {k: np.asarray(v, np.float32) for k, v in p.items()}
+
+
+def lrp_restated(p, x, target):
+  """The composite's rules written layer by layer in float64 (torch.nn.functional ops)."""
+  F = torch.nn.functional
+  T = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+  w1, w2 = (T(p[k]).permute(3, 2, 0, 1) for k in ("w1", "w2"))          # OIHW
+  b1, s1, t1, s2, t2 = (T(p[k])[None, :, None, None] for k in ("b1", "s1", "t1", "s2", "t2"))
+  w3, b3 = T(p["w3"]), T(p["b3"])
+  stab = lambda z, e: z + e * torch.where(z >= 0, 1.0, -1.0)
+  x = T(x).permute(0, 3, 1, 2)
+  z1 = (F.conv2d(x, w1, padding=1) + b1) * s1 + t1
+  h1 = F.relu(z1)
+  u = F.conv2d(h1, w2, padding=1) * s2 + t2
+  ssum = h1 + u
+  h2 = F.relu(ssum)
+  pm, idx = F.max_pool2d(h2, 2, return_indices=True)
+  m = pm.mean((2, 3))
+  z = m @ w3 + b3
+  r = torch.zeros_like(z)
+  r[torch.arange(len(target)), torch.as_tensor(target)] = z[torch.arange(len(target)), torch.as_tensor(target)]
+  r_m = m * ((r / stab(z, 0.01)) @ w3.T)                                   # dense, ε = 0.01
+  r_p = pm * (r_m / stab(m, 1e-9))[:, :, None, None] / (pm.shape[2] * pm.shape[3])   # mean
+  r_h2 = h2 * F.max_unpool2d(r_p / stab(pm, 1e-9), idx, 2, output_size=h2.shape[2:])  # max-pool
+  r_sum = r_h2                                                             # ReLU
+  r_u, r_skip = u * r_sum / stab(ssum, 1e-9), h1 * r_sum / stab(ssum, 1e-9)           # addition
+  w2p = w2.clamp(min=0)
+  z2m = F.conv2d(h1, w2p, padding=1) * s2 + t2                             # α1β0, BN folded
+  r_h1 = r_skip + h1 * F.conv_transpose2d(s2 * r_u / stab(z2m, 1e-9), w2p, padding=1)
+  w1p = w1.clamp(min=0)
+  z1m = (F.conv2d(x, w1p, padding=1) + b1) * s1 + t1
+  r_x = x * F.conv_transpose2d(s1 * r_h1 / stab(z1m, 1e-9), w1p, padding=1)
+  return r_x.permute(0, 2, 3, 1).numpy(), r_h2.permute(0, 2, 3, 1).numpy()
+
+
+def test_lrp_residual_vs_restatement():
+  """Skip additions (which Captum's LRP cannot take) against a float64 layer-by-layer statement."""
+  p = tiny_resnet_params()
+  x = np.random.default_rng(4).standard_normal((2, 8, 8, 3)).astype(np.float32)
+  t = np.array([0, 2], np.int32)
+  ref_x, ref_layer = lrp_restated(p, x, t)
+  close(explain.lrp(tiny_resnet_apply, p, x, t, reduce="none"), ref_x, 1e-4)
+  close(explain.lrp_relevance(tiny_resnet_apply, p, x, t, layer="block"), ref_layer, 1e-4)
+  m = np.maximum(ref_layer.sum(-1), 0)
+  lo, hi = m.min((1, 2), keepdims=True), m.max((1, 2), keepdims=True)
+  close(explain.lrp_layer(tiny_resnet_apply, p, x, t, layer="block"), (m - lo) / (hi - lo), 1e-4)

@@ -23,7 +23,8 @@ import jax
 
 from nemjax.explain import baselines, gradient, rules
 from nemjax.explain.baselines import blank, sobel
-from nemjax.explain.deeplift import deeplift, deeplift_shap
+from nemjax.explain.rescale import deeplift, deeplift_shap
+from nemjax.explain.relevance import lrp, lrp_layer, lrp_relevance
 from nemjax.explain.gradient import (deconvolution, grad_cam, grad_cam_heo, gradient_shap,
                                      guided_backprop, guided_grad_cam, input_x_gradient,
                                      integrated_gradients, noise_tunnel, saliency, smoothgrad)
@@ -33,7 +34,8 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
   "integrated_gradients": integrated_gradients, "smoothgrad": smoothgrad,
   "gradient_shap": gradient_shap, "guided_backprop": guided_backprop,
   "deconvolution": deconvolution, "grad_cam": grad_cam, "grad_cam_heo": grad_cam_heo,
-  "guided_grad_cam": guided_grad_cam, "deeplift": deeplift, "deeplift_shap": deeplift_shap, "sobel": sobel, "blank": blank,
+  "guided_grad_cam": guided_grad_cam, "deeplift": deeplift, "deeplift_shap": deeplift_shap,
+  "lrp": lrp, "lrp_layer": lrp_layer, "sobel": sobel, "blank": blank,
 }
 
 __all__ = ["explain", "METHODS", *sorted(METHODS), "noise_tunnel", "baselines", "gradient", "rules"]

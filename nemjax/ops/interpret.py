@@ -25,17 +25,20 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.extend.core as jcore
 
-__all__ = ["Rule", "eval_jaxpr", "rewrite", "relu_operand", "with_delta", "CALL_PRIMITIVES"]
+__all__ = ["Rule", "eval_jaxpr", "rewrite", "relu_operand", "with_delta", "bind", "inner_jaxpr",
+           "read", "CALL_PRIMITIVES"]
 
 Rule = Callable[[Any, list, Mapping[str, Any]], Any]
 CALL_PRIMITIVES = ("pjit", "jit", "closed_call")
 
 
-def _read(env: dict, v: Any) -> Any:
+def read(env: dict, v: Any) -> Any:
+  """The value of variable or literal ``v`` in ``env``."""
   return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
+def bind(eqn: Any, invals: Sequence[Any]) -> Any:
+  """Evaluates ``eqn``'s primitive (unchanged) on ``invals``."""
   bind_params = eqn.primitive.get_bind_params(eqn.params)
   subfuns = ()
   if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
@@ -44,7 +47,7 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
     return eqn.primitive.bind(*subfuns, *invals, **bind_params)
 
 
-def _inner(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
+def inner_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
   """(jaxpr, consts) of a call equation to inline, else None."""
   if eqn.primitive.name not in CALL_PRIMITIVES or "jaxpr" not in eqn.params:
     return None
@@ -83,22 +86,22 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
   for v, a in zip(jaxpr.invars, args):
     write(v, a)
   for eqn in jaxpr.eqns:
-    invals = [_read(env, v) for v in eqn.invars]
+    invals = [read(env, v) for v in eqn.invars]
     name = eqn.primitive.name
     out = None
     if name in rules:
       out = rules[name](eqn, invals, opts)
     if out is None:
-      inner = _inner(eqn)
+      inner = inner_jaxpr(eqn)
       if inner is not None:
         out = eval_jaxpr(inner[0], inner[1], invals, rules, opts)
     if out is None:
-      out = _bind(eqn, invals)
+      out = bind(eqn, invals)
     if not isinstance(out, (list, tuple)):   # one array (a rule may return one for a
       out = [out]                            # multiple-results call such as custom_jvp_call)
     for v, o in zip(eqn.outvars, out):
       write(v, o)
-  return [_read(env, v) for v in jaxpr.outvars]
+  return [read(env, v) for v in jaxpr.outvars]
 
 
 def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule], opts: Mapping[str, Any] | None = None
@@ -140,8 +143,8 @@ def relu_operand(eqn: Any, invals: Sequence[Any]) -> Any | None:
   if name == "custom_jvp_call" and len(eqn.invars) == 1:
     inner = eqn.params.get("call_jaxpr")
     inner = getattr(inner, "jaxpr", inner)
-    while inner is not None and len(inner.eqns) == 1 and _inner(inner.eqns[0]) is not None:
-      inner = _inner(inner.eqns[0])[0]
+    while inner is not None and len(inner.eqns) == 1 and inner_jaxpr(inner.eqns[0]) is not None:
+      inner = inner_jaxpr(inner.eqns[0])[0]
     if (inner is not None and len(inner.eqns) == 1 and inner.eqns[0].primitive.name == "max"
         and relu_operand(inner.eqns[0], [invals[0], invals[0]]) is not None):
       return invals[0]
