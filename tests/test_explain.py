@@ -433,3 +433,89 @@ def test_lrp_residual_vs_restatement():
   m = np.maximum(ref_layer.sum(-1), 0)
   lo, hi = m.min((1, 2), keepdims=True), m.max((1, 2), keepdims=True)
   close(explain.lrp_layer(tiny_resnet_apply, p, x, t, layer="block"), (m - lo) / (hi - lo), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Perturbation family (32x32 images: SmallCNN needs at least 16 pixels).
+
+@pytest.fixture(scope="module")
+def small32():
+  return Pair("smallcnn", 5, ("block4",), 32, seed=1)
+
+
+def block_mask(size, block):
+  """(size, size) ids of block x block squares, row-major."""
+  idx = np.arange(size) // block
+  return (idx[:, None] * (size // block) + idx[None, :]).astype(np.int64)
+
+
+def test_occlusion(small32):
+  s = small32
+  for win, st in (((3, 8, 8), (3, 4, 4)), ((1, 6, 6), (1, 5, 5))):
+    ref = captum_attr.Occlusion(s.torch).attribute(s.tx, sliding_window_shapes=win, strides=st,
+                                                   target=s.tt, baselines=0.5,
+                                                   perturbations_per_eval=4)
+    got = explain.occlusion(s.apply, s.params, s.x, s.target, sliding_window_shapes=win[1:] + win[:1],
+                            strides=st[1:] + st[:1], baselines=0.5, perturbations_per_eval=4)
+    close(got, csum(ref))
+
+
+def test_feature_ablation(small32):
+  s = small32
+  mask = block_mask(32, 4)
+  ref = captum_attr.FeatureAblation(s.torch).attribute(
+    s.tx, target=s.tt, feature_mask=torch.from_numpy(mask)[None, None], baselines=0.1)
+  got = explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask,
+                                 baselines=0.1, perturbations_per_eval=16)
+  close(got, csum(ref))
+  one = explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask, baselines=0.1)
+  close(one, got)   # other batch sizes: float32 rounding of other conv schedules
+
+
+def test_feature_permutation(small32, monkeypatch):
+  s = small32
+  x = np.concatenate([s.x, s.x[::-1] * 0.5 + 0.1])
+  t = np.array([1, 3, 0, 2], np.int32)
+  mask = block_mask(32, 8)
+  rec = Recorder(torch.randperm)
+  monkeypatch.setattr(torch, "randperm", rec)
+  torch.manual_seed(0)
+  ref = captum_attr.FeaturePermutation(s.torch).attribute(
+    nchw(x), target=torch.from_numpy(t.astype(np.int64)), feature_mask=torch.from_numpy(mask)[None, None])
+  monkeypatch.undo()
+  perms = [p.numpy() for p in rec.out if not (p.numpy() == np.arange(4)).all()]
+  assert len(perms) == 16
+  got = explain.feature_permutation(s.apply, s.params, x, t, feature_mask=mask, perms=np.stack(perms))
+  close(got, csum(ref))
+  keyed = explain.feature_permutation(s.apply, s.params, x, t, feature_mask=mask, key=jax.random.key(0))
+  assert np.isfinite(np.asarray(keyed)).all()
+
+
+def test_shapley_value_sampling(small32, monkeypatch):
+  s = small32
+  mask = block_mask(32, 8)
+  rec = Recorder(torch.randperm)
+  monkeypatch.setattr(torch, "randperm", rec)
+  torch.manual_seed(0)
+  ref = captum_attr.ShapleyValueSampling(s.torch).attribute(
+    s.tx, target=s.tt, feature_mask=torch.from_numpy(mask)[None, None], n_samples=3, baselines=0.2)
+  monkeypatch.undo()
+  perms = np.stack([p.numpy() for p in rec.out])
+  got = explain.shapley_value_sampling(s.apply, s.params, s.x, s.target, feature_mask=mask,
+                                       perms=perms, baselines=0.2, perturbations_per_eval=8)
+  close(got, csum(ref))
+  # Efficiency: the features' values (each repeated on its 8·8 pixels · 3 channels) sum to
+  # f(x) − f(baseline).
+  logits = np.asarray(s.apply(s.params, jnp.asarray(s.x))[0])[[0, 1], s.target]
+  base = np.asarray(s.apply(s.params, jnp.full_like(jnp.asarray(s.x), 0.2))[0])[[0, 1], s.target]
+  np.testing.assert_allclose(np.asarray(got).sum((1, 2)) / 192, logits - base, rtol=1e-4, atol=1e-5)
+
+
+def test_perturbation_methods_jit(small32):
+  s = small32
+  mask = block_mask(32, 16)
+  f = jax.jit(lambda p, x, t: explain.feature_ablation(s.apply, p, x, t, feature_mask=mask))
+  close(f(s.params, s.x, s.target),
+        explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask), 1e-5)
+  with pytest.raises(ValueError, match="feature_mask"):
+    explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask[:3])

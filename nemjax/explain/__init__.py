@@ -25,6 +25,8 @@ from nemjax.explain import baselines, gradient, rules
 from nemjax.explain.baselines import blank, sobel
 from nemjax.explain.rescale import deeplift, deeplift_shap
 from nemjax.explain.relevance import lrp, lrp_layer, lrp_relevance
+from nemjax.explain.perturb import (feature_ablation, feature_permutation, occlusion,
+                                    shapley_value_sampling)
 from nemjax.explain.gradient import (deconvolution, grad_cam, grad_cam_heo, gradient_shap,
                                      guided_backprop, guided_grad_cam, input_x_gradient,
                                      integrated_gradients, noise_tunnel, saliency, smoothgrad)
@@ -35,10 +37,12 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
   "gradient_shap": gradient_shap, "guided_backprop": guided_backprop,
   "deconvolution": deconvolution, "grad_cam": grad_cam, "grad_cam_heo": grad_cam_heo,
   "guided_grad_cam": guided_grad_cam, "deeplift": deeplift, "deeplift_shap": deeplift_shap,
-  "lrp": lrp, "lrp_layer": lrp_layer, "sobel": sobel, "blank": blank,
+  "lrp": lrp, "lrp_layer": lrp_layer, "occlusion": occlusion,
+  "feature_ablation": feature_ablation, "feature_permutation": feature_permutation,
+  "shapley_value_sampling": shapley_value_sampling, "sobel": sobel, "blank": blank,
 }
 
-__all__ = ["explain", "METHODS", *sorted(METHODS), "noise_tunnel", "baselines", "gradient", "rules"]
+__all__ = ["explain", "METHODS", *sorted(METHODS), "noise_tunnel", "lrp_relevance", "baselines", "gradient", "rules"]
 
 
 def explain(method: str, apply_fn: Callable[..., Any], params: Any, x: jax.Array,
