@@ -519,3 +519,52 @@ def test_perturbation_methods_jit(small32):
         explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask), 1e-5)
   with pytest.raises(ValueError, match="feature_mask"):
     explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask[:3])
+
+
+class WeightedLeastSquares:
+  """A Captum interpretable model: float64 weighted least squares with intercept, keeping the
+  samples Captum drew (so nemjax can be given the same ones)."""
+
+  def __new__(cls):
+    from captum._utils.models.model import Model
+
+    class _WLS(Model):
+      def __init__(self):
+        super().__init__()
+        self.seen = []
+
+      def fit(self, train_data, **kwargs):
+        z, y, w = next(iter(train_data))
+        self.seen.append(z.numpy().copy())
+        a = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64)], 1)
+        sw = w.double().sqrt()[:, None]
+        theta = torch.linalg.lstsq(a * sw, y.double()[:, None] * sw).solution[:, 0]
+        self.coef = theta[:-1][None].float()
+
+      def representation(self):
+        return self.coef
+
+      def __call__(self, x):
+        return x.float() @ self.coef.T
+    return _WLS()
+
+
+@pytest.mark.parametrize("name", ["lime", "kernel_shap"])
+def test_lime_and_kernel_shap(small32, name):
+  s = small32
+  mask = block_mask(32, 8)
+  wls = WeightedLeastSquares()
+  torch.manual_seed(0)
+  cls = captum_attr.Lime if name == "lime" else captum_attr.KernelShap
+  explainer = cls(s.torch, interpretable_model=wls) if name == "lime" else cls(s.torch)
+  if name == "kernel_shap":
+    explainer.interpretable_model = wls
+  ref = explainer.attribute(s.tx, target=s.tt, feature_mask=torch.from_numpy(mask)[None, None],
+                            baselines=0.1, n_samples=40)
+  samples = np.stack(wls.seen)                                  # (N, S, F)
+  got = explain.explain(name, s.apply, s.params, s.x, s.target, samples=samples, baselines=0.1,
+                        feature_mask=mask, perturbations_per_eval=8)
+  close(got, csum(ref))
+  keyed = explain.explain(name, s.apply, s.params, s.x, s.target, key=jax.random.key(1),
+                          baselines=0.1, feature_mask=mask, n_samples=20, perturbations_per_eval=20)
+  assert keyed.shape == (2, 32, 32) and np.isfinite(np.asarray(keyed)).all()

@@ -25,6 +25,7 @@ from nemjax.explain import baselines, gradient, rules
 from nemjax.explain.baselines import blank, sobel
 from nemjax.explain.rescale import deeplift, deeplift_shap
 from nemjax.explain.relevance import lrp, lrp_layer, lrp_relevance
+from nemjax.explain.surrogate import kernel_shap, lime
 from nemjax.explain.perturb import (feature_ablation, feature_permutation, occlusion,
                                     shapley_value_sampling)
 from nemjax.explain.gradient import (deconvolution, grad_cam, grad_cam_heo, gradient_shap,
@@ -39,7 +40,7 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
   "guided_grad_cam": guided_grad_cam, "deeplift": deeplift, "deeplift_shap": deeplift_shap,
   "lrp": lrp, "lrp_layer": lrp_layer, "occlusion": occlusion,
   "feature_ablation": feature_ablation, "feature_permutation": feature_permutation,
-  "shapley_value_sampling": shapley_value_sampling, "sobel": sobel, "blank": blank,
+  "shapley_value_sampling": shapley_value_sampling, "lime": lime, "kernel_shap": kernel_shap, "sobel": sobel, "blank": blank,
 }
 
 __all__ = ["explain", "METHODS", *sorted(METHODS), "noise_tunnel", "lrp_relevance", "baselines", "gradient", "rules"]
