@@ -568,3 +568,63 @@ def test_lime_and_kernel_shap(small32, name):
   keyed = explain.explain(name, s.apply, s.params, s.x, s.target, key=jax.random.key(1),
                           baselines=0.1, feature_mask=mask, n_samples=20, perturbations_per_eval=20)
   assert keyed.shape == (2, 32, 32) and np.isfinite(np.asarray(keyed)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Deeper torchvision-layout models at small inputs (slow: building VGG16 alone takes seconds).
+
+@pytest.fixture(scope="module")
+def resnet18():
+  return Pair("resnet18", 5, ("layer4", "layer3"), 32)
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+  return Pair("vgg16", 5, ("features.29",), 32)
+
+
+@pytest.mark.slow
+def test_resnet18_gradient_family(resnet18):
+  s = resnet18
+  close(explain.saliency(s.apply, s.params, s.x, s.target),
+        csum(captum_attr.Saliency(s.torch).attribute(s.tx, target=s.tt)))
+  close(explain.integrated_gradients(s.apply, s.params, s.x, s.target, n_steps=4, method="riemann_right"),
+        csum(captum_attr.IntegratedGradients(s.torch).attribute(s.tx, target=s.tt, n_steps=4,
+                                                                method="riemann_right")))
+  for layer in ("layer4", "layer3"):
+    ref = captum_attr.LayerGradCam(s.torch, getattr(s.torch, layer)).attribute(s.tx, target=s.tt)
+    close(explain.grad_cam(s.apply, s.params, s.x, s.target, layer=layer), ref.detach().numpy()[:, 0])
+
+
+@pytest.mark.slow
+def test_resnet18_deeplift_sums_to_delta(resnet18):
+  """Captum's DeepLift refuses a ResNet (one ReLU module used twice per block); nemjax's
+  per-primitive rules take it, and with maxpool='rescale' the map sums to f(x) − f(x')."""
+  s = resnet18
+  got = explain.deeplift(s.apply, s.params, s.x, s.target, baselines=0.1, maxpool="rescale")
+  with torch.no_grad():
+    d = (s.torch(s.tx) - s.torch(torch.full_like(s.tx, 0.1))).numpy()[[0, 1], s.target]
+  np.testing.assert_allclose(np.asarray(got).sum((1, 2)), d, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_vgg16_guided_deeplift_lrp_vs_captum(vgg16):
+  s = vgg16
+  close(explain.guided_backprop(s.apply, s.params, s.x, s.target),
+        csum(captum_attr.GuidedBackprop(s.torch).attribute(s.tx, target=s.tt)))
+  base = (0.1 * np.random.default_rng(2).standard_normal(s.x.shape)).astype(np.float32)
+  close(explain.deeplift(s.apply, s.params, s.x, s.target, baselines=base),
+        csum(captum_attr.DeepLift(s.torch).attribute(s.tx, baselines=nchw(base), target=s.tt)))
+  close(explain.lrp(s.apply, s.params, s.x, s.target), csum(captum_lrp(s.torch, s.tx, s.tt)))
+  ref = captum_attr.LayerGradCam(s.torch, s.torch.features[29]).attribute(s.tx, target=s.tt)
+  close(explain.grad_cam(s.apply, s.params, s.x, s.target, layer="features.29"), ref.detach().numpy()[:, 0])
+
+
+@pytest.mark.parametrize("method, opts", [("saliency", {}), ("guided_backprop", {}), ("lrp", {}),
+                                          ("grad_cam_heo", dict(layer="block4")),
+                                          ("deeplift", dict(baselines=0.1))])
+def test_vmap_over_batches(small, method, opts):
+  xs = jnp.stack([jnp.asarray(small.x), jnp.asarray(small.x[::-1])])
+  got = jax.vmap(lambda xx: explain.explain(method, small.apply, small.params, xx, small.target, **opts))(xs)
+  for i in range(2):
+    close(got[i], explain.explain(method, small.apply, small.params, xs[i], small.target, **opts), 1e-5)
