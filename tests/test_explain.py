@@ -521,38 +521,11 @@ def test_perturbation_methods_jit(small32):
     explain.feature_ablation(s.apply, s.params, s.x, s.target, feature_mask=mask[:3])
 
 
-class WeightedLeastSquares:
-  """A Captum interpretable model: float64 weighted least squares with intercept, keeping the
-  samples Captum drew (so nemjax can be given the same ones)."""
-
-  def __new__(cls):
-    from captum._utils.models.model import Model
-
-    class _WLS(Model):
-      def __init__(self):
-        super().__init__()
-        self.seen = []
-
-      def fit(self, train_data, **kwargs):
-        z, y, w = next(iter(train_data))
-        self.seen.append(z.numpy().copy())
-        a = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64)], 1)
-        sw = w.double().sqrt()[:, None]
-        theta = torch.linalg.lstsq(a * sw, y.double()[:, None] * sw).solution[:, 0]
-        self.coef = theta[:-1][None].float()
-
-      def representation(self):
-        return self.coef
-
-      def __call__(self, x):
-        return x.float() @ self.coef.T
-    return _WLS()
-
-
 @pytest.mark.parametrize("name", ["lime", "kernel_shap"])
 def test_lime_and_kernel_shap(small32, name):
   s = small32
   mask = block_mask(32, 8)
+  from captum_helpers import WeightedLeastSquares
   wls = WeightedLeastSquares()
   torch.manual_seed(0)
   cls = captum_attr.Lime if name == "lime" else captum_attr.KernelShap
