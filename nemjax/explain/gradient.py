@@ -104,17 +104,14 @@ def integrated_gradients(apply_fn: ApplyFn, params: Any, x: jax.Array, target: j
   return _core.reduce_map((x - b) * total, reduce)
 
 
-_BASE: dict[str, Callable[..., jax.Array]] = {}
-
-
 def _base_method(name: str) -> Callable[..., jax.Array]:
-  if not _BASE:
-    _BASE.update(saliency=saliency, input_x_gradient=input_x_gradient,
-                 integrated_gradients=integrated_gradients, guided_backprop=guided_backprop,
-                 deconvolution=deconvolution)
-  if name not in _BASE:
-    raise ValueError(f"method must be one of {sorted(_BASE)}, got {name!r}")
-  return _BASE[name]
+  """The method NoiseTunnel wraps (looked up when called: they are defined below)."""
+  table = {"saliency": saliency, "input_x_gradient": input_x_gradient,
+           "integrated_gradients": integrated_gradients, "guided_backprop": guided_backprop,
+           "deconvolution": deconvolution}
+  if name not in table:
+    raise ValueError(f"method must be one of {sorted(table)}, got {name!r}")
+  return table[name]
 
 
 def noise_tunnel(method: str, apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Array, *,
