@@ -1,0 +1,161 @@
+"""Attributions per second of nemjax.explain vs Captum 0.9, same model, weights and batch (CPU).
+
+  .venv/bin/python benchmarks/explain.py [--arch smallcnn] [--size 64] [--batch 4]
+      [--methods saliency,integrated_gradients,...] [--out FILE.md]
+
+Runtime: about 1-3 minutes on 2 CPU cores at the defaults (SmallCNN, 64x64, batch 4). Both sides
+explain the same images of the same random-weight model (the JAX model is converted from the
+PyTorch twin in ``tests/torch_models.py``) with the same options (below); JAX calls are
+``jax.jit``-compiled once (compile and a warm-up excluded) and end with ``block_until_ready``;
+Captum runs with ``torch.set_num_threads(--threads)`` and denormals flushed, as XLA:CPU does.
+Timing is ``_sidebyside.interleaved_best`` (best of alternating calls). Sampling methods get
+keys on the JAX side and draw their own samples in Captum (same counts, not the same draws;
+the tests compare values with identical draws).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import _sidebyside as sbs  # benchmarks/ is on sys.path when a script in it runs
+
+LAYER = {"smallcnn": ("block4", "features.14"), "resnet18": ("layer4", "layer4"),
+         "vgg16": ("features.29", "features.29"), "alexnet": ("features.11", "features.11")}
+
+
+def cases(n_features: int):
+  """name -> (nemjax options, Captum class name, Captum constructor kwargs, attribute kwargs).
+
+  Option values stand for per-run objects filled in by ``main``: ``"KEY"`` (a PRNG key),
+  ``"MASK"`` (the feature mask), ``"LAYER"`` (the tapped layer)."""
+  base_mask = {"feature_mask": "MASK", "baselines": 0.0}
+  return {
+    "saliency": ({}, "Saliency", {}, {}),
+    "input_x_gradient": ({}, "InputXGradient", {}, {}),
+    "integrated_gradients": ({}, "IntegratedGradients", {}, {}),
+    "smoothgrad": ({"key": "KEY", "nt_samples": 5, "stdevs": 0.1}, "NoiseTunnel:Saliency", {},
+                   {"nt_samples": 5, "stdevs": 0.1}),
+    "gradient_shap": ({"key": "KEY", "baselines": "BASES"}, "GradientShap", {}, {"baselines": "BASES"}),
+    "guided_backprop": ({}, "GuidedBackprop", {}, {}),
+    "deconvolution": ({}, "Deconvolution", {}, {}),
+    "grad_cam": ({"layer": "LAYER"}, "LayerGradCam", {"layer": "LAYER"}, {}),
+    "guided_grad_cam": ({"layer": "LAYER"}, "GuidedGradCam", {"layer": "LAYER"}, {}),
+    "deeplift": ({}, "DeepLift", {}, {}),
+    "deeplift_shap": ({"baselines": "BASES"}, "DeepLiftShap", {}, {"baselines": "BASES"}),
+    "lrp": ({}, "LRP", {}, {}),
+    "occlusion": ({"sliding_window_shapes": (8, 8, 3), "strides": (4, 4, 3),
+                   "perturbations_per_eval": 16}, "Occlusion", {},
+                  {"sliding_window_shapes": (3, 8, 8), "strides": (3, 4, 4), "perturbations_per_eval": 16}),
+    "feature_ablation": ({**base_mask, "perturbations_per_eval": 16}, "FeatureAblation", {},
+                         {**base_mask, "perturbations_per_eval": 16}),
+    "shapley_value_sampling": ({**base_mask, "key": "KEY", "n_samples": 2,
+                                "perturbations_per_eval": 16}, "ShapleyValueSampling", {},
+                               {**base_mask, "n_samples": 2, "perturbations_per_eval": 16}),
+    "kernel_shap": ({**base_mask, "key": "KEY", "n_samples": 64, "perturbations_per_eval": 16},
+                    "KernelShap", {}, {**base_mask, "n_samples": 64, "perturbations_per_eval": 16}),
+  }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--arch", default="smallcnn", choices=sorted(LAYER))
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+  sbs.add_common_args(p, min_seconds=1.0)
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  sbs.set_up(args)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import captum.attr as ca
+  from captum.attr._utils import lrp_rules
+
+  import torch_models as tm
+  from nemjax import convert, explain, models
+
+  table = cases(0)
+  names = list(table) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = [m for m in names if m not in table]
+  if unknown:
+    print(f"explain.py: error: unknown methods {unknown}; choose from {', '.join(table)}", file=sys.stderr)
+    return 2
+  torch.manual_seed(0)
+  tmodel = tm.randomize_(tm.build(args.arch, 10))
+  if args.arch == "smallcnn" and "lrp" in names:
+    print("note: Captum's LRP runs on the model with BatchNorm as its own ε layer; nemjax folds it "
+          "into the conv (same work, other maps)", file=sys.stderr)
+  jlayer, tlayer = LAYER[args.arch]
+  model = convert.convert_state_dict(args.arch, {k: v.numpy() for k, v in tmodel.state_dict().items()})
+  apply_fn, params = models.pure_apply(model, taps=(jlayer,))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
+  bases = rng.standard_normal((3, args.size, args.size, 3)).astype(np.float32) * 0.1
+  t = np.arange(args.batch, dtype=np.int32) % 10
+  blk = np.arange(args.size) // 8
+  mask = (blk[:, None] * (args.size // 8) + blk[None, :]).astype(np.int64)
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  tt = torch.from_numpy(t.astype(np.int64))
+  tvals = {"MASK": torch.from_numpy(mask)[None, None], "BASES": torch.from_numpy(bases.transpose(0, 3, 1, 2).copy()),
+           "LAYER": dict(tmodel.named_modules())[tlayer]}
+  jvals = {"MASK": mask, "BASES": bases, "LAYER": jlayer, "KEY": jax.random.key(0)}
+  if "lrp" in names:
+    for m in tmodel.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        m.rule = lrp_rules.Alpha1_Beta0_Rule()
+      elif isinstance(m, torch.nn.Linear):
+        m.rule = lrp_rules.EpsilonRule(epsilon=0.01)
+
+  rows = []
+  for name in names:
+    jopts, cls, ctor, kw = table[name]
+    jopts = {k: jvals.get(v, v) if isinstance(v, str) else v for k, v in jopts.items()}
+    ctor = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in ctor.items()}
+    kw = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
+    key = jopts.pop("key", None)
+    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, apply_fn, p, xx, tg, **jopts,
+                                                     **({} if k is None else {"key": k})))
+    t0 = time.perf_counter()
+    f(params, jnp.asarray(x), jnp.asarray(t), key).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    if cls == "KernelShap":       # its default surrogate needs scikit-learn
+      from captum_helpers import WeightedLeastSquares
+      explainer = ca.KernelShap(tmodel)
+      explainer.interpretable_model = WeightedLeastSquares()
+    elif cls.startswith("NoiseTunnel:"):
+      explainer = ca.NoiseTunnel(getattr(ca, cls.split(":")[1])(tmodel))
+    else:
+      explainer = getattr(ca, cls)(tmodel, **ctor)
+
+    def jax_call():
+      f(params, jnp.asarray(x), jnp.asarray(t), key).block_until_ready()
+
+    def torch_call():
+      explainer.attribute(xt, target=tt, **kw)
+
+    best = sbs.interleaved_best({"jax": sbs.timed(jax_call), "torch": sbs.timed(torch_call)},
+                                args.min_reps, args.min_seconds)
+    rows.append((name, args.batch / best["jax"], args.batch / best["torch"], best["torch"] / best["jax"], compile_s))
+    print(f"{name}: nemjax {rows[-1][1]:.1f}/s, captum {rows[-1][2]:.1f}/s", file=sys.stderr, flush=True)
+
+  lines = [
+    f"Attributions per second on CPU: {args.arch} {args.size}x{args.size}, batch {args.batch} "
+    f"({os.cpu_count()} cores visible; torch threads {args.threads}; jax {jax.__version__}, "
+    f"torch {torch.__version__}, captum {ca.__dict__.get('__version__', '0.9')})",
+    "",
+    "| method | nemjax maps/s | Captum maps/s | nemjax/Captum | nemjax compile s |",
+    "|---|---|---|---|---|",
+  ] + [f"| {n} | {j:.1f} | {c:.1f} | {r:.2f} | {s:.1f} |" for n, j, c, r, s in rows]
+  sbs.emit(lines, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
