@@ -19,8 +19,8 @@ depth-to-space shuffle. Forward values are bit-identical (the forward ops are th
 XLA's up to float32 summation order; at exact ties within a pooling window the gradient goes
 to the first maximal element in row-major window order, as ``select_and_scatter`` does.
 
-The rewrite works on the function's jaxpr (one level of ``jit`` nesting is inlined), so it
-needs no change to the model code::
+The rewrite works on the function's jaxpr (:mod:`nemjax.ops.interpret`; ``jit`` nesting is
+inlined), so it needs no change to the model code::
 
   features_fn = fastgrad.cpu_fast_grad(features_fn)   # same outputs, faster jax.grad on CPU
 
@@ -33,11 +33,12 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["cpu_fast_grad", "max_pool", "strided_conv"]
+from nemjax.ops import interpret
+
+__all__ = ["cpu_fast_grad", "max_pool", "max_pool_geometry", "strided_conv"]
 
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs NHWC, rhs HWIO, out NHWC
 
@@ -219,9 +220,18 @@ strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 # ---------------------------------------------------------------------------------------------
 # The jaxpr rewrite.
 
-def _rule_max_pool(eqn, invals, opts):
+def max_pool_geometry(eqn: Any, x: Any) -> tuple | None:
+  """``(kernel, strides, padding)`` of an NHWC spatial ``reduce_window_max`` equation, else None.
+
+  Args:
+    eqn: a jaxpr equation whose primitive is ``reduce_window_max``.
+    x: its operand (anything with ``ndim`` and ``dtype``).
+
+  Returns:
+    ``((kh, kw), (sh, sw), ((top, bottom), (left, right)))``, or None when the window also spans
+    the batch or channel axis, is dilated, or ``x`` is not a floating (N, H, W, C) array.
+  """
   p = eqn.params
-  x, = invals
   if (x.ndim != 4 or p["window_dimensions"][0] != 1 or p["window_dimensions"][3] != 1
       or p["window_strides"][0] != 1 or p["window_strides"][3] != 1
       or any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"])
@@ -231,7 +241,13 @@ def _rule_max_pool(eqn, invals, opts):
   k = tuple(int(v) for v in p["window_dimensions"][1:3])
   s = tuple(int(v) for v in p["window_strides"][1:3])
   pad = tuple(tuple(int(a) for a in pr) for pr in p["padding"][1:3])
-  return max_pool(x, k, s, pad)
+  return k, s, pad
+
+
+def _rule_max_pool(eqn, invals, opts):
+  x, = invals
+  geom = max_pool_geometry(eqn, x)
+  return None if geom is None else max_pool(x, *geom)
 
 
 def _rule_conv(eqn, invals, opts):
@@ -251,45 +267,6 @@ def _rule_conv(eqn, invals, opts):
 
 
 _RULES = {"reduce_window_max": _rule_max_pool, "conv_general_dilated": _rule_conv}
-_CALLS = ("pjit", "jit", "closed_call")
-
-
-def _read(env, v):
-  return v.val if isinstance(v, jcore.Literal) else env[v]
-
-
-def _eval(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any], opts) -> list:
-  env: dict = {}
-  for v, c in zip(jaxpr.constvars, consts):
-    env[v] = c
-  for v, a in zip(jaxpr.invars, args):
-    env[v] = a
-  for eqn in jaxpr.eqns:
-    invals = [_read(env, v) for v in eqn.invars]
-    name = eqn.primitive.name
-    out = None
-    if name in opts["rules"]:
-      out = opts["rules"][name](eqn, invals, opts)
-    elif name in _CALLS and "jaxpr" in eqn.params:
-      inner = eqn.params["jaxpr"]
-      inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (
-        inner, ())
-      out = _eval(inner_jaxpr, inner_consts, invals, opts)
-    if out is None:
-      bind_params = eqn.primitive.get_bind_params(eqn.params)
-      subfuns = ()
-      if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-        subfuns, bind_params = bind_params
-      with eqn.ctx.manager:
-        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-    if not eqn.primitive.multiple_results and not isinstance(out, list):
-      out = [out]
-    for v, o in zip(eqn.outvars, out):
-      if not isinstance(v, jcore.DropVar):
-        env[v] = o
-  return [_read(env, v) for v in jaxpr.outvars]
-
-
 def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
                   polyphase_max_in_channels: int = 4) -> Callable[..., Any]:
   """Wraps ``fn`` so that its gradients avoid XLA CPU's slow paths; forward values unchanged.
@@ -312,7 +289,5 @@ def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
 
   @functools.wraps(fn)
   def wrapped(*args):
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    out = _eval(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), opts)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
+    return interpret.rewrite(fn, rules, opts)(*args)
   return wrapped
