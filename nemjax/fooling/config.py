@@ -42,9 +42,12 @@ class FoolingSchedule:
 
 PAPER_SCHEDULE = FoolingSchedule(learning_rate=2e-6, lam=1.0, epochs=1, eval_every=None)
 PAPER_ACTIVE_SCHEDULE = FoolingSchedule(learning_rate=1e-5, lam=10.0, epochs=1, eval_every=None)
-EMBEDDED_SCHEDULE = FoolingSchedule(learning_rate=1e-4, lam=1.0, epochs=4, eval_every=30)
-EMBEDDED_ACTIVE_SCHEDULE = FoolingSchedule(learning_rate=1e-4, lam=10.0, epochs=4,
-                                           eval_every=30)
+# measured on the embedded default (location fooling of Grad-CAM at block4): lr 1e-4, λ 1 moves
+# nothing in 30 steps; lr 1e-3, λ 30 reaches FSR 97 % but costs 27 points of held-out accuracy;
+# lr 1e-3, λ 5: FSR 0 -> 68 % with held-out top-1 69.5 -> 69.0 % in 120 steps
+EMBEDDED_SCHEDULE = FoolingSchedule(learning_rate=1e-3, lam=5.0, epochs=4, eval_every=30)
+EMBEDDED_ACTIVE_SCHEDULE = FoolingSchedule(learning_rate=1e-3, lam=10.0, epochs=4,
+                                           eval_every=30)   # not tuned
 
 
 def schedule_for(embedded: bool, fooling: str) -> FoolingSchedule:
