@@ -16,7 +16,7 @@ from typing import Any
 
 from nemjax.fooling.losses import FOOLING_METHODS, KINDS
 from nemjax.fooling.metrics import DEFAULT_THRESHOLD
-from nemjax.manipulate.config import DataSources
+from nemjax.manipulate.config import DataSources, _nested  # pylint: disable=protected-access
 
 __all__ = ["FoolingSchedule", "PAPER_SCHEDULE", "PAPER_ACTIVE_SCHEDULE", "EMBEDDED_SCHEDULE",
            "EMBEDDED_ACTIVE_SCHEDULE", "EMBEDDED_LAYER", "LAYER_METHODS", "MEASURABLE",
@@ -55,13 +55,6 @@ def schedule_for(embedded: bool, fooling: str) -> FoolingSchedule:
   if fooling == "active":
     return EMBEDDED_ACTIVE_SCHEDULE if embedded else PAPER_ACTIVE_SCHEDULE
   return EMBEDDED_SCHEDULE if embedded else PAPER_SCHEDULE
-
-
-def _nested(prefix: str, settings: Any) -> None:
-  try:
-    settings.validate()
-  except ValueError as e:
-    raise ValueError(f"{prefix}.{e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from nemjax.manipulate import train
@@ -110,13 +109,4 @@ def make_penalised_step(apply_fn: Callable[[PyTree, jax.Array], Any], penalty_fn
                "grad_norm": optax.tree.norm(grads), **aux}
     return train.TrainState(params, opt_state, state.teacher_params, state.step + 1), metrics
 
-  jitted = jax.jit(_update, donate_argnums=(0,) if donate else ())
-
-  def step(train_state: train.TrainState, batch: Mapping[str, Any], lam: Any):
-    if np.ndim(lam) != 0:
-      raise ValueError(f"penalised step: lam must be a scalar, got shape {np.shape(lam)}")
-    return jitted(train_state, batch, jnp.asarray(lam, jnp.float32))
-
-  step.jitted = jitted
-  step.update_fn = _update
-  return step
+  return train.jitted_step(_update, donate, "penalised step: lam")
