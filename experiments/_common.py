@@ -169,9 +169,10 @@ def probe_pass(args) -> Any:
                    jpeg_quality=args.jpeg_quality)
 
 
-def add_heldout_flags(p: argparse.ArgumentParser) -> None:
+def add_heldout_flags(p: argparse.ArgumentParser, embedder: bool = True) -> None:
   """The training stream and held-out images of a fine-tuning script with --probe/--weights
-  (defaults: ``nemjax.manipulate.config.DataSources``)."""
+  (defaults: ``nemjax.manipulate.config.DataSources``); ``embedder=False``: no --embedder flag
+  (``args.embedder`` is the default, the original model's features)."""
   from nemjax.manipulate.config import DataSources  # pylint: disable=import-outside-toplevel
   p.add_argument("--train-folder", type=Path,
                  help="training stream: class-per-subfolder tree (needs --val-folder)")
@@ -187,7 +188,10 @@ def add_heldout_flags(p: argparse.ArgumentParser) -> None:
                  help="training-stream images whose accuracy is reported as the train accuracy")
   p.add_argument("--normalize", default=DataSources.normalize,
                  choices=["netdissect", "imagenet"], help="input normalisation the model expects")
-  p.add_argument("--embedder", default=DataSources.embedder, metavar="SPEC", help=EMBEDDER_HELP)
+  if embedder:
+    p.add_argument("--embedder", default=DataSources.embedder, metavar="SPEC", help=EMBEDDER_HELP)
+  else:
+    p.set_defaults(embedder=DataSources.embedder)
 
 
 HELDOUT_FLAGS = ("--train-folder", "--val-folder", "--val-unlabelled", "--val-size",

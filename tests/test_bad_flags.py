@@ -65,12 +65,13 @@ BAD: dict[str, dict[str, list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(BAD))
+@pytest.mark.parametrize("script", sorted(BAD) + ["heo_fooling", "attribute"])
 def test_every_flag_has_a_bad_value(script):
   flags = parser_flags(import_script(script))
-  missing = sorted(flags - EXEMPT - set(BAD[script]))
+  table = BAD.get(script) or BAD_LAYER_SCRIPTS[script]  # defined below
+  missing = sorted(flags - EXEMPT - set(table))
   assert not missing, f"{script}: add a bad value for {missing} to BAD"
-  assert not set(BAD[script]) - flags, f"{script}: BAD names flags the script no longer has"
+  assert not set(table) - flags, f"{script}: BAD names flags the script no longer has"
 
 
 CASES = [(s, f) for s in sorted(BAD) for f in sorted(BAD[s])]
@@ -93,3 +94,66 @@ def test_bad_flag_is_one_line_naming_it_before_any_work(script, flag, tiny_probe
   assert flag in line, line
   assert not out.exists() and not (tmp_path / "cache").exists() and not (tmp_path / "e").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# --------------------------------------------------------------------------------------------
+# heo_fooling.py and attribute.py: "E" = on the embedded default (never built: each bad value
+# is refused first), "P" = on the tiny probe set and model (--layer, held-out --val-folder).
+E, P = "embedded", "probe"
+_MODEL = {
+    "--probe": (P, ["--probe", "{tmp}/nope"]), "--weights": (P, ["--weights", "{tmp}/nope"]),
+    "--arch": (E, ["--arch", "alexnet"]), "--layer": (E, ["--layer", "nope"]),
+    "--seed": (E, ["--seed", "-1"]), "--out": (E, ["--out", "{tmp}/file"]),
+    "--cache": (P, ["--cache", "{tmp}/cache"]),
+}
+BAD_LAYER_SCRIPTS: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "heo_fooling": {
+        **_MODEL,
+        "--method": (E, ["--method", "occlusion"]), "--fooling": (E, ["--fooling", "nope"]),
+        "--lam": (E, ["--lam", "-1"]), "--lr": (E, ["--lr", "0"]),
+        "--epochs": (E, ["--epochs", "0"]), "--eval-every": (E, ["--eval-every", "0"]),
+        "--batch-size": (E, ["--batch-size", "0"]),
+        "--c1": (E, ["--fooling", "active", "--c1", "-1"]),
+        "--c2": (E, ["--fooling", "active", "--c2", "0"]),
+        "--mosaics-per-step": (E, ["--fooling", "active", "--mosaics-per-step", "0"]),
+        "--measure": (E, ["--measure", "lime"]), "--threshold": (E, ["--threshold", "2"]),
+        "--panel-images": (E, ["--panel-images", "0"]),
+        "--eval-images": (E, ["--eval-images", "0"]),
+        "--eval-batch-size": (E, ["--eval-batch-size", "0"]),
+        "--train-folder": (P, ["--train-folder", "{tmp}/nope"]),
+        "--val-folder": (P, ["--val-folder", "{tmp}/nope"]),
+        "--val-unlabelled": (E, ["--val-unlabelled"]), "--val-size": (P, ["--val-size", "0"]),
+        "--train-eval-size": (E, ["--train-eval-size", "0"]),
+        "--normalize": (P, ["--normalize", "nope"]),
+    },
+    "attribute": {
+        **_MODEL,
+        "--method": (E, ["--method", "nope"]), "--target": (E, ["--target", "dog"]),
+        "--opt": (E, ["--opt", "n_steps"]), "--images": (E, ["--images", "{tmp}/nope"]),
+        "--image-size": (E, ["--image-size", "0"]), "--num-images": (E, ["--num-images", "0"]),
+        "--grid-images": (E, ["--grid-images", "0"]), "--batch-size": (E, ["--batch-size", "0"]),
+        "--normalize": (E, ["--normalize", "nope"]),
+    },
+}
+
+
+LAYER_CASES = [(s, f) for s in sorted(BAD_LAYER_SCRIPTS) for f in sorted(BAD_LAYER_SCRIPTS[s])]
+
+
+@pytest.mark.parametrize("script, flag", LAYER_CASES, ids=[f"{s}{f}" for s, f in LAYER_CASES])
+def test_layer_script_bad_flag_is_one_line_before_any_work(script, flag, tiny_probe_dir,
+                                                           tiny_model_dir, tmp_path, capsys):
+  mod = import_script(script)
+  (tmp_path / "file").write_text("not a directory")
+  (tmp_path / "val").mkdir()
+  mode, extra = BAD_LAYER_SCRIPTS[script][flag]
+  out = tmp_path / "out"
+  base = {E: ["--cache", str(tmp_path / "cache"), "--out", str(out)],
+          P: ["--probe", str(tiny_probe_dir), "--weights", str(tiny_model_dir), "--layer",
+              "block4", "--out", str(out)] + (["--val-folder", str(tmp_path / "val")]
+                                              if script == "heo_fooling" else [])}
+  argv = base[mode] + [a.replace("{tmp}", str(tmp_path)) for a in extra] + ["--no-progress"]
+  line = cli_error(mod, capsys, argv)
+  assert flag in line, line
+  assert not out.exists() and not (tmp_path / "cache").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "val"]

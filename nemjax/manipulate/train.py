@@ -252,15 +252,22 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
                "agreement": agree.astype(jnp.float32), "grad_norm": optax.tree.norm(grads)}
     return TrainState(params, opt_state, state.teacher_params, state.step + 1), metrics
 
-  jitted = jax.jit(_update, donate_argnums=(0,) if donate else ())
+  return jitted_step(_update, donate, "train step: alpha")
 
-  def step(train_state: TrainState, batch: Mapping[str, Any], alpha: Any):
-    if np.ndim(alpha) != 0:
-      raise ValueError(f"train step: alpha must be a scalar, got shape {np.shape(alpha)}")
-    return jitted(train_state, batch, jnp.asarray(alpha, jnp.float32))
+
+def jitted_step(update: Callable, donate: bool, what: str) -> Callable:
+  """``step(state, batch, scalar)`` over ``jax.jit(update)`` (state donated when ``donate``):
+  the scalar is checked (ValueError naming ``what``) and passed as float32, so changing it never
+  recompiles; ``step.jitted`` and ``step.update_fn`` expose the pieces."""
+  jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
+
+  def step(train_state: TrainState, batch: Mapping[str, Any], scalar: Any):
+    if np.ndim(scalar) != 0:
+      raise ValueError(f"{what} must be a scalar, got shape {np.shape(scalar)}")
+    return jitted(train_state, batch, jnp.asarray(scalar, jnp.float32))
 
   step.jitted = jitted
-  step.update_fn = _update
+  step.update_fn = update
   return step
 
 
