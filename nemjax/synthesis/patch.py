@@ -22,9 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from nemjax.manipulate.featvis import FEATVIS_LEARNING_RATE
+from nemjax.ops.adam import adam_minimise
 from nemjax.synthesis import _common as C
 
 __all__ = ["adversarial_patch", "patch_objective", "patch_success", "paste_patch"]
@@ -68,21 +68,13 @@ def patch_objective(apply_fn: C.ApplyFn, params: Any, patch: jax.Array, images: 
 def _optimise(apply_fn, params, images, target, key, patch_size, steps, lr, batch_size):
   k_init, k_loop = jax.random.split(key)
   z = jax.random.normal(k_init, (patch_size, patch_size, 3), jnp.float32)
-  opt = optax.adam(lr)
 
   def loss_fn(z, k):
     k_batch, k_loc = jax.random.split(k)
     batch = C.minibatch(k_batch, images, batch_size)
     return patch_objective(apply_fn, params, jax.nn.sigmoid(z), batch, target, k_loc)
 
-  def body(i, carry):
-    z, opt_state = carry
-    g = jax.grad(loss_fn)(z, jax.random.fold_in(k_loop, i))
-    updates, opt_state = opt.update(g, opt_state, z)
-    return optax.apply_updates(z, updates), opt_state
-
-  z, _ = jax.lax.fori_loop(0, steps, body, (z, opt.init(z)))
-  return jax.nn.sigmoid(z)
+  return jax.nn.sigmoid(adam_minimise(loss_fn, z, k_loop, steps, lr))
 
 
 _optimise_jit = jax.jit(_optimise, static_argnames=("apply_fn", "patch_size", "steps", "lr",

@@ -39,9 +39,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from nemjax.manipulate.featvis import FEATVIS_LEARNING_RATE
+from nemjax.ops.adam import adam_minimise
 from nemjax.synthesis import _common as C
 
 __all__ = ["TaborConfig", "TaborResult", "tabor", "tabor_objective"]
@@ -121,7 +121,6 @@ def _optimise(apply_fn, params, images, labels, target, key, steps, lr, batch_si
   h, w = images.shape[1:3]
   z = {"mask": jax.random.normal(k_mask, (h, w), jnp.float32),
        "pattern": jax.random.normal(k_pattern, (h, w, 3), jnp.float32)}
-  opt = optax.adam(lr)
 
   def loss_fn(z, k):
     idx = (jnp.arange(images.shape[0]) if batch_size is None or batch_size >= images.shape[0]
@@ -130,13 +129,7 @@ def _optimise(apply_fn, params, images, labels, target, key, steps, lr, batch_si
                            jax.nn.sigmoid(z["pattern"]), images[idx], labels[idx], target,
                            config)[0]
 
-  def body(i, carry):
-    z, opt_state = carry
-    g = jax.grad(loss_fn)(z, jax.random.fold_in(k_loop, i))
-    updates, opt_state = opt.update(g, opt_state, z)
-    return optax.apply_updates(z, updates), opt_state
-
-  z, _ = jax.lax.fori_loop(0, steps, body, (z, opt.init(z)))
+  z = adam_minimise(loss_fn, z, k_loop, steps, lr)
   mask, pattern = jax.nn.sigmoid(z["mask"]), jax.nn.sigmoid(z["pattern"])
   return TaborResult(mask, pattern, mask[..., None] * pattern)
 
