@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from nemjax import synthesis as S
+from nemjax.manipulate.featvis import FeatVisConfig
 from nemjax.metrics import penultimate_embedder
 from nemjax.models import build, pure_apply
 from nemjax.synthesis import _common as C
@@ -223,7 +224,8 @@ def test_adversarial_patch_checks_its_arguments(probe):
 @pytest.mark.slow
 def test_tabor_finds_the_trigger_region(flat_model, probe):
   p = flat_model
-  stamped = C.paste(probe, TRIGGER, jnp.broadcast_to(jnp.array(CORNER, jnp.int32), (len(probe), 2)))
+  corners = jnp.broadcast_to(jnp.array(CORNER, jnp.int32), (len(probe), 2))
+  stamped = C.paste(probe, TRIGGER, corners)
   assert float(jnp.mean(jnp.argmax(flat_logits(p, stamped), -1) == TARGET)) > 0.9
   r = S.tabor(flat_logits, p, probe[:32], TARGET, jax.random.key(2), steps=300, batch_size=16)
   assert r.mask.shape == (SIDE, SIDE) and r.pattern.shape == r.image.shape == (SIDE, SIDE, 3)
@@ -277,8 +279,7 @@ def test_tabor_is_deterministic_given_the_key(flat_model, probe):
 
 
 def test_visualize_target_raises_the_target_logit(pooled_model):
-  cfg = S.visualize_target.__globals__["featvis"].FeatVisConfig(jitter=2.0)
-  kw = dict(size=SIDE, config=cfg)
+  kw = dict(size=SIDE, config=FeatVisConfig(jitter=2.0))
   start = S.visualize_target(pooled_logits, pooled_model, TARGET, jax.random.key(0), steps=0, **kw)
   img = S.visualize_target(pooled_logits, pooled_model, TARGET, jax.random.key(0), steps=30, **kw)
   assert img.shape == (SIDE, SIDE, 3) and float(img.min()) >= 0 and float(img.max()) <= 1
@@ -304,6 +305,7 @@ def test_snafue_finds_the_natural_patch_nearest_to_a_synthetic_one(embedder, pro
   assert set(np.asarray(best.indices[:2]).tolist()) == {17, 40}
   np.testing.assert_allclose(np.asarray(best.similarity[:2]), 1.0, atol=1e-5)
   assert float(best.similarity[2]) <= float(best.similarity[1])
-  np.testing.assert_array_equal(np.asarray(best.patches), np.asarray(candidates)[np.asarray(best.indices)])
+  np.testing.assert_array_equal(np.asarray(best.patches),
+                                np.asarray(candidates)[np.asarray(best.indices)])
   with pytest.raises(ValueError, match="k must"):
     S.snafue(embedder, synthetic, candidates, k=0)
