@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from nemjax.ops.adam import adam_minimise
 
 __all__ = [
     "FEATVIS_LEARNING_RATE",
@@ -173,20 +174,12 @@ def _optimise(features_fn: FeaturesFn, layer: str | None, channel: jax.Array, ke
               size: tuple[int, int], steps: int, lr: float, config: FeatVisConfig) -> jax.Array:
   k_init, k_loop = jax.random.split(key)
   spectrum = init_spectrum(k_init, size, config.init_sd)
-  opt = optax.adam(lr)
 
   def loss_fn(spec, k):
     img = random_transform(k, spectrum_to_image(spec, size), config)
     return -_channel_objective(features_fn(img[None]), layer, channel, config.objective)
 
-  def body(i, carry):
-    spec, opt_state = carry
-    g = jax.grad(loss_fn)(spec, jax.random.fold_in(k_loop, i))
-    updates, opt_state = opt.update(g, opt_state, spec)
-    return optax.apply_updates(spec, updates), opt_state
-
-  spectrum, _ = jax.lax.fori_loop(0, steps, body, (spectrum, opt.init(spectrum)))
-  return spectrum_to_image(spectrum, size)
+  return spectrum_to_image(adam_minimise(loss_fn, spectrum, k_loop, steps, lr), size)
 
 
 _optimise_jit = jax.jit(_optimise, static_argnames=("features_fn", "layer", "size", "steps", "lr",
