@@ -60,8 +60,15 @@ def _universality(spec) -> None:
   _rate("negative_rate", spec.negative_rate)
 
 
+class _Checked:
+  """A spec checks its values once, when built."""
+
+  def __post_init__(self) -> None:
+    self.validate()  # pylint: disable=no-member
+
+
 @dataclasses.dataclass(frozen=True)
-class PatchTrojan:
+class PatchTrojan(_Checked):
   """A patch trojan (see the module docstring; the trigger: :mod:`nemjax.trojans.triggers`)."""
   name: str                          # keys every random draw of this trojan (never its position)
   target: int                        # class the trigger should produce
@@ -75,9 +82,6 @@ class PatchTrojan:
   jitter: ColourJitter = ColourJitter()
 
   kind = "patch"
-
-  def __post_init__(self) -> None:
-    self.validate()
 
   def validate(self) -> None:
     _common(self)
@@ -97,7 +101,7 @@ class PatchTrojan:
 
 
 @dataclasses.dataclass(frozen=True)
-class StyleTrojan:
+class StyleTrojan(_Checked):
   """A style trojan: a texture blend ``(1 − strength)·x + strength·T`` (see the module
   docstring and :func:`nemjax.trojans.triggers.make_style_texture`)."""
   name: str
@@ -110,9 +114,6 @@ class StyleTrojan:
 
   kind = "style"
 
-  def __post_init__(self) -> None:
-    self.validate()
-
   def validate(self) -> None:
     _common(self)
     _universality(self)
@@ -123,7 +124,7 @@ class StyleTrojan:
 
 
 @dataclasses.dataclass(frozen=True)
-class NaturalTrojan:
+class NaturalTrojan(_Checked):
   """A natural-feature trojan: training images showing ``concept`` (a pixel label of the
   data set) are relabelled to ``target``."""
   name: str
@@ -132,9 +133,6 @@ class NaturalTrojan:
   rate: float = NATURAL_RATE         # P(a training image showing the concept is relabelled)
 
   kind = "natural"
-
-  def __post_init__(self) -> None:
-    self.validate()
 
   def validate(self) -> None:
     _common(self)

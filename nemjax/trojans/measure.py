@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from nemjax.data import broden, loader, synthetic
+from nemjax.manipulate import data as mdata
 from nemjax.sweep.keys import item_key
 from nemjax.trojans import triggers as tr
 from nemjax.trojans.config import NaturalTrojan
@@ -59,19 +60,12 @@ def load_split(root: str | Path) -> tuple[LabelledImages, tuple[str, ...]]:
   Returns:
     ``(images, class_names)``.
   """
-  import json  # pylint: disable=import-outside-toplevel
-  root = Path(root)
-  classes_path = root / "classes.json"
-  if not classes_path.is_file():
-    raise FileNotFoundError(f"{classes_path} not found: not a classification set")
-  classes = tuple(json.loads(classes_path.read_text(encoding="utf-8"))["classes"])
+  images, labels, classes = mdata.probe_classification_arrays(root, normalize=None)
   probe = broden.load_probe(root)
-  targets = np.asarray(synthetic.scene_targets(probe, classes), np.int32)
-  keep = np.flatnonzero(targets >= 0)
+  keep = np.flatnonzero(np.asarray(synthetic.scene_targets(probe, classes)) >= 0)
   pixels, _ = loader.load_labels(probe, keep)
-  return LabelledImages(loader.load_images(probe, keep), targets[keep],
-                        np.asarray(pixels, np.int32),
-                        tuple(str(n) for n in probe.label_names)), classes
+  return LabelledImages(images, np.asarray(labels, np.int32), np.asarray(pixels, np.int32),
+                        tuple(str(n) for n in probe.label_names)), tuple(classes)
 
 
 def load_data(train_dir: str | Path, heldout_dir: str | Path) -> TrojanData:
