@@ -51,7 +51,7 @@ EMBEDDED_SCHEDULE = Schedule(learning_rate=3e-4, epochs=3, eval_every=15)
 PRUNE_DEFENCE_SCHEDULE = Schedule(learning_rate=1e-3, epochs=1, eval_every=10)
 # trojan implantation on the embedded default (nemjax.trojans): plain cross-entropy on the
 # poisoned stream, one evaluation per epoch
-TROJAN_SCHEDULE = Schedule(learning_rate=1e-3, epochs=6, eval_every=None)
+TROJAN_SCHEDULE = Schedule(learning_rate=2e-3, epochs=12, eval_every=None)
 # the embedded SmallCNN's attacked layer per attack: block4, or for fairwashing the block4 conv
 # before its ReLU (the groups' mean and spread need signed activations)
 FAIRWASH_GROUP_CONCEPT = "red"   # fairwash: group 1 = probe images showing this label
