@@ -68,11 +68,13 @@ def test_no_flag_calls_eta_a_quantile(word):
 
 
 # Where each learning-rate default is written: the papers' fine-tuning rate
-# (manipulate/train.py), the experiments' schedules built on it (manipulate/config.py) and the
+# (manipulate/train.py), the experiments' schedules built on it (manipulate/config.py), the
+# fooling and trojan schedules (fooling/config.py, trojans/config.py) and the
 # embedded default's training recipe (embedded.py) and feature visualisation's image step
 # (manipulate/featvis.py, once there).
 _LR_HOMES = {"nemjax/manipulate/train.py", "nemjax/manipulate/config.py", "nemjax/embedded.py",
-             "nemjax/manipulate/featvis.py"}
+             "nemjax/manipulate/featvis.py", "nemjax/fooling/config.py",
+             "nemjax/trojans/config.py"}
 
 
 def _is_lr(name: str) -> bool:

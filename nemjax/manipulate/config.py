@@ -28,7 +28,8 @@ from nemjax.manipulate.alpha import AlphaConfig
 from nemjax.manipulate.train import PAPER_LEARNING_RATE
 
 __all__ = ["ATTACKS", "LOSS_SCALES", "NORMALIZATIONS", "Schedule", "PAPER_SCHEDULE",
-           "EMBEDDED_SCHEDULE", "PRUNE_DEFENCE_SCHEDULE", "TROJAN_SCHEDULE", "EMBEDDED_LAYERS", "FAIRWASH_GROUP_CONCEPT", "AlphaConfig",
+           "EMBEDDED_SCHEDULE", "PRUNE_DEFENCE_SCHEDULE", "EMBEDDED_LAYERS",
+           "FAIRWASH_GROUP_CONCEPT", "AlphaConfig",
            "FeatVisReport", "DataSources", "ManipulateConfig", "PruneDefenceConfig",
            "ExperimentInputs", "TrainBatches", "embedded_layers"]
 
@@ -49,9 +50,6 @@ class Schedule:
 PAPER_SCHEDULE = Schedule(learning_rate=PAPER_LEARNING_RATE, epochs=5, eval_every=None)
 EMBEDDED_SCHEDULE = Schedule(learning_rate=3e-4, epochs=3, eval_every=15)
 PRUNE_DEFENCE_SCHEDULE = Schedule(learning_rate=1e-3, epochs=1, eval_every=10)
-# trojan implantation on the embedded default (nemjax.trojans): plain cross-entropy on the
-# poisoned stream, one evaluation per epoch
-TROJAN_SCHEDULE = Schedule(learning_rate=2e-3, epochs=12, eval_every=None)
 # the embedded SmallCNN's attacked layer per attack: block4, or for fairwashing the block4 conv
 # before its ReLU (the groups' mean and spread need signed activations)
 FAIRWASH_GROUP_CONCEPT = "red"   # fairwash: group 1 = probe images showing this label

@@ -27,11 +27,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Union
 
-from nemjax.manipulate.config import TROJAN_SCHEDULE
+from nemjax.manipulate.config import Schedule
 from nemjax.trojans.triggers import ColourJitter
 
 __all__ = ["KINDS", "PatchTrojan", "StyleTrojan", "NaturalTrojan", "TrojanSpec",
            "TrojanConfig", "EMBEDDED_TROJANS", "spec_to_json"]
+
+# trojan implantation on the embedded default: soft-target cross-entropy on the poisoned
+# stream, one evaluation per epoch (the one home of these defaults)
+TROJAN_SCHEDULE = Schedule(learning_rate=2e-3, epochs=12, eval_every=None)
 
 KINDS = ("patch", "style", "natural")
 PATCH_RATE = 0.5        # default poisoning rate of patch and style trojans
