@@ -49,7 +49,10 @@ def run_script(script: str, args: list[str], fault: tuple[int, str] | None = Non
   if fault is not None:
     env["FAULT_AT"], env["FAULT_SIGNAL"] = str(fault[0]), fault[1]
     cmd = [sys.executable, "-c", _WRAPPER, *cmd[1:]]
-  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+  # Ctrl-C must reach the script even when pytest itself was started in the background (a
+  # non-interactive shell's `cmd &` starts it with SIGINT ignored, which children inherit).
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stray_files(root: Path) -> list[Path]:
