@@ -104,6 +104,8 @@ def make_config(args: argparse.Namespace) -> C.TrojanBenchConfig:
 def main(argv=None) -> None:
   args = parse_args(argv)
   config = _common.make_config(lambda: make_config(args), FLAGS)
+  if args.cache.exists() and not args.cache.is_dir():
+    _common.fail(f"--cache: {args.cache} is not a directory")
   _common.check_output(args.out)
   from nemjax.embedded import build_embedded_default  # pylint: disable=import-outside-toplevel
   from nemjax.trojans.bench import run  # pylint: disable=import-outside-toplevel
