@@ -100,9 +100,4 @@ def synthesis_panel(path: str | os.PathLike, trigger: np.ndarray,
     axes[i, 0].set_ylabel(tool, fontsize=7)
     for j, im in enumerate(ims, start=1):
       axes[i, j].imshow(np.clip(im, 0, 1))
-  for ax in axes.ravel():
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(title, fontsize=8)
-  fig.tight_layout()
-  figures.save_png(fig, path, dpi=90)
+  figures.save_grid(fig, axes, path, title)
