@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 import _common
 
 _common.bootstrap()
 
-from nemjax.trojans import EMBEDDED_TROJANS, TrojanConfig  # noqa: E402  (after the bootstrap)
+from nemjax.trojans import EMBEDDED_TROJANS  # noqa: E402  (after the bootstrap)
 from nemjax.trojans.bench import config as C  # noqa: E402
 
 D, AS, SS = C.TrojanBenchConfig, C.AttributionSettings, C.SynthesisSettings

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from nemjax import explain
 from nemjax.trojans.config import EMBEDDED_TROJANS, TrojanConfig
 
@@ -106,9 +108,8 @@ class AttributionSettings:
     return {}
 
 
-def grid_mask(image_size: int, cell: int):
+def grid_mask(image_size: int, cell: int) -> np.ndarray:
   """``(S, S)`` int32 feature ids: ``cell × cell`` blocks, row-major."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   b = np.arange(image_size) // cell
   return (b[:, None] * (-(-image_size // cell)) + b[None, :]).astype(np.int32)
 

@@ -14,12 +14,12 @@ method's map), ``panel_synthesis_<trojan>.png`` (trigger, each tool's images), `
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from nemjax import models, preprocess
@@ -43,7 +43,6 @@ def _stage(path: Path, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str
     with np.load(path) as z:
       return {k: z[k] for k in z.files}
   arrays = compute()
-  import io  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   atomic_write_bytes(path, buf.getvalue())
