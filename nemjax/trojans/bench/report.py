@@ -72,7 +72,7 @@ def boxplot(path: str | os.PathLike, scores: dict[str, np.ndarray], baseline: st
   plt = figures.pyplot()
   order = sorted(scores, key=lambda m: np.median(scores[m]))
   fig, ax = plt.subplots(figsize=(7, 0.3 * len(order) + 1.2))
-  ax.boxplot([scores[m] for m in order], vert=False, showfliers=False)
+  ax.boxplot([scores[m] for m in order], orientation="horizontal", showfliers=False)
   ax.set_yticks(range(1, len(order) + 1), order, fontsize=7)
   ax.axvline(np.median(scores[baseline]), ls="--", c="grey", lw=1)
   ax.set_xlabel("Pearson r (map vs trigger mask)")
