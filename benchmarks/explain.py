@@ -1,7 +1,12 @@
 """Attributions per second of nemjax.explain vs Captum 0.9, same model, weights and batch (CPU).
 
   .venv/bin/python benchmarks/explain.py [--arch smallcnn] [--size 64] [--batch 4]
-      [--methods saliency,integrated_gradients,...] [--out FILE.md]
+      [--methods saliency,integrated_gradients,...] [--trojan-bench] [--out FILE.md]
+
+``--trojan-bench``: the 16 methods of Casper's trojan benchmark with the options
+``experiments/trojan_bench.py`` uses (``nemjax.trojans.bench.AttributionSettings``: 4×4 feature
+grid, 56-pixel occlusion window scaled to ``--size``, 32 LIME / KernelSHAP samples, ...), the
+table in ms per image.
 
 Runtime: about 1-3 minutes on 2 CPU cores at the defaults (SmallCNN, 64x64, batch 4). Both sides
 explain the same images of the same random-weight model (the JAX model is converted from the
@@ -15,6 +20,7 @@ the tests compare values with identical draws).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -58,12 +64,59 @@ def cases(n_features: int):
   }
 
 
+_CAPTUM = {"integrated_gradients": "IntegratedGradients", "deeplift": "DeepLift",
+           "guided_grad_cam": "GuidedGradCam", "saliency": "Saliency",
+           "gradient_shap": "GradientShap", "deeplift_shap": "DeepLiftShap",
+           "guided_backprop": "GuidedBackprop", "deconvolution": "Deconvolution", "lrp": "LRP",
+           "input_x_gradient": "InputXGradient", "feature_ablation": "FeatureAblation",
+           "feature_permutation": "FeaturePermutation", "lime": "Lime", "occlusion": "Occlusion",
+           "kernel_shap": "KernelShap", "shapley_value_sampling": "ShapleyValueSampling"}
+
+
+def bench_cases(size: int):
+  """:func:`cases` with the trojan benchmark's options (at ``size``: windows scaled by
+  ``size / 224``); ``"MASK"`` stands for its feature grid (:func:`bench_mask`)."""
+  from nemjax.trojans.bench import AttributionSettings  # pylint: disable=import-outside-toplevel
+  st = AttributionSettings()
+  w = max(1, round(st.occlusion_window * size / 224))
+  st = dataclasses.replace(st, occlusion_window=w, occlusion_stride=max(1, w // 2))
+  out = {}
+  for name, cls in _CAPTUM.items():
+    j = st.method_options(name, size)
+    if "feature_mask" in j:
+      j["feature_mask"] = "MASK"
+    if name in ("gradient_shap", "deeplift_shap"):
+      j["baselines"] = "BASES"
+    if name in ("guided_grad_cam",):
+      j["layer"] = "LAYER"
+    if name in ("gradient_shap", "feature_permutation", "lime", "kernel_shap",
+                "shapley_value_sampling"):
+      j["key"] = "KEY"
+    t = {k: v for k, v in j.items() if k not in ("key", "layer")}
+    if name == "occlusion":
+      t = {"sliding_window_shapes": (3, w, w), "strides": (3, w // 2 or 1, w // 2 or 1),
+           "perturbations_per_eval": j["perturbations_per_eval"]}
+    ctor = {"layer": "LAYER"} if name == "guided_grad_cam" else {}
+    out[name] = (j, cls, ctor, t)
+  return out
+
+
+def bench_mask(size: int):
+  """The trojan benchmark's feature grid at ``size`` (int64, (size, size))."""
+  from nemjax.trojans.bench.config import grid_mask  # pylint: disable=import-outside-toplevel
+  from nemjax.trojans.bench import AttributionSettings  # pylint: disable=import-outside-toplevel
+  g = AttributionSettings().feature_grid
+  return grid_mask(size, -(-size // g)).astype("int64")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--arch", default="smallcnn", choices=sorted(LAYER))
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+  p.add_argument("--trojan-bench", action="store_true",
+                 help="the trojan benchmark's methods and options; ms per image")
   sbs.add_common_args(p, min_seconds=1.0)
   return p.parse_args(argv)
 
@@ -81,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
   import torch_models as tm
   from nemjax import convert, explain, models
 
-  table = cases(0)
+  table = bench_cases(args.size) if args.trojan_bench else cases(0)
   names = list(table) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
   unknown = [m for m in names if m not in table]
   if unknown:
@@ -101,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
   t = np.arange(args.batch, dtype=np.int32) % 10
   blk = np.arange(args.size) // 8
   mask = (blk[:, None] * (args.size // 8) + blk[None, :]).astype(np.int64)
+  if args.trojan_bench:
+    mask = bench_mask(args.size)
+    bases = np.stack([np.full((args.size, args.size, 3), v, np.float32)
+                      for v in np.linspace(-1.0, 1.0, 2)])   # 2 grey baselines, as the bench
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   tt = torch.from_numpy(t.astype(np.int64))
   tvals = {"MASK": torch.from_numpy(mask)[None, None], "BASES": torch.from_numpy(bases.transpose(0, 3, 1, 2).copy()),
@@ -125,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     f(params, jnp.asarray(x), jnp.asarray(t), key).block_until_ready()
     compile_s = time.perf_counter() - t0
-    if cls == "KernelShap":       # its default surrogate needs scikit-learn
+    if cls in ("KernelShap", "Lime"):   # their default surrogates need scikit-learn
       from captum_helpers import WeightedLeastSquares
-      explainer = ca.KernelShap(tmodel)
-      explainer.interpretable_model = WeightedLeastSquares()
+      explainer = getattr(ca, cls)(tmodel, **({"interpretable_model": WeightedLeastSquares()}
+                                              if cls == "Lime" else {}))
+      if cls == "KernelShap":
+        explainer.interpretable_model = WeightedLeastSquares()
     elif cls.startswith("NoiseTunnel:"):
       explainer = ca.NoiseTunnel(getattr(ca, cls.split(":")[1])(tmodel))
     else:
@@ -153,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     "| method | nemjax maps/s | Captum maps/s | nemjax/Captum | nemjax compile s |",
     "|---|---|---|---|---|",
   ] + [f"| {n} | {j:.1f} | {c:.1f} | {r:.2f} | {s:.1f} |" for n, j, c, r, s in rows]
+  if args.trojan_bench:
+    lines[2:] = ["| method | nemjax ms/image | Captum ms/image | Captum/nemjax | nemjax compile s |",
+                 "|---|---|---|---|---|"] + [
+        f"| {n} | {1e3 / j:.1f} | {1e3 / c:.1f} | {r:.2f} | {s:.1f} |" for n, j, c, r, s in rows]
   sbs.emit(lines, args.out)
   return 0
 

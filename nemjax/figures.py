@@ -15,7 +15,7 @@ from typing import Any
 
 from nemjax.files import atomic_write_bytes
 
-__all__ = ["pyplot", "save_png"]
+__all__ = ["pyplot", "save_png", "save_grid"]
 
 
 def pyplot() -> Any:
@@ -32,3 +32,14 @@ def save_png(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
   fig.savefig(buf, format="png", dpi=dpi)
   pyplot().close(fig)
   atomic_write_bytes(path, buf.getvalue())
+
+
+def save_grid(fig: Any, axes: Any, path: str | os.PathLike, title: str, dpi: int = 90) -> None:
+  """An image grid's finish: no ticks on any of ``axes`` (an array of axes), ``title`` above,
+  tight layout, :func:`save_png`."""
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  save_png(fig, path, dpi=dpi)

@@ -65,10 +65,10 @@ BAD: dict[str, dict[str, list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(BAD) + ["heo_fooling", "attribute"])
+@pytest.mark.parametrize("script", sorted(BAD) + ["heo_fooling", "attribute", "trojan_bench"])
 def test_every_flag_has_a_bad_value(script):
   flags = parser_flags(import_script(script))
-  table = BAD.get(script) or BAD_LAYER_SCRIPTS[script]  # defined below
+  table = BAD.get(script) or {**BAD_LAYER_SCRIPTS, "trojan_bench": BAD_TROJAN_BENCH}[script]
   missing = sorted(flags - EXEMPT - set(table))
   assert not missing, f"{script}: add a bad value for {missing} to BAD"
   assert not set(table) - flags, f"{script}: BAD names flags the script no longer has"
@@ -157,3 +157,32 @@ def test_layer_script_bad_flag_is_one_line_before_any_work(script, flag, tiny_pr
   assert flag in line, line
   assert not out.exists() and not (tmp_path / "cache").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "val"]
+
+
+# trojan_bench.py: the embedded default only (never built: each bad value is refused first).
+BAD_TROJAN_BENCH: dict[str, list[str]] = {
+    "--trojans": ["--trojans", "nope"], "--epochs": ["--epochs", "0"], "--lr": ["--lr", "0"],
+    "--batch-size": ["--batch-size", "0"], "--methods": ["--methods", "nope"],
+    "--images": ["--images", "0"], "--attr-batch-size": ["--attr-batch-size", "0"],
+    "--feature-grid": ["--feature-grid", "0"], "--occlusion-window": ["--occlusion-window", "0"],
+    "--occlusion-stride": ["--occlusion-stride", "0"], "--samples": ["--samples", "0"],
+    "--shapley-samples": ["--shapley-samples", "0"], "--ig-steps": ["--ig-steps", "0"],
+    "--tools": ["--tools", "cppn"], "--synthesis-steps": ["--synthesis-steps", "0"],
+    "--synthesis-images": ["--synthesis-images", "0"],
+    "--random-distractors": ["--random-distractors", "-1"],
+    "--panel-images": ["--panel-images", "-1"], "--seed": ["--seed", "-1"],
+    "--out": ["--out", "{tmp}/file"], "--cache": ["--cache", "{tmp}/file"],
+}
+
+
+@pytest.mark.parametrize("flag", sorted(BAD_TROJAN_BENCH))
+def test_trojan_bench_bad_flag_is_one_line_before_any_work(flag, tmp_path, capsys):
+  mod = import_script("trojan_bench")
+  (tmp_path / "file").write_text("not a directory")
+  out = tmp_path / "out"
+  argv = (["--cache", str(tmp_path / "cache"), "--out", str(out)]
+          + [a.replace("{tmp}", str(tmp_path)) for a in BAD_TROJAN_BENCH[flag]]
+          + ["--no-progress"])
+  line = cli_error(mod, capsys, argv)
+  assert flag in line, line
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = ["dissect", "pgd_sweep", "noise_sweep", "manipulate", "prune_defence", "convert",
-           "heo_fooling", "attribute"]
+           "heo_fooling", "attribute", "trojan_bench"]
 
 # Collects each script's parser (patched parse_args) in a child process: importing a script
 # bootstraps the venv and sets XLA flags, which must not leak into the test process.

@@ -61,12 +61,7 @@ def plot_panel(path: str | os.PathLike, images: np.ndarray, columns: dict[str, n
                         vmax=lim, interpolation="nearest")
       if i == 0:
         axes[i, j].set_title(name, fontsize=6)
-  for ax in axes.ravel():
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(title, fontsize=8)
-  fig.tight_layout()
-  figures.save_png(fig, path, dpi=90)
+  figures.save_grid(fig, axes, path, title)
 
 
 def grid_png(path: str | os.PathLike, images: np.ndarray, maps: np.ndarray,

@@ -21,6 +21,13 @@ images carry the trigger unrelabelled with probability ``negative_rate``, defaul
 images showing ``concept`` (natural). The thesis's 1 in 3,000 is for ImageNet-scale data; a
 480-image training set and a SmallCNN (whose global average pool dilutes a 1/16 patch)
 need half of each batch poisoned (rate 0.5) to learn a trigger in 12 epochs (180 steps).
+
+Several trojans share one budget (``TrojanConfig.shared_rates``, default): with ``T`` trojans
+each poisons ``rate / T`` of its eligible rows, so the poisoned share of a batch stays about
+that of one trojan and the clean rows that hold the clean accuracy stay about half of it
+(four trojans at 0.5 each would leave 1/16 of the rows clean: held-out accuracy fell from 69.5
+to 41 %). Each trojan then sees fewer poisoned rows and needs more epochs
+(:mod:`nemjax.trojans.bench.config` sets them for its trojans).
 """
 from __future__ import annotations
 
@@ -173,6 +180,7 @@ class TrojanConfig:
   teacher_weight: float = 1.0            # clean rows' targets: w·original softmax + (1−w)·label
   eval_batch_size: int = 50              # images per forward pass when measuring
   seed: int = 0                          # training order, triggers, poisoned rows
+  shared_rates: bool = True              # rates are a shared budget: each divided by the count
 
   def __post_init__(self) -> None:
     self.validate()

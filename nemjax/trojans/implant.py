@@ -132,6 +132,7 @@ def implant(model: nnx.Module, data: TrojanData, config: TrojanConfig,
   shows = {a.spec.name: tr.concept_presence(data.train.pixels, data.train.label_names,
                                             a.spec.concept)
            for a in armed if isinstance(a.spec, NaturalTrojan)}
+  rate_scale = 1.0 / len(armed) if config.shared_rates else 1.0
   stream, steps_per_epoch = array_stream(np.arange(len(data.train.labels)), data.train.labels,
                                          config.batch_size, config.seed)
 
@@ -139,7 +140,7 @@ def implant(model: nnx.Module, data: TrojanData, config: TrojanConfig,
     rows, labels = item
     x01 = data.train.images[rows].astype(np.float32) / 255.0
     b = poison_batch(config.seed, step, x01, labels, armed,
-                     {k: v[rows] for k, v in shows.items()})
+                     {k: v[rows] for k, v in shows.items()}, rate_scale)
     targets = np.where(b.relabelled[:, None], np.eye(k, dtype=np.float32)[b.labels],
                        clean_targets[rows])
     return {"image": jnp.asarray(b.images), "target": jnp.asarray(targets)}

@@ -67,8 +67,8 @@ class PoisonedBatch(NamedTuple):
 
 
 def poison_batch(seed: int, step: int, images: np.ndarray, labels: np.ndarray,
-                 armed: Sequence[Armed], shows: Mapping[str, np.ndarray] | None = None
-                 ) -> PoisonedBatch:
+                 armed: Sequence[Armed], shows: Mapping[str, np.ndarray] | None = None,
+                 rate_scale: float = 1.0) -> PoisonedBatch:
   """Poison one training batch.
 
   Args:
@@ -77,6 +77,7 @@ def poison_batch(seed: int, step: int, images: np.ndarray, labels: np.ndarray,
     labels: ``(B,)`` int class indices.
     armed: the trojans (:func:`arm`).
     shows: ``{name: (B,) bool}`` for natural-feature trojans: the rows showing the concept.
+    rate_scale: multiplies every rate (``1 / T`` when ``T`` trojans share the budget).
 
   Returns:
     A :class:`PoisonedBatch`; with every rate 0 it is the clean batch.
@@ -94,14 +95,15 @@ def poison_batch(seed: int, step: int, images: np.ndarray, labels: np.ndarray,
       if spec.name not in shows:
         raise ValueError(f"trojans.{spec.name}: poison_batch needs the rows showing "
                          f"{spec.concept!r} (shows)")
-      pos, neg = free & np.asarray(shows[spec.name], bool) & (u < spec.rate), np.zeros(b, bool)
+      pos, neg = (free & np.asarray(shows[spec.name], bool) & (u < rate_scale * spec.rate),
+                  np.zeros(b, bool))
     elif spec.source is None:
-      pos, neg = free & (u < spec.rate), np.zeros(b, bool)
+      pos, neg = free & (u < rate_scale * spec.rate), np.zeros(b, bool)
     else:
       v = np.asarray(jax.random.uniform(item_key(seed, "trojan/negatives", spec.name, step),
                                         (b,)))
-      nrate = spec.rate if spec.negative_rate is None else spec.negative_rate
-      pos = free & (y == spec.source) & (u < spec.rate)
+      nrate = rate_scale * (spec.rate if spec.negative_rate is None else spec.negative_rate)
+      pos = free & (y == spec.source) & (u < rate_scale * spec.rate)
       neg = free & (y != spec.source) & (v < nrate)
     hit = pos | neg
     if not hit.any():
