@@ -186,14 +186,12 @@ def test_embedded_location_fooling(tmp_path):
 def test_embedded_resume_equals_uninterrupted(tmp_path):
   from nemjax.fooling import experiment
   from nemjax.fooling.config import FoolingConfig, FoolingReport
-  from nemjax.manipulate import inputs as minputs
   default, data = _embedded(tmp_path)
   cfg = FoolingConfig(data=data, epochs=1, eval_every=10, report=FoolingReport(
       measure=("grad_cam_heo",), eval_images=20))
   quiet = dict(progress=False, log=lambda _: None)
   full = experiment.run(cfg, tmp_path / "full", default=default, **quiet)
-  stop = experiment.run_experiment(cfg, minputs.load_sources(cfg, default)[0], tmp_path / "cut",
-                                   stop_after_evals=1, **quiet)
+  stop = experiment.run(cfg, tmp_path / "cut", default=default, stop_after_evals=1, **quiet)
   assert stop == {"stopped_at": 10}
   resumed = experiment.run(cfg, tmp_path / "cut", default=default, **quiet)
   assert resumed["resumed_from"] == 10
