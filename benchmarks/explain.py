@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/explain.py [--arch smallcnn] [--size 64] [--batch 4]
       [--methods saliency,integrated_gradients,...] [--out FILE.md]
+  .venv/bin/python benchmarks/explain.py --memory [--batch 64]    # peak memory, IG / SmoothGrad
 
 Runtime: about 1-3 minutes on 2 CPU cores at the defaults (SmallCNN, 64x64, batch 4). Both sides
 explain the same images of the same random-weight model (the JAX model is converted from the
@@ -11,6 +12,14 @@ Captum runs with ``torch.set_num_threads(--threads)`` and denormals flushed, as 
 Timing is ``_sidebyside.interleaved_best`` (best of alternating calls). Sampling methods get
 keys on the JAX side and draw their own samples in Captum (same counts, not the same draws;
 the tests compare values with identical draws).
+
+``--memory``: instead of timings, the peak resident memory that one call of
+integrated_gradients and smoothgrad adds (a fresh process per row; the call runs once, the
+kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), then it runs again and VmHWM −
+VmRSS is read): Captum with its default ``internal_batch_size=None`` (all 50 steps, or all
+samples, of the batch at once), nemjax with the same default (one vmapped program) and with
+``internal_batch_size=1`` / ``nt_samples_batch_size=1`` (``lax.map`` over steps / samples: one
+N-image batch at a time).
 """
 from __future__ import annotations
 
@@ -64,12 +73,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+  p.add_argument("--memory", action="store_true",
+                 help="peak memory of integrated_gradients and smoothgrad instead of timings")
+  p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)   # child process
   sbs.add_common_args(p, min_seconds=1.0)
   return p.parse_args(argv)
 
 
+MEMORY_ROWS = [("integrated_gradients", "captum", None), ("integrated_gradients", "nemjax", None),
+               ("integrated_gradients", "nemjax", 1), ("smoothgrad", "captum", None),
+               ("smoothgrad", "nemjax", None), ("smoothgrad", "nemjax", 1)]
+
+
+def _peak_added(call) -> float:
+  """MiB of resident memory a second ``call()`` adds at its peak (Linux)."""
+  call()
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                       # reset VmHWM to the current RSS
+
+  def status(key):
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+  rss = status("VmRSS")
+  call()
+  return (status("VmHWM") - rss) / 1024
+
+
+def memory_table(args: argparse.Namespace) -> int:
+  """Runs each row of MEMORY_ROWS in a fresh process; prints the markdown table."""
+  import subprocess
+  lines = [f"Peak resident memory added by one call (MiB): {args.arch} {args.size}x{args.size}, "
+           f"batch {args.batch}; IG 50 steps, SmoothGrad 50 samples", "",
+           "| method | library | steps/samples at a time | peak MiB added |", "|---|---|---|---|"]
+  for method, side, ibs in MEMORY_ROWS:
+    cmd = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size),
+           "--batch", str(args.batch), "--threads", str(args.threads),
+           "--memory-row", f"{method}:{side}:{ibs}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = res.stdout.strip().splitlines()[-1] if res.returncode == 0 else f"failed ({res.returncode})"
+    print(f"{method} {side} {ibs}: {got}", file=sys.stderr, flush=True)
+    lines.append(f"| {method} | {side} | {'all' if ibs is None else ibs} | {got} |")
+  sbs.emit(lines, args.out)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.memory:
+    return memory_table(args)
   sbs.set_up(args)
   import jax
   import jax.numpy as jnp
@@ -106,6 +157,28 @@ def main(argv: list[str] | None = None) -> int:
   tvals = {"MASK": torch.from_numpy(mask)[None, None], "BASES": torch.from_numpy(bases.transpose(0, 3, 1, 2).copy()),
            "LAYER": dict(tmodel.named_modules())[tlayer]}
   jvals = {"MASK": mask, "BASES": bases, "LAYER": jlayer, "KEY": jax.random.key(0)}
+  if args.memory_row is not None:
+    method, side, ibs = args.memory_row.split(":")
+    ibs = None if ibs == "None" else int(ibs)
+    xj, tj = jnp.asarray(x), jnp.asarray(t)
+    if side == "captum":
+      if method == "smoothgrad":
+        ex = ca.NoiseTunnel(ca.Saliency(tmodel))
+        call = lambda: ex.attribute(xt, target=tt, nt_samples=50, stdevs=0.1)
+      else:
+        ex = ca.IntegratedGradients(tmodel)
+        call = lambda: ex.attribute(xt, target=tt)
+    elif method == "smoothgrad":
+      f = jax.jit(lambda p, xx, tg: explain.smoothgrad(apply_fn, p, xx, tg, key=jax.random.key(0),
+                                                       nt_samples=50, stdevs=0.1,
+                                                       nt_samples_batch_size=ibs))
+      call = lambda: f(params, xj, tj).block_until_ready()
+    else:
+      f = jax.jit(lambda p, xx, tg: explain.integrated_gradients(apply_fn, p, xx, tg,
+                                                                 internal_batch_size=ibs))
+      call = lambda: f(params, xj, tj).block_until_ready()
+    print(f"{_peak_added(call):.0f}")
+    return 0
   if "lrp" in names:
     for m in tmodel.modules():
       if isinstance(m, torch.nn.Conv2d):

@@ -33,7 +33,7 @@ from nemjax.fooling.losses import FOOLING_METHODS, KINDS  # noqa: E402
 
 D, R, A, E = C.FoolingConfig, C.FoolingReport, C.ActiveSetup, C.EMBEDDED_SCHEDULE
 P, PA = C.PAPER_SCHEDULE, C.PAPER_ACTIVE_SCHEDULE
-FLAGS = {"lam": "--lam", "learning_rate": "--lr", "active.mosaics_per_step": "--mosaics-per-step",
+FLAGS = {"lam": "--lam", "learning_rate": "--lr", "distill": "--distill", "active.mosaics_per_step": "--mosaics-per-step",
          "report.eval_images": "--eval-images"}
 
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr", type=float, help=f"Adam learning rate (default embedded: "
                                           f"{E.learning_rate:g}; else {P.learning_rate:g}, "
                                           f"active {PA.learning_rate:g})")
+  p.add_argument("--distill", type=float, help=f"μ, weight of the distillation loss to the "
+                                               f"original model on clean images (default "
+                                               f"embedded: {E.distill:g}; else {P.distill:g})")
   p.add_argument("--epochs", type=int, help=f"passes over the training stream (default "
                                             f"embedded: {E.epochs}, else {P.epochs})")
   p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints "
@@ -98,6 +101,7 @@ def make_config(args: argparse.Namespace, argv=None) -> C.FoolingConfig:
   return C.FoolingConfig(
       method=args.method, fooling=args.fooling, layer=target.layers[0],
       lam=given(args.lam, schedule.lam), learning_rate=given(args.lr, schedule.learning_rate),
+      distill=given(args.distill, schedule.distill),
       epochs=given(args.epochs, schedule.epochs),
       eval_every=given(args.eval_every, schedule.eval_every), batch_size=args.batch_size,
       eval_batch_size=args.eval_batch_size,

@@ -151,6 +151,31 @@ def test_lambda_zero_is_cross_entropy_only():
       float(losses.location_loss(losses.heatmap("gradcam", tiny_apply, p, x, y, "conv")).mean())
 
 
+def test_distillation_term():
+  """μ > 0 adds μ · CE(softmax(teacher), student) on the CE images; it pulls back to the teacher."""
+  from nemjax.manipulate.losses import distillation_loss
+  p = tiny_params(jnp.float32)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 16, 16, 3)), jnp.float32)
+  batch = {"image": x, "label": jnp.array([0, 1, 2, 0])}
+  opt = optax.adam(1e-2)
+  zero = lambda *a: (jnp.zeros(()), {})
+  plain = penalised.make_penalised_step(tiny_apply, zero, opt, donate=False)
+  kept = penalised.make_penalised_step(tiny_apply, zero, opt, donate=False, distill=10.0)
+  s1 = s2 = train.train_init(p, opt)
+  for _ in range(4):
+    s1, _ = plain(s1, batch, 0.0)
+    s2, _ = kept(s2, batch, 0.0)
+  logits = lambda q: tiny_apply(q, x)[0]
+  want = distillation_loss(logits(s2.params), logits(p))
+  _, m = kept(s2, batch, 0.0)
+  np.testing.assert_allclose(m["distill"], want, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], m["ce"] + 10.0 * m["distill"], rtol=1e-5)
+  gap = lambda q: float(jnp.abs(jax.nn.softmax(logits(q)) - jax.nn.softmax(logits(p))).max())
+  assert gap(s2.params) < gap(s1.params)
+  with pytest.raises(ValueError, match="distill"):
+    penalised.make_penalised_step(tiny_apply, zero, opt, distill=-1.0)
+
+
 # --------------------------------------------------------------------------- embedded (slow)
 CACHE = Path("/work/main/cache/embedded")
 

@@ -33,11 +33,12 @@ MEASURABLE = ("grad_cam_heo", "lrp_layer", "lrp", "saliency", "input_x_gradient"
 
 @dataclasses.dataclass(frozen=True)
 class FoolingSchedule:
-  """Adam's learning rate, the fooling weight λ and the run's length."""
+  """Adam's learning rate, the fooling weight λ, the distillation weight μ and the run's length."""
   learning_rate: float
   lam: float
   epochs: int
   eval_every: int | None   # steps between evaluations and checkpoints (None: once per epoch)
+  distill: float = 0.0     # μ: weight of the distillation loss to the original model (0: none)
 
 
 PAPER_SCHEDULE = FoolingSchedule(learning_rate=2e-6, lam=1.0, epochs=1, eval_every=None)
@@ -107,6 +108,7 @@ class FoolingConfig:
   layer: str = EMBEDDED_LAYER
   lam: float = EMBEDDED_SCHEDULE.lam       # λ, weight of the fooling loss
   learning_rate: float = EMBEDDED_SCHEDULE.learning_rate
+  distill: float = EMBEDDED_SCHEDULE.distill   # μ · CE(softmax(original), fine-tuned), clean images
   epochs: int = EMBEDDED_SCHEDULE.epochs
   eval_every: int | None = EMBEDDED_SCHEDULE.eval_every
   batch_size: int = 16                     # training images per step (CE and passive fooling)
@@ -133,6 +135,8 @@ class FoolingConfig:
       raise ValueError(f"fooling: must be one of {KINDS}, got {self.fooling!r}")
     if not self.lam >= 0:
       raise ValueError(f"lam: must be >= 0, got {self.lam}")
+    if not self.distill >= 0:
+      raise ValueError(f"distill: must be >= 0, got {self.distill}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
     for name in ("epochs", "eval_every", "batch_size", "eval_batch_size"):
