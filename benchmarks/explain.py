@@ -9,6 +9,8 @@ explain the same images of the same random-weight model (the JAX model is conver
 PyTorch twin in ``tests/torch_models.py``) with the same options (below); JAX calls are
 ``jax.jit``-compiled once (compile and a warm-up excluded) and end with ``block_until_ready``;
 Captum runs with ``torch.set_num_threads(--threads)`` and denormals flushed, as XLA:CPU does.
+``--fast-grad`` explains ``ops.fastgrad.cpu_fast_grad(apply_fn)`` (same maps, faster gradients
+through max-pool and a strided stem: ResNet18, AlexNet).
 Timing is ``_sidebyside.interleaved_best`` (best of alternating calls). Sampling methods get
 keys on the JAX side and draw their own samples in Captum (same counts, not the same draws;
 the tests compare values with identical draws).
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+  p.add_argument("--fast-grad", action="store_true",
+                 help="explain nemjax.ops.fastgrad.cpu_fast_grad(apply_fn) (same maps; max-pool "
+                      "and strided-stem gradients without XLA:CPU's slow paths)")
   p.add_argument("--memory", action="store_true",
                  help="peak memory of integrated_gradients and smoothgrad instead of timings")
   p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)   # child process
@@ -186,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
       elif isinstance(m, torch.nn.Linear):
         m.rule = lrp_rules.EpsilonRule(epsilon=0.01)
 
+  model_fn = apply_fn
+  if args.fast_grad:
+    from nemjax.ops import fastgrad
+    model_fn = fastgrad.cpu_fast_grad(apply_fn)
   rows = []
   for name in names:
     jopts, cls, ctor, kw = table[name]
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ctor = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in ctor.items()}
     kw = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
     key = jopts.pop("key", None)
-    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, apply_fn, p, xx, tg, **jopts,
+    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, model_fn, p, xx, tg, **jopts,
                                                      **({} if k is None else {"key": k})))
     t0 = time.perf_counter()
     f(params, jnp.asarray(x), jnp.asarray(t), key).block_until_ready()
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: nemjax {rows[-1][1]:.1f}/s, captum {rows[-1][2]:.1f}/s", file=sys.stderr, flush=True)
 
   lines = [
-    f"Attributions per second on CPU: {args.arch} {args.size}x{args.size}, batch {args.batch} "
+    f"Attributions per second on CPU: {args.arch} {args.size}x{args.size}, batch {args.batch}"
+    f"{', cpu_fast_grad' if args.fast_grad else ''} "
     f"({os.cpu_count()} cores visible; torch threads {args.threads}; jax {jax.__version__}, "
     f"torch {torch.__version__}, captum {ca.__dict__.get('__version__', '0.9')})",
     "",

@@ -4,8 +4,9 @@
 
 With no arguments: the embedded default (a SmallCNN trained on synthetic scenes, cached in
 cache/embedded), location fooling of Grad-CAM at block4: CE on the training set + λ · the mean
-squared difference between the max-normalised Grad-CAM of the true class and a frame mask,
-Adam, the model in inference mode (BatchNorm statistics frozen). The embedded schedule
+squared difference between the max-normalised Grad-CAM of the true class and a frame mask
+(+ μ · distillation to the original model's outputs on the same images, --distill), Adam, the
+model in inference mode (BatchNorm statistics frozen). The embedded schedule
 (nemjax.fooling.config; --help shows it) is shorter and faster than the paper's (VGG19 on
 ImageNet: lr 1e-6..3e-6, λ 0.5..2; active lr 1e-5, λ 10), used for --probe/--weights models.
 

@@ -3,6 +3,7 @@ float64 central differences (CPU gradient rewrite on and off), λ = 0, and (slow
 default's location fooling and its resume after an interruption."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -190,7 +191,8 @@ def _embedded(tmp_path):
 @pytest.mark.slow
 def test_embedded_location_fooling(tmp_path):
   """Location fooling of Grad-CAM raises the FSR well above the original model's with held-out
-  accuracy within 1 point; λ = 0 leaves the maps as they were."""
+  top-1 no more than 1 point below the original's (Heo et al.'s bound: a drop ≤ 1 point) at
+  every evaluation; λ = 0 leaves the maps as they were."""
   from nemjax.fooling import experiment
   from nemjax.fooling.config import FoolingConfig, FoolingReport
   default, data = _embedded(tmp_path)
@@ -200,7 +202,9 @@ def test_embedded_location_fooling(tmp_path):
   row = s["rows"][0]
   assert row["fsr_after"] >= row["fsr_before"] + 30, row
   top1 = s["accuracy"]["held-out top-1"]
-  assert abs(top1[1] - top1[0]) <= 1.0, top1
+  assert top1[1] >= top1[0] - 1.0, top1
+  history = json.loads((tmp_path / "fool" / "history.json").read_text())
+  assert all(h["heldout_top1"] >= top1[0] - 1.0 for h in history), history
   s0 = experiment.run(FoolingConfig(data=data, report=rep, lam=0.0, epochs=1), tmp_path / "zero",
                       default=default, progress=False, log=lambda _: None)
   assert s0["rows"][0]["correlation"] > 0.95, s0["rows"][0]
