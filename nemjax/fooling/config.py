@@ -115,7 +115,7 @@ class FoolingConfig:
   layer: str = EMBEDDED_LAYER
   lam: float = EMBEDDED_SCHEDULE.lam       # λ, weight of the fooling loss
   learning_rate: float = EMBEDDED_SCHEDULE.learning_rate
-  distill: float = EMBEDDED_SCHEDULE.distill   # μ · CE(softmax(original), fine-tuned), clean images
+  distill: float = EMBEDDED_SCHEDULE.distill   # μ: distillation to the original (clean images)
   epochs: int = EMBEDDED_SCHEDULE.epochs
   eval_every: int | None = EMBEDDED_SCHEDULE.eval_every
   batch_size: int = 16                     # training images per step (CE and passive fooling)

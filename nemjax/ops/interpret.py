@@ -122,8 +122,9 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
   return [read(env, v) for v in jaxpr.outvars]
 
 
-def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule], opts: Mapping[str, Any] | None = None,
-            inline_custom_vjp: bool = False) -> Callable[..., Any]:
+def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule],
+            opts: Mapping[str, Any] | None = None, inline_custom_vjp: bool = False
+            ) -> Callable[..., Any]:
   """``fn`` re-evaluated through :func:`eval_jaxpr` with ``rules`` (same signature and outputs).
 
   Args:
