@@ -224,4 +224,6 @@ def test_embedded_resume_equals_uninterrupted(tmp_path):
   assert stop == {"stopped_at": 10}
   resumed = experiment.run(cfg, tmp_path / "cut", default=default, **quiet)
   assert resumed["resumed_from"] == 10
-  assert resumed["rows"] == full["rows"] and resumed["accuracy"] == full["accuracy"]
+  # exactly equal; NaN (the sign correlation of the all-positive Grad-CAM maps) equals NaN
+  np.testing.assert_equal(resumed["rows"], full["rows"])
+  assert resumed["accuracy"] == full["accuracy"]
