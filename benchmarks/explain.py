@@ -1,7 +1,8 @@
 """Attributions per second of nemjax.explain vs Captum 0.9, same model, weights and batch (CPU).
 
   .venv/bin/python benchmarks/explain.py [--arch smallcnn] [--size 64] [--batch 4]
-      [--methods saliency,integrated_gradients,...] [--trojan-bench] [--out FILE.md]
+      [--methods saliency,integrated_gradients,...] [--fast-grad] [--trojan-bench] [--out FILE.md]
+  .venv/bin/python benchmarks/explain.py --memory [--batch 64]    # peak memory, IG / SmoothGrad
 
 ``--trojan-bench``: the 16 methods of Casper's trojan benchmark with the options
 ``experiments/trojan_bench.py`` uses (``nemjax.trojans.bench.AttributionSettings``: 4×4 feature
@@ -13,9 +14,19 @@ explain the same images of the same random-weight model (the JAX model is conver
 PyTorch twin in ``tests/torch_models.py``) with the same options (below); JAX calls are
 ``jax.jit``-compiled once (compile and a warm-up excluded) and end with ``block_until_ready``;
 Captum runs with ``torch.set_num_threads(--threads)`` and denormals flushed, as XLA:CPU does.
+``--fast-grad`` explains ``ops.fastgrad.cpu_fast_grad(apply_fn)`` (same maps, faster gradients
+through max-pool and a strided stem: ResNet18, AlexNet).
 Timing is ``_sidebyside.interleaved_best`` (best of alternating calls). Sampling methods get
 keys on the JAX side and draw their own samples in Captum (same counts, not the same draws;
 the tests compare values with identical draws).
+
+``--memory``: instead of timings, the peak resident memory that one call of
+integrated_gradients and smoothgrad adds (a fresh process per row; the call runs once, the
+kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), then it runs again and VmHWM −
+VmRSS is read): Captum with its default ``internal_batch_size=None`` (all 50 steps, or all
+samples, of the batch at once), nemjax with the same default (one vmapped program) and with
+``internal_batch_size=1`` / ``nt_samples_batch_size=1`` (``lax.map`` over steps / samples: one
+N-image batch at a time).
 """
 from __future__ import annotations
 
@@ -117,12 +128,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
   p.add_argument("--trojan-bench", action="store_true",
                  help="the trojan benchmark's methods and options; ms per image")
+  p.add_argument("--fast-grad", action="store_true",
+                 help="explain nemjax.ops.fastgrad.cpu_fast_grad(apply_fn) (same maps; max-pool "
+                      "and strided-stem gradients without XLA:CPU's slow paths)")
+  p.add_argument("--memory", action="store_true",
+                 help="peak memory of integrated_gradients and smoothgrad instead of timings")
+  p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)   # child process
   sbs.add_common_args(p, min_seconds=1.0)
   return p.parse_args(argv)
 
 
+MEMORY_ROWS = [("integrated_gradients", "captum", None), ("integrated_gradients", "nemjax", None),
+               ("integrated_gradients", "nemjax", 1), ("smoothgrad", "captum", None),
+               ("smoothgrad", "nemjax", None), ("smoothgrad", "nemjax", 1)]
+
+
+def _peak_added(call) -> float:
+  """MiB of resident memory a second ``call()`` adds at its peak (Linux)."""
+  call()
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                       # reset VmHWM to the current RSS
+
+  def status(key):
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+  rss = status("VmRSS")
+  call()
+  return (status("VmHWM") - rss) / 1024
+
+
+def memory_table(args: argparse.Namespace) -> int:
+  """Runs each row of MEMORY_ROWS in a fresh process; prints the markdown table."""
+  import subprocess
+  lines = [f"Peak resident memory added by one call (MiB): {args.arch} {args.size}x{args.size}, "
+           f"batch {args.batch}; IG 50 steps, SmoothGrad 50 samples", "",
+           "| method | library | steps/samples at a time | peak MiB added |", "|---|---|---|---|"]
+  for method, side, ibs in MEMORY_ROWS:
+    cmd = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size),
+           "--batch", str(args.batch), "--threads", str(args.threads),
+           "--memory-row", f"{method}:{side}:{ibs}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = res.stdout.strip().splitlines()[-1] if res.returncode == 0 else f"failed ({res.returncode})"
+    print(f"{method} {side} {ibs}: {got}", file=sys.stderr, flush=True)
+    lines.append(f"| {method} | {side} | {'all' if ibs is None else ibs} | {got} |")
+  sbs.emit(lines, args.out)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.memory:
+    return memory_table(args)
   sbs.set_up(args)
   import jax
   import jax.numpy as jnp
@@ -163,6 +219,28 @@ def main(argv: list[str] | None = None) -> int:
   tvals = {"MASK": torch.from_numpy(mask)[None, None], "BASES": torch.from_numpy(bases.transpose(0, 3, 1, 2).copy()),
            "LAYER": dict(tmodel.named_modules())[tlayer]}
   jvals = {"MASK": mask, "BASES": bases, "LAYER": jlayer, "KEY": jax.random.key(0)}
+  if args.memory_row is not None:
+    method, side, ibs = args.memory_row.split(":")
+    ibs = None if ibs == "None" else int(ibs)
+    xj, tj = jnp.asarray(x), jnp.asarray(t)
+    if side == "captum":
+      if method == "smoothgrad":
+        ex = ca.NoiseTunnel(ca.Saliency(tmodel))
+        call = lambda: ex.attribute(xt, target=tt, nt_samples=50, stdevs=0.1)
+      else:
+        ex = ca.IntegratedGradients(tmodel)
+        call = lambda: ex.attribute(xt, target=tt)
+    elif method == "smoothgrad":
+      f = jax.jit(lambda p, xx, tg: explain.smoothgrad(apply_fn, p, xx, tg, key=jax.random.key(0),
+                                                       nt_samples=50, stdevs=0.1,
+                                                       nt_samples_batch_size=ibs))
+      call = lambda: f(params, xj, tj).block_until_ready()
+    else:
+      f = jax.jit(lambda p, xx, tg: explain.integrated_gradients(apply_fn, p, xx, tg,
+                                                                 internal_batch_size=ibs))
+      call = lambda: f(params, xj, tj).block_until_ready()
+    print(f"{_peak_added(call):.0f}")
+    return 0
   if "lrp" in names:
     for m in tmodel.modules():
       if isinstance(m, torch.nn.Conv2d):
@@ -170,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
       elif isinstance(m, torch.nn.Linear):
         m.rule = lrp_rules.EpsilonRule(epsilon=0.01)
 
+  model_fn = apply_fn
+  if args.fast_grad:
+    from nemjax.ops import fastgrad
+    model_fn = fastgrad.cpu_fast_grad(apply_fn)
   rows = []
   for name in names:
     jopts, cls, ctor, kw = table[name]
@@ -177,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ctor = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in ctor.items()}
     kw = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
     key = jopts.pop("key", None)
-    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, apply_fn, p, xx, tg, **jopts,
+    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, model_fn, p, xx, tg, **jopts,
                                                      **({} if k is None else {"key": k})))
     t0 = time.perf_counter()
     f(params, jnp.asarray(x), jnp.asarray(t), key).block_until_ready()
@@ -205,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: nemjax {rows[-1][1]:.1f}/s, captum {rows[-1][2]:.1f}/s", file=sys.stderr, flush=True)
 
   lines = [
-    f"Attributions per second on CPU: {args.arch} {args.size}x{args.size}, batch {args.batch} "
+    f"Attributions per second on CPU: {args.arch} {args.size}x{args.size}, batch {args.batch}"
+    f"{', cpu_fast_grad' if args.fast_grad else ''} "
     f"({os.cpu_count()} cores visible; torch threads {args.threads}; jax {jax.__version__}, "
     f"torch {torch.__version__}, captum {ca.__dict__.get('__version__', '0.9')})",
     "",

@@ -4,8 +4,9 @@
 
 With no arguments: the embedded default (a SmallCNN trained on synthetic scenes, cached in
 cache/embedded), location fooling of Grad-CAM at block4: CE on the training set + λ · the mean
-squared difference between the max-normalised Grad-CAM of the true class and a frame mask,
-Adam, the model in inference mode (BatchNorm statistics frozen). The embedded schedule
+squared difference between the max-normalised Grad-CAM of the true class and a frame mask
+(+ μ · distillation to the original model's outputs on the same images, --distill), Adam, the
+model in inference mode (BatchNorm statistics frozen). The embedded schedule
 (nemjax.fooling.config; --help shows it) is shorter and faster than the paper's (VGG19 on
 ImageNet: lr 1e-6..3e-6, λ 0.5..2; active lr 1e-5, λ 10), used for --probe/--weights models.
 
@@ -33,7 +34,7 @@ from nemjax.fooling.losses import FOOLING_METHODS, KINDS  # noqa: E402
 
 D, R, A, E = C.FoolingConfig, C.FoolingReport, C.ActiveSetup, C.EMBEDDED_SCHEDULE
 P, PA = C.PAPER_SCHEDULE, C.PAPER_ACTIVE_SCHEDULE
-FLAGS = {"lam": "--lam", "learning_rate": "--lr", "active.mosaics_per_step": "--mosaics-per-step",
+FLAGS = {"lam": "--lam", "learning_rate": "--lr", "distill": "--distill", "active.mosaics_per_step": "--mosaics-per-step",
          "report.eval_images": "--eval-images"}
 
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr", type=float, help=f"Adam learning rate (default embedded: "
                                           f"{E.learning_rate:g}; else {P.learning_rate:g}, "
                                           f"active {PA.learning_rate:g})")
+  p.add_argument("--distill", type=float, help=f"μ, weight of the distillation loss to the "
+                                               f"original model on clean images (default "
+                                               f"embedded: {E.distill:g}; else {P.distill:g})")
   p.add_argument("--epochs", type=int, help=f"passes over the training stream (default "
                                             f"embedded: {E.epochs}, else {P.epochs})")
   p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints "
@@ -98,6 +102,7 @@ def make_config(args: argparse.Namespace, argv=None) -> C.FoolingConfig:
   return C.FoolingConfig(
       method=args.method, fooling=args.fooling, layer=target.layers[0],
       lam=given(args.lam, schedule.lam), learning_rate=given(args.lr, schedule.learning_rate),
+      distill=given(args.distill, schedule.distill),
       epochs=given(args.epochs, schedule.epochs),
       eval_every=given(args.eval_every, schedule.eval_every), batch_size=args.batch_size,
       eval_batch_size=args.eval_batch_size,

@@ -77,10 +77,18 @@ def test_every_flag_has_a_bad_value(script):
 CASES = [(s, f) for s in sorted(BAD) for f in sorted(BAD[s])]
 
 
+def assert_refused_before_work(script, argv, flag, tmp_path, capsys, kept):
+  """One error line naming ``flag``; nothing written under ``tmp_path`` but ``kept``."""
+  line = cli_error(import_script(script), capsys, argv)
+  assert flag in line, line
+  for made in ("out", "cache", "e"):
+    assert not (tmp_path / made).exists(), made
+  assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
 @pytest.mark.parametrize("script, flag", CASES, ids=[f"{s}{f}" for s, f in CASES])
 def test_bad_flag_is_one_line_naming_it_before_any_work(script, flag, tiny_probe_dir,
                                                         tiny_model_dir, tmp_path, capsys):
-  mod = import_script(script)
   (tmp_path / "file").write_text("not a directory")
   extra = [a.replace("{tmp}", str(tmp_path)) for a in BAD[script][flag]]
   out = tmp_path / "out"
@@ -90,10 +98,8 @@ def test_bad_flag_is_one_line_naming_it_before_any_work(script, flag, tiny_probe
           "--out", str(out), "--no-report"]
   if flag == "--report-top":
     argv.remove("--no-report")
-  line = cli_error(mod, capsys, [*argv, *extra])  # later flags override earlier ones
-  assert flag in line, line
-  assert not out.exists() and not (tmp_path / "cache").exists() and not (tmp_path / "e").exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+  # later flags override earlier ones
+  assert_refused_before_work(script, [*argv, *extra], flag, tmp_path, capsys, ["file"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +117,7 @@ BAD_LAYER_SCRIPTS: dict[str, dict[str, tuple[str, list[str]]]] = {
         **_MODEL,
         "--method": (E, ["--method", "occlusion"]), "--fooling": (E, ["--fooling", "nope"]),
         "--lam": (E, ["--lam", "-1"]), "--lr": (E, ["--lr", "0"]),
+        "--distill": (E, ["--distill", "-1"]),
         "--epochs": (E, ["--epochs", "0"]), "--eval-every": (E, ["--eval-every", "0"]),
         "--batch-size": (E, ["--batch-size", "0"]),
         "--c1": (E, ["--fooling", "active", "--c1", "-1"]),
@@ -143,7 +150,6 @@ LAYER_CASES = [(s, f) for s in sorted(BAD_LAYER_SCRIPTS) for f in sorted(BAD_LAY
 @pytest.mark.parametrize("script, flag", LAYER_CASES, ids=[f"{s}{f}" for s, f in LAYER_CASES])
 def test_layer_script_bad_flag_is_one_line_before_any_work(script, flag, tiny_probe_dir,
                                                            tiny_model_dir, tmp_path, capsys):
-  mod = import_script(script)
   (tmp_path / "file").write_text("not a directory")
   (tmp_path / "val").mkdir()
   mode, extra = BAD_LAYER_SCRIPTS[script][flag]
@@ -153,10 +159,7 @@ def test_layer_script_bad_flag_is_one_line_before_any_work(script, flag, tiny_pr
               "block4", "--out", str(out)] + (["--val-folder", str(tmp_path / "val")]
                                               if script == "heo_fooling" else [])}
   argv = base[mode] + [a.replace("{tmp}", str(tmp_path)) for a in extra] + ["--no-progress"]
-  line = cli_error(mod, capsys, argv)
-  assert flag in line, line
-  assert not out.exists() and not (tmp_path / "cache").exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "val"]
+  assert_refused_before_work(script, argv, flag, tmp_path, capsys, ["file", "val"])
 
 
 # trojan_bench.py: the embedded default only (never built: each bad value is refused first).
@@ -177,12 +180,9 @@ BAD_TROJAN_BENCH: dict[str, list[str]] = {
 
 @pytest.mark.parametrize("flag", sorted(BAD_TROJAN_BENCH))
 def test_trojan_bench_bad_flag_is_one_line_before_any_work(flag, tmp_path, capsys):
-  mod = import_script("trojan_bench")
   (tmp_path / "file").write_text("not a directory")
   out = tmp_path / "out"
   argv = (["--cache", str(tmp_path / "cache"), "--out", str(out)]
           + [a.replace("{tmp}", str(tmp_path)) for a in BAD_TROJAN_BENCH[flag]]
           + ["--no-progress"])
-  line = cli_error(mod, capsys, argv)
-  assert flag in line, line
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+  assert_refused_before_work("trojan_bench", argv, flag, tmp_path, capsys, ["file"])

@@ -426,18 +426,24 @@ def lrp_restated(p, x, target):
   r_h2 = h2 * F.max_unpool2d(r_p / stab(pm, 1e-9), idx, 2, output_size=h2.shape[2:])  # max-pool
   r_sum = r_h2                                                             # ReLU
   r_u, r_skip = u * r_sum / stab(ssum, 1e-9), h1 * r_sum / stab(ssum, 1e-9)           # addition
-  w2p = w2.clamp(min=0)
-  z2m = F.conv2d(h1, w2p, padding=1) * s2 + t2                             # α1β0, BN folded
-  r_h1 = r_skip + h1 * F.conv_transpose2d(s2 * r_u / stab(z2m, 1e-9), w2p, padding=1)
-  w1p = w1.clamp(min=0)
-  z1m = (F.conv2d(x, w1p, padding=1) + b1) * s1 + t1
-  r_x = x * F.conv_transpose2d(s1 * r_h1 / stab(z1m, 1e-9), w1p, padding=1)
+  fold = lambda w, s: (w * s.reshape(-1, 1, 1, 1)).clamp(min=0)           # BN folded, then W⁺
+  w2p = fold(w2, s2)
+  z2m = F.conv2d(h1, w2p, padding=1) + t2                                  # α1β0
+  r_h1 = r_skip + h1 * F.conv_transpose2d(r_u / stab(z2m, 1e-9), w2p, padding=1)
+  w1p = fold(w1, s1)
+  z1m = F.conv2d(x, w1p, padding=1) + b1 * s1 + t1
+  r_x = x * F.conv_transpose2d(r_h1 / stab(z1m, 1e-9), w1p, padding=1)
   return r_x.permute(0, 2, 3, 1).numpy(), r_h2.permute(0, 2, 3, 1).numpy()
 
 
-def test_lrp_residual_vs_restatement():
-  """Skip additions (which Captum's LRP cannot take) against a float64 layer-by-layer statement."""
+@pytest.mark.parametrize("negative_scales", [False, True])
+def test_lrp_residual_vs_restatement(negative_scales):
+  """Skip additions (which Captum's LRP cannot take) against a float64 layer-by-layer statement
+  of the BN-folded model, with positive or partly negative BatchNorm scales."""
   p = tiny_resnet_params()
+  if negative_scales:
+    p = {**p, "s1": p["s1"] * np.array([1, -1, 1, -1], np.float32),
+         "s2": p["s2"] * np.array([-1, 1, 1, 1], np.float32)}
   x = np.random.default_rng(4).standard_normal((2, 8, 8, 3)).astype(np.float32)
   t = np.array([0, 2], np.int32)
   ref_x, ref_layer = lrp_restated(p, x, t)
@@ -446,6 +452,18 @@ def test_lrp_residual_vs_restatement():
   m = np.maximum(ref_layer.sum(-1), 0)
   lo, hi = m.min((1, 2), keepdims=True), m.max((1, 2), keepdims=True)
   close(explain.lrp_layer(tiny_resnet_apply, p, x, t, layer="block"), (m - lo) / (hi - lo), 1e-4)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("lrp", {}), ("lrp_layer", dict(layer="block3")), ("guided_backprop", {}),
+    ("deconvolution", {}), ("deeplift", dict(maxpool="rescale"))])
+def test_modified_rules_through_cpu_fast_grad(small, method, opts):
+  """The rule methods see through the custom VJPs of ops.fastgrad (max-pool, strided stem)."""
+  from nemjax.ops import fastgrad
+  fast = fastgrad.cpu_fast_grad(small.apply)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(fast)(small.params, jnp.asarray(small.x)))
+  want = explain.explain(method, small.apply, small.params, small.x, small.target, **opts)
+  close(explain.explain(method, fast, small.params, small.x, small.target, **opts), want, 1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ float64 central differences (CPU gradient rewrite on and off), λ = 0, and (slow
 default's location fooling and its resume after an interruption."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -151,6 +152,31 @@ def test_lambda_zero_is_cross_entropy_only():
       float(losses.location_loss(losses.heatmap("gradcam", tiny_apply, p, x, y, "conv")).mean())
 
 
+def test_distillation_term():
+  """μ > 0 adds μ · CE(softmax(teacher), student) on the CE images; it pulls back to the teacher."""
+  from nemjax.manipulate.losses import distillation_loss
+  p = tiny_params(jnp.float32)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 16, 16, 3)), jnp.float32)
+  batch = {"image": x, "label": jnp.array([0, 1, 2, 0])}
+  opt = optax.adam(1e-2)
+  zero = lambda *a: (jnp.zeros(()), {})
+  plain = penalised.make_penalised_step(tiny_apply, zero, opt, donate=False)
+  kept = penalised.make_penalised_step(tiny_apply, zero, opt, donate=False, distill=10.0)
+  s1 = s2 = train.train_init(p, opt)
+  for _ in range(4):
+    s1, _ = plain(s1, batch, 0.0)
+    s2, _ = kept(s2, batch, 0.0)
+  logits = lambda q: tiny_apply(q, x)[0]
+  want = distillation_loss(logits(s2.params), logits(p))
+  _, m = kept(s2, batch, 0.0)
+  np.testing.assert_allclose(m["distill"], want, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], m["ce"] + 10.0 * m["distill"], rtol=1e-5)
+  gap = lambda q: float(jnp.abs(jax.nn.softmax(logits(q)) - jax.nn.softmax(logits(p))).max())
+  assert gap(s2.params) < gap(s1.params)
+  with pytest.raises(ValueError, match="distill"):
+    penalised.make_penalised_step(tiny_apply, zero, opt, distill=-1.0)
+
+
 # --------------------------------------------------------------------------- embedded (slow)
 CACHE = Path("/work/main/cache/embedded")
 
@@ -165,7 +191,8 @@ def _embedded(tmp_path):
 @pytest.mark.slow
 def test_embedded_location_fooling(tmp_path):
   """Location fooling of Grad-CAM raises the FSR well above the original model's with held-out
-  accuracy within 1 point; λ = 0 leaves the maps as they were."""
+  top-1 no more than 1 point below the original's (Heo et al.'s bound: a drop ≤ 1 point) at
+  every evaluation; λ = 0 leaves the maps as they were."""
   from nemjax.fooling import experiment
   from nemjax.fooling.config import FoolingConfig, FoolingReport
   default, data = _embedded(tmp_path)
@@ -175,7 +202,9 @@ def test_embedded_location_fooling(tmp_path):
   row = s["rows"][0]
   assert row["fsr_after"] >= row["fsr_before"] + 30, row
   top1 = s["accuracy"]["held-out top-1"]
-  assert abs(top1[1] - top1[0]) <= 1.0, top1
+  assert top1[1] >= top1[0] - 1.0, top1
+  history = json.loads((tmp_path / "fool" / "history.json").read_text())
+  assert all(h["heldout_top1"] >= top1[0] - 1.0 for h in history), history
   s0 = experiment.run(FoolingConfig(data=data, report=rep, lam=0.0, epochs=1), tmp_path / "zero",
                       default=default, progress=False, log=lambda _: None)
   assert s0["rows"][0]["correlation"] > 0.95, s0["rows"][0]
@@ -186,15 +215,15 @@ def test_embedded_location_fooling(tmp_path):
 def test_embedded_resume_equals_uninterrupted(tmp_path):
   from nemjax.fooling import experiment
   from nemjax.fooling.config import FoolingConfig, FoolingReport
-  from nemjax.manipulate import inputs as minputs
   default, data = _embedded(tmp_path)
   cfg = FoolingConfig(data=data, epochs=1, eval_every=10, report=FoolingReport(
       measure=("grad_cam_heo",), eval_images=20))
   quiet = dict(progress=False, log=lambda _: None)
   full = experiment.run(cfg, tmp_path / "full", default=default, **quiet)
-  stop = experiment.run_experiment(cfg, minputs.load_sources(cfg, default)[0], tmp_path / "cut",
-                                   stop_after_evals=1, **quiet)
+  stop = experiment.run(cfg, tmp_path / "cut", default=default, stop_after_evals=1, **quiet)
   assert stop == {"stopped_at": 10}
   resumed = experiment.run(cfg, tmp_path / "cut", default=default, **quiet)
   assert resumed["resumed_from"] == 10
-  assert resumed["rows"] == full["rows"] and resumed["accuracy"] == full["accuracy"]
+  # exactly equal; NaN (the sign correlation of the all-positive Grad-CAM maps) equals NaN
+  np.testing.assert_equal(resumed["rows"], full["rows"])
+  assert resumed["accuracy"] == full["accuracy"]

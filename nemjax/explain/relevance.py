@@ -10,9 +10,10 @@ with the rule's weights: W⁺ = max(W, 0) for α1β0, W for ε) passes
   R_a = a ⊙ Jᵀ (R_z / (z + ε · sign z))          (sign 0 = 1, as Captum)
 
 BatchNorm is canonised into the preceding convolution: the convolution, its bias and the
-BatchNorm's per-channel scale and shift form one layer whose α1β0 output is
-``BN(conv(a, W⁺) + b)`` -- the folded layer's rule exactly when every BatchNorm scale
-γ/√(σ² + ε) is positive (as in the models tested; a negative scale would need W⁻ there).
+BatchNorm's per-channel scale and shift form one layer, the folded convolution with weights
+s·W (s = γ/√(σ² + ε)). Its α1β0 output is ``BN(conv(a, W⁺) + b)`` on channels with s ≥ 0 and
+``BN(conv(a, W⁻) + b)`` on channels with s < 0, since (s·W)⁺ = s·W⁻ there: the rule of the
+folded layer for any sign of the scales (W⁻ is only evaluated when some scale is negative).
 
 How: the model is traced (``jax.make_jaxpr``) and re-evaluated carrying, for every activation,
 its value and the value of the current layer computed with the rule's weights from the layer's
@@ -24,6 +25,15 @@ Weights are told from pooling matrices by whether they depend on ``params``. The
 ``jax.grad`` of the seeded score with respect to the input (and the layer's perturbation) --
 the boundary ops are always under that gradient, so a further ``jax.grad`` in the parameters
 differentiates their forward passes, not their LRP rules.
+
+Call primitives (``jit``) are inlined, and so is a ``custom_vjp_call``'s forward function (the
+ops of :func:`nemjax.ops.fastgrad.cpu_fast_grad`), so a rewritten model gives the same map.
+Conditioning: a stabilised denominator ``z + ε · sign z`` near zero (α1β0 with the signed,
+normalised pixels at the first convolution, or a negative folded bias) gives a few pixels
+relevance 10²–10⁴ times the map's 99th percentile (measured on the embedded SmallCNN: Pearson
+correlation with the map after a 10⁻³ relative parameter noise 0.04–0.5, 0.94–0.999 once both
+maps are clipped to their 1st–99th percentiles). Captum computes the same; compare input-level
+LRP maps by ranks or clipped values, not by Pearson correlation of the raw maps.
 
 Supported primitives: convolutions, ``dot_general``, ReLU, max-pool, sums and means, additions
 and elementwise affine ops with parameter/constant operands, reshapes and transposes; anything
@@ -52,13 +62,31 @@ _SUMS = {"reduce_sum", "reduce_window_sum"}
 
 class _Pair:
   """An activation: its original value ``o``, the current layer computed with the rule's
-  weights ``m`` (the same array at a layer boundary) and that layer's stabiliser ``eps``.
-  (Not a tuple, so the interpreter never splits it as multiple results.)"""
+  weights ``m`` (the same array at a layer boundary) and that layer's stabiliser ``eps``; after
+  an α1β0 convolution, ``n`` computes the same layer with W⁻ (a thunk: only a negative
+  multiplier needs it). (Not a tuple, so the interpreter never splits it as multiple results.)"""
 
-  __slots__ = ("o", "m", "eps")
+  __slots__ = ("o", "m", "eps", "n")
 
-  def __init__(self, o: jax.Array, m: jax.Array, eps: float):
-    self.o, self.m, self.eps = o, m, eps
+  def __init__(self, o: jax.Array, m: jax.Array, eps: float, n: Any = None):
+    self.o, self.m, self.eps, self.n = o, m, eps, n
+
+
+def _lift(f, n):
+  """The thunk ``f(n())`` (None stays None)."""
+  return None if n is None else (lambda: f(n()))
+
+
+def _scaled(eqn, p: _Pair, c: jax.Array, i: int) -> _Pair:
+  """``mul`` / ``div`` of ``p`` (operand ``i``) by ``c``: where ``c < 0`` the W⁺ and W⁻ streams
+  swap (a negative BatchNorm scale folded into an α1β0 convolution)."""
+  f = lambda v: interpret.bind(eqn, [v, c] if i == 0 else [c, v])
+  o, m = f(p.o), f(p.m)
+  if p.n is None:
+    return _Pair(o, m, p.eps)
+  neg = c < 0
+  m2 = jax.lax.cond(jnp.any(neg), lambda: jnp.where(neg, f(p.n()), m), lambda: m)
+  return _Pair(o, m2, p.eps, lambda: jnp.where(neg, m, f(p.n())))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -112,7 +140,7 @@ def _eval(jaxpr, consts, args, is_param, ctx, inject):
     dep = any(deps)
     out = _step(eqn, vals, deps, ctx)
     if out is None:
-      inner = interpret.inner_jaxpr(eqn)
+      inner = interpret.inner_jaxpr(eqn, inline_custom_vjp=True)
       if inner is None:
         raise ValueError(f"lrp: unsupported primitive {eqn.primitive.name!r} on activations")
       out = _eval(inner[0], inner[1], vals, deps, ctx, {})
@@ -129,7 +157,7 @@ def _step(eqn, vals, deps, ctx):
   paired = [isinstance(v, _Pair) for v in vals]
   if not any(paired):
     return interpret.bind(eqn, vals)
-  if interpret.inner_jaxpr(eqn) is not None:
+  if interpret.inner_jaxpr(eqn, inline_custom_vjp=True) is not None:
     return None
   if name in ("max", "custom_jvp_call"):
     if interpret.relu_operand(eqn, [v.o if isinstance(v, _Pair) else v for v in vals]) is None:
@@ -145,16 +173,17 @@ def _step(eqn, vals, deps, ctx):
     i = paired.index(True)
     a, w = vals[i], vals[1 - i]
     a = _close(a) if a.o is not a.m else a
+    args = lambda v, u: [v, u] if i == 0 else [u, v]
+    wn = None
     if deps[1 - i]:          # a weight: the layer's rule
       if name == "conv_general_dilated" and ctx.conv_rule == "alpha1beta0":
-        wm, eps = jnp.maximum(w, 0.0), 1e-9
+        wm, wn, eps = jnp.maximum(w, 0.0), jnp.minimum(w, 0.0), 1e-9
       else:
         wm, eps = w, (ctx.dense_eps if name == "dot_general" else 1e-9)
     else:                    # a constant matrix (adaptive average pooling): ε = 1e-9
       wm, eps = w, 1e-9
-    args_o = [a.o, w] if i == 0 else [w, a.o]
-    args_m = [a.m, wm] if i == 0 else [wm, a.m]
-    return _Pair(interpret.bind(eqn, args_o), interpret.bind(eqn, args_m), eps)
+    n = None if wn is None else (lambda: interpret.bind(eqn, args(a.m, wn)))
+    return _Pair(interpret.bind(eqn, args(a.o, w)), interpret.bind(eqn, args(a.m, wm)), eps, n)
   if name in _SUMS:
     p = _close(vals[0])
     y = interpret.bind(eqn, [p.o] + vals[1:])
@@ -166,15 +195,21 @@ def _step(eqn, vals, deps, ctx):
     i = paired.index(True)
     p = vals[i]
     c = vals[1 - i]
-    args_o = [p.o, c] if i == 0 else [c, p.o]
-    args_m = [p.m, c] if i == 0 else [c, p.m]
-    return _Pair(interpret.bind(eqn, args_o), interpret.bind(eqn, args_m), p.eps)
+    if name in ("mul", "div"):
+      return _scaled(eqn, p, c, i)
+    f = lambda v: interpret.bind(eqn, [v, c] if i == 0 else [c, v])
+    if name == "sub" and i == 1 and p.n is not None:    # c - z: W⁺ and W⁻ swap
+      return _Pair(f(p.o), f(p.n()), p.eps, lambda: f(p.m))
+    return _Pair(f(p.o), f(p.m), p.eps, _lift(f, p.n))
   if name in _PASS and sum(paired) == 1 and paired[0]:
     p = vals[0]
+    f = lambda v: interpret.bind(eqn, [v] + vals[1:])
     if p.o is p.m:
-      v = interpret.bind(eqn, [p.o] + vals[1:])
+      v = f(p.o)
       return _Pair(v, v, p.eps)
-    return _Pair(interpret.bind(eqn, [p.o] + vals[1:]), interpret.bind(eqn, [p.m] + vals[1:]), p.eps)
+    if name == "neg" and p.n is not None:               # -z: W⁺ and W⁻ swap
+      return _Pair(f(p.o), f(p.n()), p.eps, lambda: f(p.m))
+    return _Pair(f(p.o), f(p.m), p.eps, _lift(f, p.n))
   raise ValueError(f"lrp: unsupported primitive {name!r} on activations")
 
 

@@ -14,6 +14,9 @@ code is untouched. ReLU is ``max(x, 0)`` (bare or as ``jax.nn.relu``); max-pool 
   unpool_x'(g_x'·(y − max(y, y')))) / Δx`` to both halves (the ordinary gradient where
   ``|Δx| < eps``), where ``unpool`` routes to each half's own window maximum.
 
+A ``custom_vjp`` op in ``fn`` (e.g. from :func:`nemjax.ops.fastgrad.cpu_fast_grad`) is
+evaluated through its forward function, so the rules reach the ReLUs and max-pools inside it.
+
 All backward passes are plain JAX expressions of the residuals, so a map built from them can be
 differentiated again (with respect to model parameters).
 """
@@ -143,4 +146,4 @@ def with_rules(fn: Callable[..., Any], rules: dict, eps: float = 1e-10) -> Calla
   :data:`DEEPLIFT_POOL` (ReLU and max-pool)) substituted."""
   deeplift = rules is DEEPLIFT or rules is DEEPLIFT_POOL
   opts = {"eps": eps, "relu_kw": {"eps": eps}} if deeplift else {}
-  return interpret.rewrite(fn, rules, opts)
+  return interpret.rewrite(fn, rules, opts, inline_custom_vjp=True)

@@ -6,8 +6,9 @@ calls ``validate()``): a bad value is a ``ValueError("field: ...")`` naming the 
 into one line naming the flag.
 
 Schedules (:class:`FoolingSchedule`): the paper's (:data:`PAPER_SCHEDULE`: VGG19 on ImageNet,
-Adam lr 2e-6, λ 1; active lr 1e-5, λ 10) for your own model, and :data:`EMBEDDED_SCHEDULE` for
-the embedded SmallCNN, which fools visibly within the 10-minute CPU budget.
+Adam lr 2e-6, λ 1, no distillation; active lr 1e-5, λ 10) for your own model, and
+:data:`EMBEDDED_SCHEDULE` for the embedded SmallCNN (adds a distillation term μ = 1 to the
+original model's outputs), which fools visibly within the 10-minute CPU budget.
 """
 from __future__ import annotations
 
@@ -33,19 +34,26 @@ MEASURABLE = ("grad_cam_heo", "lrp_layer", "lrp", "saliency", "input_x_gradient"
 
 @dataclasses.dataclass(frozen=True)
 class FoolingSchedule:
-  """Adam's learning rate, the fooling weight λ and the run's length."""
+  """Adam's learning rate, the fooling weight λ, the distillation weight μ and the run's length."""
   learning_rate: float
   lam: float
   epochs: int
   eval_every: int | None   # steps between evaluations and checkpoints (None: once per epoch)
+  distill: float = 0.0     # μ: weight of the distillation loss to the original model (0: none)
 
 
 PAPER_SCHEDULE = FoolingSchedule(learning_rate=2e-6, lam=1.0, epochs=1, eval_every=None)
 PAPER_ACTIVE_SCHEDULE = FoolingSchedule(learning_rate=1e-5, lam=10.0, epochs=1, eval_every=None)
 # measured on the embedded default (location fooling of Grad-CAM at block4): lr 1e-4, λ 1 moves
-# nothing in 30 steps; lr 1e-3, λ 30 reaches FSR 97 % but costs 27 points of held-out accuracy;
-# lr 1e-3, λ 5: FSR 0 -> 68 % with held-out top-1 69.5 -> 69.0 % in 120 steps
-EMBEDDED_SCHEDULE = FoolingSchedule(learning_rate=1e-3, lam=5.0, epochs=4, eval_every=30)
+# nothing in 30 steps; lr 1e-3, λ 30 reaches FSR 97 % but costs 27 points of held-out accuracy.
+# lr 1e-3, λ 5, 120 steps, held-out top-1 (200 images) at steps 30/60/90/120 from 69.5 %:
+#   μ 0:   67.0 / 68.0 / 68.0 / 69.0, FSR 0 -> 59.5 % (the margin held only at the end)
+#   μ 0.5: 69.5 / 68.0 / 69.0 / 71.0, FSR 0 -> 66.0 %
+#   μ 1:   69.5 / 68.5 / 69.5 / 71.0, FSR 0 -> 66.5 % (never more than 1 point below: default)
+# (2026-12-05; the distillation term keeps the fine-tuned outputs on clean images near the
+# original's, as the feature-visualisation manipulation does.)
+EMBEDDED_SCHEDULE = FoolingSchedule(learning_rate=1e-3, lam=5.0, epochs=4, eval_every=30,
+                                    distill=1.0)
 EMBEDDED_ACTIVE_SCHEDULE = FoolingSchedule(learning_rate=1e-3, lam=10.0, epochs=4,
                                            eval_every=30)   # not tuned
 
@@ -107,6 +115,7 @@ class FoolingConfig:
   layer: str = EMBEDDED_LAYER
   lam: float = EMBEDDED_SCHEDULE.lam       # λ, weight of the fooling loss
   learning_rate: float = EMBEDDED_SCHEDULE.learning_rate
+  distill: float = EMBEDDED_SCHEDULE.distill   # μ: distillation to the original (clean images)
   epochs: int = EMBEDDED_SCHEDULE.epochs
   eval_every: int | None = EMBEDDED_SCHEDULE.eval_every
   batch_size: int = 16                     # training images per step (CE and passive fooling)
@@ -133,6 +142,8 @@ class FoolingConfig:
       raise ValueError(f"fooling: must be one of {KINDS}, got {self.fooling!r}")
     if not self.lam >= 0:
       raise ValueError(f"lam: must be >= 0, got {self.lam}")
+    if not self.distill >= 0:
+      raise ValueError(f"distill: must be >= 0, got {self.distill}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
     for name in ("epochs", "eval_every", "batch_size", "eval_batch_size"):

@@ -206,7 +206,7 @@ def run_experiment(config: FoolingConfig, inputs: ExperimentInputs, out_dir: str
   optimizer = optax.adam(config.learning_rate)
   penalty = losses.make_penalty(config.fooling, config.method, layer,
                                 classes=(config.active.c1, config.active.c2))
-  step = make_penalised_step(apply_fn, penalty, optimizer)
+  step = make_penalised_step(apply_fn, penalty, optimizer, distill=config.distill)
   loop_step = lambda s, b, _alpha: step(s, b, config.lam)
   state = train.train_init(params, optimizer)
   extra = _fool_batch(config, inputs, train_xy)

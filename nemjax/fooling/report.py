@@ -46,8 +46,9 @@ def format_table(rows: Sequence[dict], accuracy: dict, *, fooled: str, kind: str
 def plot_panel(path: str | os.PathLike, images: np.ndarray, columns: dict[str, np.ndarray],
                title: str) -> None:
   """A PNG grid: one row per image (uint8 (n, H, W, 3)), the image then one column per
-  ``columns`` entry (name -> maps (n, h, w), each shown min-max scaled, signed maps with a
-  diverging colour map)."""
+  ``columns`` entry (name -> maps (n, h, w), each scaled to the 99.5th percentile of its |m|
+  (values beyond saturate: input-level LRP's few huge pixels would hide the rest), signed maps
+  with a diverging colour map)."""
   plt = figures.pyplot()
   n, ncol = len(images), 1 + len(columns)
   fig, axes = plt.subplots(n, ncol, figsize=(1.6 * ncol, 1.6 * n + 0.5), squeeze=False)
@@ -56,7 +57,7 @@ def plot_panel(path: str | os.PathLike, images: np.ndarray, columns: dict[str, n
     for j, (name, maps) in enumerate(columns.items(), start=1):
       m = np.asarray(maps[i], np.float64)
       signed = m.min() < 0
-      lim = max(np.abs(m).max(), 1e-12)
+      lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
       axes[i, j].imshow(m, cmap="bwr" if signed else "jet", vmin=-lim if signed else 0,
                         vmax=lim, interpolation="nearest")
       if i == 0:

@@ -1,4 +1,5 @@
-"""Fine-tuning with a custom loss: ``CE(labels) + λ · L(params, batch)``, one jitted step.
+"""Fine-tuning with a custom loss: ``CE(labels) + λ · L(params, batch)`` (+ an optional
+distillation term ``μ · CE(softmax(teacher), student)`` on the same images), one jitted step.
 
 The generic piece behind every "fine-tune a classifier so that something else changes" attack
 (explanation fooling, :mod:`nemjax.fooling`; trojan implantation): the classification
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from nemjax.manipulate import train
+from nemjax.manipulate.losses import distillation_loss
 from nemjax.ops import fastgrad
 
 __all__ = ["PenaltyFn", "make_penalised_step", "cross_entropy"]
@@ -50,8 +52,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def make_penalised_step(apply_fn: Callable[[PyTree, jax.Array], Any], penalty_fn: PenaltyFn,
                         optimizer: optax.GradientTransformation | None = None, *,
                         trainable: train.TrainableFn | None = None, donate: bool = True,
-                        fast_grad: bool | None = None):
-  r"""Build the jitted step minimising ``CE(f_θ(x), y) + λ · L(θ)``.
+                        fast_grad: bool | None = None, distill: float = 0.0):
+  r"""Build the jitted step minimising ``CE(f_θ(x), y) + λ · L(θ) + μ · L_M(θ)``.
 
   Args:
     apply_fn: ``apply_fn(params, x (N,H,W,C)) -> logits (N,K)`` or ``(logits, {tap: acts})``,
@@ -68,15 +70,20 @@ def make_penalised_step(apply_fn: Callable[[PyTree, jax.Array], Any], penalty_fn
       values; max-pool and stem-conv gradients without XLA:CPU's slow paths, also inside
       penalties that differentiate the model themselves, e.g. explanations). Default: on when
       JAX's default backend is the CPU.
+    distill: μ, weight of the distillation loss L_M
+      (:func:`nemjax.manipulate.losses.distillation_loss`: cross-entropy from the frozen
+      original model's softmax on ``batch["image"]``); 0 (default) leaves it out.
 
   Returns:
     ``step(train_state, batch, lam) -> (train_state, metrics)``; ``batch`` has ``"image"``
     (N,H,W,C) and ``"label"`` (N,) int (``-1``: no CE term) and whatever the penalty reads;
     ``lam`` is a scalar (float32, never recompiles); ``metrics``: ``loss``, ``ce``,
-    ``penalty``, ``accuracy`` (batch top-1 on labelled rows), ``grad_norm`` and the penalty's
-    aux. The jitted function is ``step.jitted``.
+    ``penalty``, ``distill`` (L_M, 0 when μ = 0), ``accuracy`` (batch top-1 on labelled rows),
+    ``grad_norm`` and the penalty's aux. The jitted function is ``step.jitted``.
   """
   optimizer = train.default_optimizer() if optimizer is None else optimizer
+  if not distill >= 0:
+    raise ValueError(f"penalised step: distill must be >= 0, got {distill}")
   if fast_grad is None:
     fast_grad = jax.default_backend() == "cpu"
 
@@ -94,10 +101,14 @@ def make_penalised_step(apply_fn: Callable[[PyTree, jax.Array], Any], penalty_fn
       out = apply_fn(params, batch["image"])
       logits = out[0] if isinstance(out, (tuple, list)) else out
       ce = cross_entropy(logits, labels)
+      dist = jnp.zeros((), logits.dtype)
+      if distill:
+        t_out = apply_fn(jax.lax.stop_gradient(teacher_params), batch["image"])
+        dist = distillation_loss(logits, t_out[0] if isinstance(t_out, (tuple, list)) else t_out)
       pen, aux = penalty_fn(apply_fn, params, jax.lax.stop_gradient(teacher_params), batch)
       hit = (jnp.argmax(logits, -1) == labels) & (labels >= 0)
       acc = jnp.sum(hit) / jnp.maximum(jnp.sum(labels >= 0), 1)
-      return ce + lam * pen, (ce, pen, acc, dict(aux))
+      return ce + lam * pen + distill * dist, (ce, pen, acc, dict(aux, distill=dist))
 
     fn = fastgrad.cpu_fast_grad(loss_fn) if fast_grad else loss_fn
     (loss, (ce, pen, acc, aux)), grads = jax.value_and_grad(fn, has_aux=True)(

@@ -8,6 +8,10 @@ outputs (typically a ``jax.custom_vjp`` op with the same forward and another bac
 None to evaluate the equation unchanged. ``jit`` / ``pjit`` / ``closed_call`` sub-jaxprs are
 inlined recursively, so rules see the primitives inside them too; ``custom_jvp_call`` (e.g.
 ``jax.nn.relu``) is handed to a rule as one equation (:func:`relu_operand` recognises ReLU).
+With ``inline_custom_vjp=True`` a ``custom_vjp_call`` (e.g. an op of :mod:`nemjax.ops.fastgrad`)
+is replaced by its forward function, inlined likewise: the modified-rule explanations define
+their own backward pass and must see the primitives under a custom VJP; otherwise it is bound
+unchanged, its VJP kept.
 
 Model code is never touched::
 
@@ -26,10 +30,11 @@ import jax
 import jax.extend.core as jcore
 
 __all__ = ["Rule", "eval_jaxpr", "rewrite", "relu_operand", "with_delta", "bind", "inner_jaxpr",
-           "read", "CALL_PRIMITIVES"]
+           "read", "CALL_PRIMITIVES", "CUSTOM_VJP_PRIMITIVES"]
 
 Rule = Callable[[Any, list, Mapping[str, Any]], Any]
 CALL_PRIMITIVES = ("pjit", "jit", "closed_call")
+CUSTOM_VJP_PRIMITIVES = ("custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
 def read(env: dict, v: Any) -> Any:
@@ -47,17 +52,27 @@ def bind(eqn: Any, invals: Sequence[Any]) -> Any:
     return eqn.primitive.bind(*subfuns, *invals, **bind_params)
 
 
-def inner_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
-  """(jaxpr, consts) of a call equation to inline, else None."""
-  if eqn.primitive.name not in CALL_PRIMITIVES or "jaxpr" not in eqn.params:
+def inner_jaxpr(eqn: Any, inline_custom_vjp: bool = False) -> tuple[Any, Sequence[Any]] | None:
+  """(jaxpr, consts) of a call equation to inline, else None.
+
+  With ``inline_custom_vjp`` a ``custom_vjp_call``'s forward function counts as one (its
+  invars are the equation's, consts included), so its custom VJP is dropped.
+  """
+  name = eqn.primitive.name
+  if name in CALL_PRIMITIVES and "jaxpr" in eqn.params:
+    inner = eqn.params["jaxpr"]
+  elif inline_custom_vjp and name in CUSTOM_VJP_PRIMITIVES:
+    inner = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+    if inner is None:
+      return None
+  else:
     return None
-  inner = eqn.params["jaxpr"]
   return (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
 
 
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Mapping[str, Rule],
-               opts: Mapping[str, Any], inject: Mapping[Any, Callable[[Any], Any]] | None = None
-               ) -> list:
+               opts: Mapping[str, Any], inject: Mapping[Any, Callable[[Any], Any]] | None = None,
+               inline_custom_vjp: bool = False) -> list:
   """Evaluates ``jaxpr`` on ``args`` with ``rules`` substituted (call primitives inlined).
 
   Args:
@@ -69,6 +84,8 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
     opts: passed to every rule.
     inject: top-level variable -> ``f(value)`` applied to that variable's value as soon as it is
       defined (an input or an equation's output).
+    inline_custom_vjp: evaluate ``custom_vjp_call`` equations through their forward function
+      (rules see inside; the custom VJP is dropped) instead of binding them unchanged.
 
   Returns:
     The values of ``jaxpr.outvars``.
@@ -92,9 +109,10 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
     if name in rules:
       out = rules[name](eqn, invals, opts)
     if out is None:
-      inner = inner_jaxpr(eqn)
+      inner = inner_jaxpr(eqn, inline_custom_vjp)
       if inner is not None:
-        out = eval_jaxpr(inner[0], inner[1], invals, rules, opts)
+        out = eval_jaxpr(inner[0], inner[1], invals, rules, opts,
+                         inline_custom_vjp=inline_custom_vjp)
     if out is None:
       out = bind(eqn, invals)
     if not isinstance(out, (list, tuple)):   # one array (a rule may return one for a
@@ -104,7 +122,8 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
   return [read(env, v) for v in jaxpr.outvars]
 
 
-def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule], opts: Mapping[str, Any] | None = None
+def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule],
+            opts: Mapping[str, Any] | None = None, inline_custom_vjp: bool = False
             ) -> Callable[..., Any]:
   """``fn`` re-evaluated through :func:`eval_jaxpr` with ``rules`` (same signature and outputs).
 
@@ -112,6 +131,7 @@ def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule], opts: Mapping[str
     fn: a pure, traceable function of array pytrees.
     rules: primitive name -> rule (see :func:`eval_jaxpr`).
     opts: passed to every rule.
+    inline_custom_vjp: see :func:`eval_jaxpr`.
 
   Returns:
     A function with ``fn``'s signature; it traces ``fn`` on every call (cheap under ``jit``).
@@ -121,7 +141,8 @@ def rewrite(fn: Callable[..., Any], rules: Mapping[str, Rule], opts: Mapping[str
   @functools.wraps(fn)
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    out = eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), rules, opts)
+    out = eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), rules, opts,
+                     inline_custom_vjp=inline_custom_vjp)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
   return wrapped
 
