@@ -14,6 +14,7 @@ import numpy as np
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect.driver import LayerDissection, finish_layer, tally_layer
+from nemjax.sweep.profile import NULL_TIMER, StageTimer
 
 
 def batched_activations(
@@ -69,6 +70,7 @@ def redissect(
     top_fraction: float = quantile_lib.DEFAULT_TOP_FRACTION,
     quantile_method: str = "linear",
     tally_method: str = "auto",
+    timer: StageTimer = NULL_TIMER,
 ) -> LayerDissection:
   """Dissection of units whose activations on probe ``rows`` were replaced.
 
@@ -85,9 +87,11 @@ def redissect(
   if new_acts.shape != (len(rows), *clean_acts.shape[1:]):
     raise ValueError(f"new_acts must be ({len(rows)}, {', '.join(map(str, clean_acts.shape[1:]))}); "
                      f"got {new_acts.shape}")
-  acts = np.array(clean_acts, np.float32, copy=True)
-  acts[rows] = new_acts
-  thr = quantile_lib.quantile_thresholds(acts, q=quantile_lib.quantile_of(top_fraction),
-                                         method=quantile_method)
-  state = tally_layer(acts, probe, thr, method=tally_method, progress=False, labels=labels)
-  return finish_layer(layer, probe, thr, state)
+  with timer.stage("re-dissection: thresholds"):
+    acts = np.array(clean_acts, np.float32, copy=True)
+    acts[rows] = new_acts
+    thr = quantile_lib.quantile_thresholds(acts, q=quantile_lib.quantile_of(top_fraction),
+                                           method=quantile_method)
+  with timer.stage("re-dissection: tally + IoU"):
+    state = tally_layer(acts, probe, thr, method=tally_method, progress=False, labels=labels)
+    return finish_layer(layer, probe, thr, state)
