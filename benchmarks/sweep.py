@@ -4,6 +4,7 @@ pipeline, side by side in one run, and the per-stage time split of nemjax's swee
     .venv/bin/python benchmarks/sweep.py --out sweep.md            # 320 and 1,280 images
     .venv/bin/python benchmarks/sweep.py --images 5120 --out s.md  # the largest probe set
     .venv/bin/python benchmarks/sweep.py --profile profile.json    # the split only (320 images)
+    .venv/bin/python benchmarks/sweep.py --profile p.json --baseline-rev REV  # before / after
     .venv/bin/python benchmarks/sweep.py --quick                   # smoke run: 64 images, 2 units
 
 Both sides attack the same ResNet18 (random weights from ``tests/torch_models.py``, converted
@@ -21,6 +22,10 @@ sweep's ``concept`` order, at most 10 % of the probe set), masks from the ground
   whole probe set forward again with the poisoned images swapped in, the attacked unit's
   threshold (``np.quantile``) and its tally, IoU and best label with the NumPy pieces of
   ``tests/oracle_netdissect.py`` (one unit: generous to PyTorch).
+
+``--baseline-rev`` (with ``--profile``): the same split for the nemjax of a git revision
+(``git archive`` into a temporary directory) and for the working tree, each run in a fresh
+process, alternating, best of --reps by attack-phase time.
 
 Sides alternate run by run (best of --reps); attacks per hour = attacks / attack-phase seconds.
 The rows of both sides are compared (same new label in how many attacks): PGD differs in float
@@ -40,7 +45,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
+# the nemjax to measure: this tree's, or a --baseline-rev copy's (set for the worker process)
+sys.path.insert(0, os.environ.get("NEMJAX_BENCH_ROOT", str(REPO)))
 
 import _sidebyside  # noqa: E402
 
@@ -244,6 +250,40 @@ def profile_lines(report: dict, title: str) -> list[str]:
   return lines
 
 
+def profile_sides(args, n: int) -> None:
+  """``--profile``: the split of the working tree's sweep (and of ``--baseline-rev``'s),
+  each run in a fresh process, alternating; best of --reps by attack-phase time."""
+  import subprocess
+  probe_dir(args.cache, n)  # made once, before any timing
+  sides = {"working tree": REPO}
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.baseline_rev:
+      base = Path(tmp) / "base"
+      base.mkdir()
+      archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline_rev, "nemjax"],
+                               check=True, capture_output=True).stdout
+      subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+      sides = {f"nemjax at {args.baseline_rev}": base, **sides}
+    best: dict[str, dict] = {}
+    for rep in range(args.reps):
+      for label, root in sides.items():
+        out = Path(tmp) / f"{rep}_{len(best)}.json"
+        cmd = [sys.executable, __file__, "--profile-worker", *sys.argv[1:], "--profile", str(out)]
+        env = dict(os.environ, NEMJAX_BENCH_ROOT=str(root))
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        report = json.loads(out.read_text())
+        print(f"  {label}: attack phase {report['attack_phase_s']:.1f} s", flush=True)
+        if label not in best or report["attack_phase_s"] < best[label]["attack_phase_s"]:
+          best[label] = report
+  lines = []
+  attacks = len(args.units) * len(args.eps)
+  for label, report in best.items():
+    lines += profile_lines(report, f"{label}: {n} images, {attacks} attacks, best of "
+                                   f"{args.reps}, load average {os.getloadavg()[0]:.1f}") + [""]
+  args.profile.write_text(json.dumps(best, indent=1) + "\n")
+  _sidebyside.emit(lines, args.out)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,6 +300,9 @@ def main() -> None:
   ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nemjax_sweepbench")
   ap.add_argument("--profile", type=Path, default=None,
                   help="only profile nemjax's sweep on the first --images size; write JSON here")
+  ap.add_argument("--baseline-rev", default=None,
+                  help="with --profile: also profile this git revision's nemjax, interleaved")
+  ap.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--quick", action="store_true", help="64 images, 2 units, 2 steps, 1 rep")
   ap.add_argument("--out", default=None, help="also write the markdown tables to this file")
   args = ap.parse_args()
@@ -273,6 +316,8 @@ def main() -> None:
     raise SystemExit("--images >= 16, --steps, --reps and --units-per-call >= 1")
   _sidebyside.set_up(argparse.Namespace(xla_flags=args.xla_flags, threads=args.threads))
   args.cache.mkdir(parents=True, exist_ok=True)
+  if args.profile is not None and not args.profile_worker:
+    return profile_sides(args, sizes[0])
   tm, model = models()
   if args.profile is not None:
     from nemjax.data import broden

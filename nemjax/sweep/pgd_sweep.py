@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from nemjax import distributed, figures, preprocess
 from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
 from nemjax.attacks.noise import bernoulli_noise
-from nemjax.attacks.pgd import ActAvgAttack, make_act_avg_attack, random_targets
+from nemjax.attacks.pgd import random_targets
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import LayerDissection, activation_fn, dissect, make_mesh
@@ -60,7 +60,8 @@ from nemjax.dissect.outputs import write_layer_outputs
 from nemjax.files import write_json
 from nemjax.sweep.config import MODES, PGDSweepConfig, eps_to_255, format_eps
 from nemjax.sweep.delivery import deliver
-from nemjax.sweep.measure import batched_activations, redissect
+from nemjax.sweep.attack import SweepAttack
+from nemjax.sweep.measure import batched_activations, redissect_units
 from nemjax.sweep.keys import eps_code, item_key
 from nemjax.sweep.poison import choose_by_concept, choose_poisoned, poison_cap
 from nemjax.sweep.profile import NULL_TIMER, StageTimer
@@ -79,6 +80,7 @@ RESULT_FIELDS = [
     "changed", "success", "new_label_float", "changed_float", "success_float", "seconds",
 ]
 KEY_FIELDS = ["layer", "unit", "eps", "mode"]
+ATTACK_CHUNK = 32  # poisoned images per compiled PGD call (rounded up to the device count)
 
 
 def features_fn_for(model, layer: str) -> Callable[[jax.Array], jax.Array]:
@@ -121,24 +123,21 @@ class LayerData(NamedTuple):
   present: np.ndarray           # (L,) labels (> 0) present in the probe set
   cap: int                      # most poisoned images per unit
   act_fn: Callable              # images 0..255 -> {layer: (B, h, w, U)}
-  attacks: Mapping[tuple[float, str], ActAvgAttack]  # (ε, mode) -> its attack
+  attack: SweepAttack           # every (ε, mode) of the layer: one compiled step
 
 
 def layer_data(model, inputs: SweepInputs, layer: str, clean: LayerDissection,
                acts: np.ndarray) -> LayerData:
-  """The :class:`LayerData` of ``layer`` (its attacks are built, not yet compiled)."""
+  """The :class:`LayerData` of ``layer`` (its attack is built, not yet compiled)."""
   c = inputs.config
-  features_fn = features_fn_for(model, layer)
-  attacks = {(eps, mode): make_act_avg_attack(
-      features_fn, eps=eps, steps=c.attack.steps, step_size=c.attack.step_size,
-      objective="u1" if mode == "u1" else "targeted")
-      for eps in c.attack.eps for mode in c.modes if mode != "noise"}
+  attack = SweepAttack(features_fn_for(model, layer), steps=c.attack.steps,
+                       chunk=_pad_rows(ATTACK_CHUNK, inputs.mesh.size), mesh=inputs.mesh)
   present = np.flatnonzero(np.asarray(clean.tally.tally_labels) > 0)
   return LayerData(
       layer=layer, arch=str(getattr(model, "arch", type(model).__name__)), clean=clean,
       acts=acts, per_image_max=acts.reshape(acts.shape[0], -1, acts.shape[-1]).max(axis=1),
       present=present[present > 0], cap=poison_cap(inputs.probe.num_images, c.poison_fraction),
-      act_fn=activation_fn(model, [layer], mesh=inputs.mesh), attacks=attacks)
+      act_fn=activation_fn(model, [layer], mesh=inputs.mesh), attack=attack)
 
 
 def target_for(inputs: SweepInputs, data: LayerData, unit: int, mode: str) -> int:
@@ -225,6 +224,7 @@ def new_activations(inputs: SweepInputs, data: LayerData, images: np.ndarray) ->
 
 
 def _pad_rows(n: int, multiple: int) -> int:
+  """``n`` rounded up to a multiple of ``multiple``."""
   return n + (-n) % multiple
 
 
@@ -251,16 +251,22 @@ def _perturb(inputs: SweepInputs, data: LayerData, plans: Sequence[_Plan], x01: 
   unit_ids = np.concatenate([np.full(len(p.rows), p.unit, np.int32) for p in plans])
   with timer.stage("concept masks"):
     src_m = np.concatenate([concept_masks(inputs, data, p.source, p.rows) for p in plans])
-    tgt_m = np.concatenate([concept_masks(inputs, data, p.target, p.rows) for p in plans])
-  n_real = len(x01)
-  n_pad = _pad_rows(n_real, 8 * inputs.mesh.size) - n_real
-  pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])
-  sharding = NamedSharding(inputs.mesh, PartitionSpec("data"))
-  put = lambda a: jax.device_put(pad(a), sharding)
+    tgt_m = (None if mode == "u1" else
+             np.concatenate([concept_masks(inputs, data, p.target, p.rows) for p in plans]))
+  a = inputs.config.attack
   with timer.stage("pgd"):
-    x_adv = data.attacks[(eps, mode)](put(x01), put(unit_ids), put(src_m),
-                                      None if mode == "u1" else put(tgt_m))
-    return np.asarray(x_adv)[:n_real]
+    return data.attack(x01, unit_ids, src_m, tgt_m, eps=eps,
+                       step_size=2.0 * eps / a.steps if a.step_size is None else a.step_size)
+
+
+def _column(d: LayerDissection, j: int) -> LayerDissection:
+  """Unit ``j`` of a several-unit re-dissection, as a one-unit :class:`LayerDissection`
+  (its tally is left whole)."""
+  sl = slice(j, j + 1)
+  return dataclasses.replace(
+      d, thresholds=d.thresholds[sl], iou=d.iou[sl], category_labels=d.category_labels[sl],
+      category_scores=d.category_scores[sl], best_category=d.best_category[sl],
+      best_label=d.best_label[sl], score=d.score[sl])
 
 
 def run_attack_group(inputs: SweepInputs, data: LayerData, units: Sequence[int], eps: float,
@@ -303,18 +309,23 @@ def run_attack_group(inputs: SweepInputs, data: LayerData, units: Sequence[int],
   offset = 0
   seconds = (time.time() - t0) / max(len(units), 1)
   clean = data.clean
-  for u, src, tgt, n_cand, rows in plans:
+  spans = np.cumsum([0] + [len(p.rows) for p in plans])
+  pp = c.probe_pass
+  # every unit of the group in one re-dissection: each column holds its own unit's poisoned
+  # rows, and thresholds, tallies and IoU are per column
+  measure = lambda acts: redissect_units(
+      data.acts, [p.unit for p in plans], [p.rows for p in plans],
+      [acts[spans[j]:spans[j + 1]] for j in range(len(plans))], probe, inputs.labels,
+      layer=data.layer, top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
+      timer=timer)
+  after_all = measure(new_acts)
+  after_all_float = after_all if delivery == "float" else measure(new_acts_float)
+  for j, (u, src, tgt, n_cand, rows) in enumerate(plans):
     sl = slice(offset, offset + len(rows))
     if return_images:
       images[u] = (rows, x_adv[sl])
     offset += len(rows)
-    measure = lambda acts: redissect(data.acts[..., [u]], rows, acts[sl, ..., [u]], probe,
-                                     inputs.labels, layer=data.layer,
-                                     top_fraction=c.probe_pass.top_fraction,
-                                     quantile_method=c.probe_pass.quantile_method,
-                                     timer=timer)
-    after = measure(new_acts)
-    after_float = after if delivery == "float" else measure(new_acts_float)
+    after, after_float = _column(after_all, j), _column(after_all_float, j)
     new_label, new_label_float = int(after.best_label[0]), int(after_float.best_label[0])
     success_of = lambda label: (label == tgt) if mode == "targeted" else (label != src)
     name = lambda l: str(probe.label_names[l])
