@@ -98,7 +98,10 @@ def run_nemjax(model, probe, config, timer=None) -> tuple[float, list[dict], dic
     rows = ResultsStore(Path(out) / "results.csv", pgd_sweep.RESULT_FIELDS,
                         pgd_sweep.KEY_FIELDS).finish([])
   setup = sum(timer.seconds.get(k, 0.0) for k in ("clean dissection", "labels + layer set-up"))
-  return wall - setup, rows, timer.report(attack_phase_s=wall - setup)
+  import resource
+  return wall - setup, rows, timer.report(
+      attack_phase_s=wall - setup,
+      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 class TorchPipeline:
@@ -247,6 +250,8 @@ def profile_lines(report: dict, title: str) -> list[str]:
     lines.append(f"| {s['stage']} | {s['calls']} | {s['wall_s']:.2f} | {s['compile_s']:.2f} | "
                  f"{100 * s['wall_s'] / total:.1f} % |")
   lines.append(f"| attack phase (all of the above + loop) | | {total:.2f} | | 100 % |")
+  if "peak_rss_mib" in report:
+    lines.append(f"\npeak RSS of the process: {report['peak_rss_mib']:.0f} MiB")
   return lines
 
 
