@@ -298,7 +298,8 @@ def main() -> None:
     groups.setdefault(CONFIGS[n].get("flags", ""), []).append(n)
   results, failed = {}, {}
   for flags, group in groups.items():
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=flags,
+               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))  # suite.py: '' = any
     cmd = [sys.executable, __file__, "--worker", json.dumps(group), "--ref", str(ref_path),
            "--images", str(args.images), "--steps", str(args.steps), "--reps", str(args.reps),
            "--arch", args.arch]

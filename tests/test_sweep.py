@@ -202,3 +202,30 @@ def test_noise_is_independent_of_batching():
                           noisy_images(key, rows[2:], x[2:], "bernoulli", 0.1)])
   np.testing.assert_array_equal(whole, parts)
   assert np.allclose(np.abs(whole - x)[(x > 0.1) & (x < 0.9)], 0.1, atol=1e-6)
+
+
+def test_sweep_attack_compiles_once_for_every_eps_mode_and_group(setup):
+  """One compiled PGD step serves every ε, mode (U1: empty target masks) and group size, and a
+  row's attack does not depend on which chunk it shares (the chunk is only a batch)."""
+  from nemjax.attacks.pgd import make_act_avg_attack
+  from nemjax.sweep.attack import SweepAttack
+  from nemjax.sweep.pgd_sweep import features_fn_for
+  probe, model = setup
+  fn = features_fn_for(model, "block4")
+  attack = SweepAttack(fn, steps=2, chunk=8)
+  rng = np.random.default_rng(0)
+  h = probe.image_size[0]
+  sh, sw = probe.seg_size
+  x = rng.random((11, h, h, 3)).astype(np.float32)
+  units = rng.integers(0, 128, 11).astype(np.int32)
+  src = (rng.random((11, sh, sw)) < 0.3).astype(np.float32)
+  tgt = (rng.random((11, sh, sw)) < 0.3).astype(np.float32)
+  outs = {}
+  for eps, n, masks in ((2 / 255, 5, tgt), (4 / 255, 11, tgt), (4 / 255, 11, None)):
+    outs[(eps, n, masks is None)] = attack(x[:n], units[:n], src[:n], None if masks is None
+                                           else masks[:n], eps=eps, step_size=eps)
+  assert attack._step._cache_size() == 1 and attack._prepare._cache_size() == 1
+  for objective, u1 in (("targeted", False), ("u1", True)):
+    ref = make_act_avg_attack(fn, eps=4 / 255, steps=2, step_size=4 / 255, objective=objective)
+    ref_x = np.asarray(ref(x[:8], units[:8], src[:8], None if u1 else tgt[:8]))
+    np.testing.assert_array_equal(outs[(4 / 255, 11, u1)][:8], ref_x)

@@ -7,13 +7,14 @@ check this against ``dissect(..., image_overrides=...)`` and against an exported
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect import quantile as quantile_lib
 from nemjax.dissect.driver import LayerDissection, finish_layer, tally_layer
+from nemjax.sweep.profile import NULL_TIMER, StageTimer
 
 
 def batched_activations(
@@ -58,6 +59,39 @@ def batched_activations(
                   else np.zeros((0, *shapes[layer]), np.float32)) for layer in shapes}
 
 
+def redissect_units(
+    clean_acts: np.ndarray,
+    units: Sequence[int],
+    rows: Sequence[np.ndarray],
+    new_acts: Sequence[np.ndarray],
+    probe: ProbeSet,
+    labels: tuple[np.ndarray, np.ndarray],
+    **kwargs,
+) -> LayerDissection:
+  """:func:`redissect` of several units at once, each with its own poisoned rows.
+
+  Column ``j`` holds unit ``units[j]``'s clean activations with its rows ``rows[j]``
+  replaced by ``new_acts[j][..., units[j]]``; thresholds, tallies and IoU are per column, so
+  column ``j`` equals ``redissect`` of that unit alone, and one tally pass serves the group.
+
+  Args:
+    clean_acts: (N, h, w, U) clean activations of the whole layer.
+    units: G unit indices (distinct).
+    rows: G arrays (P_j,) of probe rows.
+    new_acts: G arrays (P_j, h, w, U) of the poisoned images' activations.
+    kwargs: as :func:`redissect` (layer, top_fraction, quantile_method, tally_method, timer).
+
+  Returns:
+    A :class:`LayerDissection` of G units, in ``units`` order.
+  """
+  units = list(units)
+  cols = np.array(np.asarray(clean_acts)[..., units], np.float32, copy=True)
+  for j, (u, r, a) in enumerate(zip(units, rows, new_acts)):
+    cols[np.asarray(r, np.int64), ..., j] = np.asarray(a, np.float32)[..., u]
+  return redissect(cols, np.zeros(0, np.int64), np.zeros((0, *cols.shape[1:]), np.float32),
+                   probe, labels, **kwargs)
+
+
 def redissect(
     clean_acts: np.ndarray,
     rows: np.ndarray,
@@ -69,6 +103,7 @@ def redissect(
     top_fraction: float = quantile_lib.DEFAULT_TOP_FRACTION,
     quantile_method: str = "linear",
     tally_method: str = "auto",
+    timer: StageTimer = NULL_TIMER,
 ) -> LayerDissection:
   """Dissection of units whose activations on probe ``rows`` were replaced.
 
@@ -78,6 +113,8 @@ def redissect(
     new_acts: (P, h, w, U) activations of the poisoned images.
     labels: ``(pixels (N,K,sh,sw), scalars (N,S))`` of the whole probe set.
     top_fraction: η of the thresholds (as :func:`nemjax.dissect.dissect`).
+    timer: records the "re-dissection: thresholds" and "...: tally + IoU" stages
+      (:mod:`nemjax.sweep.profile`).
   """
   clean_acts = np.asarray(clean_acts)
   rows = np.asarray(rows, np.int64)
@@ -85,9 +122,11 @@ def redissect(
   if new_acts.shape != (len(rows), *clean_acts.shape[1:]):
     raise ValueError(f"new_acts must be ({len(rows)}, {', '.join(map(str, clean_acts.shape[1:]))}); "
                      f"got {new_acts.shape}")
-  acts = np.array(clean_acts, np.float32, copy=True)
-  acts[rows] = new_acts
-  thr = quantile_lib.quantile_thresholds(acts, q=quantile_lib.quantile_of(top_fraction),
-                                         method=quantile_method)
-  state = tally_layer(acts, probe, thr, method=tally_method, progress=False, labels=labels)
-  return finish_layer(layer, probe, thr, state)
+  with timer.stage("re-dissection: thresholds"):
+    acts = np.array(clean_acts, np.float32, copy=True)
+    acts[rows] = new_acts
+    thr = quantile_lib.quantile_thresholds(acts, q=quantile_lib.quantile_of(top_fraction),
+                                           method=quantile_method)
+  with timer.stage("re-dissection: tally + IoU"):
+    state = tally_layer(acts, probe, thr, method=tally_method, progress=False, labels=labels)
+    return finish_layer(layer, probe, thr, state)

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from nemjax import distributed, figures, preprocess
 from nemjax.attacks.act_avg import concept_mask_from_labels, concept_mask_from_unit_masks
 from nemjax.attacks.noise import bernoulli_noise
-from nemjax.attacks.pgd import ActAvgAttack, make_act_avg_attack, random_targets
+from nemjax.attacks.pgd import random_targets
 from nemjax.data import loader
 from nemjax.data.broden import ProbeSet
 from nemjax.dissect.driver import LayerDissection, activation_fn, dissect, make_mesh
@@ -60,9 +60,11 @@ from nemjax.dissect.outputs import write_layer_outputs
 from nemjax.files import write_json
 from nemjax.sweep.config import MODES, PGDSweepConfig, eps_to_255, format_eps
 from nemjax.sweep.delivery import deliver
-from nemjax.sweep.measure import batched_activations, redissect
+from nemjax.sweep.attack import SweepAttack
+from nemjax.sweep.measure import batched_activations, redissect_units
 from nemjax.sweep.keys import eps_code, item_key
 from nemjax.sweep.poison import choose_by_concept, choose_poisoned, poison_cap
+from nemjax.sweep.profile import NULL_TIMER, StageTimer
 from nemjax.sweep.units import choose_units, eligible_units
 from nemjax.sweep import store as store_lib
 
@@ -78,6 +80,7 @@ RESULT_FIELDS = [
     "changed", "success", "new_label_float", "changed_float", "success_float", "seconds",
 ]
 KEY_FIELDS = ["layer", "unit", "eps", "mode"]
+ATTACK_CHUNK = 32  # poisoned images per compiled PGD call (rounded up to the device count)
 
 
 def features_fn_for(model, layer: str) -> Callable[[jax.Array], jax.Array]:
@@ -120,24 +123,21 @@ class LayerData(NamedTuple):
   present: np.ndarray           # (L,) labels (> 0) present in the probe set
   cap: int                      # most poisoned images per unit
   act_fn: Callable              # images 0..255 -> {layer: (B, h, w, U)}
-  attacks: Mapping[tuple[float, str], ActAvgAttack]  # (ε, mode) -> its attack
+  attack: SweepAttack           # every (ε, mode) of the layer: one compiled step
 
 
 def layer_data(model, inputs: SweepInputs, layer: str, clean: LayerDissection,
                acts: np.ndarray) -> LayerData:
-  """The :class:`LayerData` of ``layer`` (its attacks are built, not yet compiled)."""
+  """The :class:`LayerData` of ``layer`` (its attack is built, not yet compiled)."""
   c = inputs.config
-  features_fn = features_fn_for(model, layer)
-  attacks = {(eps, mode): make_act_avg_attack(
-      features_fn, eps=eps, steps=c.attack.steps, step_size=c.attack.step_size,
-      objective="u1" if mode == "u1" else "targeted")
-      for eps in c.attack.eps for mode in c.modes if mode != "noise"}
+  attack = SweepAttack(features_fn_for(model, layer), steps=c.attack.steps,
+                       chunk=_pad_rows(ATTACK_CHUNK, inputs.mesh.size), mesh=inputs.mesh)
   present = np.flatnonzero(np.asarray(clean.tally.tally_labels) > 0)
   return LayerData(
       layer=layer, arch=str(getattr(model, "arch", type(model).__name__)), clean=clean,
       acts=acts, per_image_max=acts.reshape(acts.shape[0], -1, acts.shape[-1]).max(axis=1),
       present=present[present > 0], cap=poison_cap(inputs.probe.num_images, c.poison_fraction),
-      act_fn=activation_fn(model, [layer], mesh=inputs.mesh), attacks=attacks)
+      act_fn=activation_fn(model, [layer], mesh=inputs.mesh), attack=attack)
 
 
 def target_for(inputs: SweepInputs, data: LayerData, unit: int, mode: str) -> int:
@@ -224,6 +224,7 @@ def new_activations(inputs: SweepInputs, data: LayerData, images: np.ndarray) ->
 
 
 def _pad_rows(n: int, multiple: int) -> int:
+  """``n`` rounded up to a multiple of ``multiple``."""
   return n + (-n) % multiple
 
 
@@ -237,7 +238,7 @@ class _Plan(NamedTuple):
 
 
 def _perturb(inputs: SweepInputs, data: LayerData, plans: Sequence[_Plan], x01: np.ndarray,
-             eps: float, mode: str) -> np.ndarray:
+             eps: float, mode: str, timer: StageTimer = NULL_TIMER) -> np.ndarray:
   """(P, H, W, 3) poisoned images in [0, 1] of all ``plans``' rows (x01: their clean
   images, (P, H, W, 3) in [0, 1]), in plan order."""
   if mode == "noise":  # one key per unit: independent of how units are grouped into calls
@@ -248,20 +249,28 @@ def _perturb(inputs: SweepInputs, data: LayerData, plans: Sequence[_Plan], x01: 
       offset += len(p.rows)
     return np.concatenate(out)
   unit_ids = np.concatenate([np.full(len(p.rows), p.unit, np.int32) for p in plans])
-  src_m = np.concatenate([concept_masks(inputs, data, p.source, p.rows) for p in plans])
-  tgt_m = np.concatenate([concept_masks(inputs, data, p.target, p.rows) for p in plans])
-  n_real = len(x01)
-  n_pad = _pad_rows(n_real, 8 * inputs.mesh.size) - n_real
-  pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])
-  sharding = NamedSharding(inputs.mesh, PartitionSpec("data"))
-  put = lambda a: jax.device_put(pad(a), sharding)
-  x_adv = data.attacks[(eps, mode)](put(x01), put(unit_ids), put(src_m),
-                                    None if mode == "u1" else put(tgt_m))
-  return np.asarray(x_adv)[:n_real]
+  with timer.stage("concept masks"):
+    src_m = np.concatenate([concept_masks(inputs, data, p.source, p.rows) for p in plans])
+    tgt_m = (None if mode == "u1" else
+             np.concatenate([concept_masks(inputs, data, p.target, p.rows) for p in plans]))
+  a = inputs.config.attack
+  with timer.stage("pgd"):
+    return data.attack(x01, unit_ids, src_m, tgt_m, eps=eps,
+                       step_size=2.0 * eps / a.steps if a.step_size is None else a.step_size)
+
+
+def _column(d: LayerDissection, j: int) -> LayerDissection:
+  """Unit ``j`` of a several-unit re-dissection, as a one-unit :class:`LayerDissection`
+  (its tally is left whole)."""
+  sl = slice(j, j + 1)
+  return dataclasses.replace(
+      d, thresholds=d.thresholds[sl], iou=d.iou[sl], category_labels=d.category_labels[sl],
+      category_scores=d.category_scores[sl], best_category=d.best_category[sl],
+      best_label=d.best_label[sl], score=d.score[sl])
 
 
 def run_attack_group(inputs: SweepInputs, data: LayerData, units: Sequence[int], eps: float,
-                     mode: str, return_images: bool = False):
+                     mode: str, return_images: bool = False, timer: StageTimer = NULL_TIMER):
   """Attacks ``units`` of ``data.layer`` in one compiled call, re-dissects each, returns
   result rows.
 
@@ -271,39 +280,52 @@ def run_attack_group(inputs: SweepInputs, data: LayerData, units: Sequence[int],
 
   With ``return_images`` also returns ``{unit: (rows, x_adv (P,H,W,3) in [0,1])}``, the images
   before delivery (what :func:`nemjax.sweep.export.export_corrupted_probe` takes).
+  ``timer`` (:mod:`nemjax.sweep.profile`) records the time of each stage.
   """
   t0 = time.time()
   probe, c = inputs.probe, inputs.config
   delivery, jpeg_quality = c.probe_pass.delivery, c.probe_pass.jpeg_quality
   plans = []
-  for u in units:
-    src, tgt = int(data.clean.best_label[u]), target_for(inputs, data, u, mode)
-    rows, n_cand = poisoned_rows(inputs, data, src, tgt, u)
-    plans.append(_Plan(u, src, tgt, n_cand, rows))
+  with timer.stage("targets + poisoned rows"):
+    for u in units:
+      src, tgt = int(data.clean.best_label[u]), target_for(inputs, data, u, mode)
+      rows, n_cand = poisoned_rows(inputs, data, src, tgt, u)
+      plans.append(_Plan(u, src, tgt, n_cand, rows))
   all_rows = np.concatenate([p.rows for p in plans]) if plans else np.zeros(0, np.int64)
   x_adv = np.zeros((0, *probe.image_size, 3), np.float32)
   new_acts = new_acts_float = np.zeros((0, *data.acts.shape[1:]), np.float32)
   if len(all_rows):
-    x01 = loader.load_images(probe, all_rows).astype(np.float32) / np.float32(255.0)
-    x_adv = _perturb(inputs, data, plans, x01, eps, mode)
-    new_acts = new_activations(inputs, data, deliver(x_adv, delivery, jpeg_quality))
-    new_acts_float = (new_acts if delivery == "float"
-                      else new_activations(inputs, data, deliver(x_adv, "float")))
+    with timer.stage("load images"):
+      x01 = loader.load_images(probe, all_rows).astype(np.float32) / np.float32(255.0)
+    x_adv = _perturb(inputs, data, plans, x01, eps, mode, timer)
+    with timer.stage("delivery"):
+      delivered = deliver(x_adv, delivery, jpeg_quality)
+      undelivered = delivered if delivery == "float" else deliver(x_adv, "float")
+    with timer.stage("activations of poisoned images"):
+      new_acts = new_activations(inputs, data, delivered)
+      new_acts_float = (new_acts if delivery == "float"
+                        else new_activations(inputs, data, undelivered))
   out_rows, images = [], {}
   offset = 0
   seconds = (time.time() - t0) / max(len(units), 1)
   clean = data.clean
-  for u, src, tgt, n_cand, rows in plans:
+  spans = np.cumsum([0] + [len(p.rows) for p in plans])
+  pp = c.probe_pass
+  # every unit of the group in one re-dissection: each column holds its own unit's poisoned
+  # rows, and thresholds, tallies and IoU are per column
+  measure = lambda acts: redissect_units(
+      data.acts, [p.unit for p in plans], [p.rows for p in plans],
+      [acts[spans[j]:spans[j + 1]] for j in range(len(plans))], probe, inputs.labels,
+      layer=data.layer, top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
+      timer=timer)
+  after_all = measure(new_acts)
+  after_all_float = after_all if delivery == "float" else measure(new_acts_float)
+  for j, (u, src, tgt, n_cand, rows) in enumerate(plans):
     sl = slice(offset, offset + len(rows))
     if return_images:
       images[u] = (rows, x_adv[sl])
     offset += len(rows)
-    measure = lambda acts: redissect(data.acts[..., [u]], rows, acts[sl, ..., [u]], probe,
-                                     inputs.labels, layer=data.layer,
-                                     top_fraction=c.probe_pass.top_fraction,
-                                     quantile_method=c.probe_pass.quantile_method)
-    after = measure(new_acts)
-    after_float = after if delivery == "float" else measure(new_acts_float)
+    after, after_float = _column(after_all, j), _column(after_all_float, j)
     new_label, new_label_float = int(after.best_label[0]), int(after_float.best_label[0])
     success_of = lambda label: (label == tgt) if mode == "targeted" else (label != src)
     name = lambda l: str(probe.label_names[l])
@@ -332,21 +354,24 @@ def run_attack_group(inputs: SweepInputs, data: LayerData, units: Sequence[int],
 
 
 def prepare(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path | None, mesh=None,
-            progress: bool = True) -> tuple[SweepInputs, dict[str, LayerData]]:
+            progress: bool = True, timer: StageTimer = NULL_TIMER
+            ) -> tuple[SweepInputs, dict[str, LayerData]]:
   """The sweep's set-up, shared with export: the clean dissection (written under
   ``out_dir/clean`` unless None) and ``(inputs, {layer: LayerData})``."""
   mesh = make_mesh() if mesh is None else mesh
   pp = config.probe_pass
-  clean, acts = dissect(model, probe, config.layers, batch_size=pp.batch_size,
-                        top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
-                        mesh=mesh, progress=progress, keep_activations=True)
-  if out_dir is not None and distributed.current().leader:
-    for res in clean.values():
-      write_layer_outputs(Path(out_dir) / "clean", res, probe)
-  inputs = SweepInputs(probe, loader.load_labels(probe, np.arange(probe.num_images)), config,
-                       mesh)
-  return inputs, {layer: layer_data(model, inputs, layer, clean[layer], acts[layer])
-                  for layer in config.layers}
+  with timer.stage("clean dissection"):
+    clean, acts = dissect(model, probe, config.layers, batch_size=pp.batch_size,
+                          top_fraction=pp.top_fraction, quantile_method=pp.quantile_method,
+                          mesh=mesh, progress=progress, keep_activations=True)
+    if out_dir is not None and distributed.current().leader:
+      for res in clean.values():
+        write_layer_outputs(Path(out_dir) / "clean", res, probe)
+  with timer.stage("labels + layer set-up"):
+    inputs = SweepInputs(probe, loader.load_labels(probe, np.arange(probe.num_images)), config,
+                         mesh)
+    return inputs, {layer: layer_data(model, inputs, layer, clean[layer], acts[layer])
+                    for layer in config.layers}
 
 
 def run_record(config: PGDSweepConfig, run_info: Mapping[str, Any] | None = None) -> dict:
@@ -361,18 +386,21 @@ def check_out_dir(out_dir: Path, record: Mapping[str, Any]) -> None:
 
 
 def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path, *,
-                  mesh=None, progress: bool = True, run_info: dict | None = None) -> dict:
+                  mesh=None, progress: bool = True, run_info: dict | None = None,
+                  timer: StageTimer = NULL_TIMER) -> dict:
   """Runs (or resumes) the sweep; writes results.csv, summary.json, config.json, and the clean
   dissection under ``out_dir/clean``. Returns the summary.
 
   Under ``jax.distributed`` every process calls this with the same arguments (module
-  docstring); each returns the same summary, process 0 writes the shared files.
+  docstring); each returns the same summary, process 0 writes the shared files. ``timer``
+  (:mod:`nemjax.sweep.profile`) records the time of each stage.
   """
   out_dir = Path(out_dir)
   procs = distributed.current()
   record = run_record(config, run_info)
   store = store_lib.open_out_dir(out_dir, record, RESULT_FIELDS, KEY_FIELDS, procs)
-  inputs, layers = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress)
+  inputs, layers = prepare(model, probe, config, out_dir, mesh=mesh, progress=progress,
+                           timer=timer)
   work, eligible, order = [], {}, []
   for layer, data in layers.items():
     eligible[layer] = {"eligible": int(eligible_units(data.clean, config.min_iou).size),
@@ -399,7 +427,9 @@ def run_pgd_sweep(model, probe: ProbeSet, config: PGDSweepConfig, out_dir: Path,
   bar = tqdm(total=total_units, desc="pgd sweep", unit="attack", disable=not progress)
   for data, units, eps, mode in work:
     bar.set_postfix_str(f"{data.layer} ε={format_eps(eps)} {mode}")
-    store.add(run_attack_group(inputs, data, units, eps, mode))
+    rows = run_attack_group(inputs, data, units, eps, mode, timer=timer)
+    with timer.stage("results.csv write"):
+      store.add(rows)
     bar.update(len(units))
   bar.close()
   summary = summarise(store.finish(order), probe.category_names)
