@@ -36,6 +36,15 @@ def check_reduce(reduce: str, fn: str) -> None:
     raise ValueError(f"{fn}: reduce must be 'sum' or 'none', got {reduce!r}")
 
 
+def check_baselines(baselines: Any, x: jax.Array) -> jax.Array:
+  """``baselines`` as a (B, H, W, C) array of ``x``'s dtype; ValueError naming it otherwise."""
+  baselines = jnp.asarray(baselines, x.dtype)
+  if baselines.ndim != 4 or baselines.shape[1:] != x.shape[1:]:
+    raise ValueError(f"baselines: must be (B, {', '.join(map(str, x.shape[1:]))}), "
+                     f"got {baselines.shape}")
+  return baselines
+
+
 def reduce_map(a: jax.Array, reduce: str) -> jax.Array:
   """(N, H, W, C) -> (N, H, W) summed over channels (Captum users' convention), or unchanged."""
   return jnp.sum(a, axis=-1) if reduce == "sum" else a

@@ -186,9 +186,7 @@ def gradient_shap(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Arra
   """
   x, target = _core.check_x_target(x, target, "gradient_shap")
   _core.check_reduce(reduce, "gradient_shap")
-  baselines = jnp.asarray(baselines, x.dtype)
-  if baselines.ndim != 4 or baselines.shape[1:] != x.shape[1:]:
-    raise ValueError(f"baselines: must be (B, {', '.join(map(str, x.shape[1:]))}), got {baselines.shape}")
+  baselines = _core.check_baselines(baselines, x)
   n, s = x.shape[0], int(n_samples)
   if key is None and (noise is None or baseline_index is None or alphas is None):
     raise ValueError("gradient_shap: key is required unless noise, baseline_index and alphas are given")

@@ -73,9 +73,7 @@ def deeplift_shap(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Arra
   """
   x, target = _core.check_x_target(x, target, "deeplift_shap")
   _core.check_reduce(reduce, "deeplift_shap")
-  baselines = jnp.asarray(baselines, x.dtype)
-  if baselines.ndim != 4 or baselines.shape[1:] != x.shape[1:]:
-    raise ValueError(f"baselines: must be (B, {', '.join(map(str, x.shape[1:]))}), got {baselines.shape}")
+  baselines = _core.check_baselines(baselines, x)
   n, nb = x.shape[0], baselines.shape[0]
   xr = jnp.repeat(x, nb, axis=0)
   br = jnp.tile(baselines, (n, 1, 1, 1))
