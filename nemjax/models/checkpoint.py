@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,16 +44,40 @@ def _version() -> str:
   return getattr(nemjax, "__version__", "unknown")
 
 
+def _is_orbax_leftover(exc: BaseException | None, obj: Any = None) -> bool:
+  """A report from a failed restore's leftovers: orbax's read coroutines, or its threads
+  posting to the closed event loop."""
+  code = getattr(obj, "cr_code", None)
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
 def _drop_orphaned_reads() -> None:
-  """After a failed restore, orbax leaves the other arrays' failed read coroutines behind; when
-  they are collected, Python prints each one's traceback ("Exception ignored in ..."). Collect
-  them now, quietly: the one error that matters is raised to the caller."""
+  """After a failed restore, orbax leaves the other arrays' failed read coroutines (and threads
+  that post to its closed event loop) behind; when they are collected or finish, Python prints
+  each one's traceback. Collect them now, quietly, and from then on drop only the reports of such
+  leftovers (every other report still reaches the previous hooks): the one error that matters is
+  raised to the caller."""
   hook = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   try:
     gc.collect()
   finally:
     sys.unraisablehook = hook
+  if getattr(sys.unraisablehook, "_nemjax_filter", False):
+    return
+  prev_unraisable, prev_thread = sys.unraisablehook, threading.excepthook
+
+  def unraisable(u):
+    if not _is_orbax_leftover(u.exc_value, u.object):
+      prev_unraisable(u)
+
+  def thread(args):
+    if not _is_orbax_leftover(args.exc_value):
+      prev_thread(args)
+  unraisable._nemjax_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook, threading.excepthook = unraisable, thread
 
 
 def save_arrays(path: Path, tree: Any) -> None:
