@@ -64,6 +64,16 @@ def _per_eval(k: int | None) -> int:
   return k
 
 
+def _checked_features(x, target, baselines, feature_mask, reduce: str, fn: str):
+  """The checked inputs of a feature-replacement method: ``(x, target, baselines, mask
+  (N, H, W, C) int, number of features)``; ValueError naming the bad argument."""
+  x, target = _core.check_x_target(x, target, fn)
+  _core.check_reduce(reduce, fn)
+  b = _core.as_baseline(baselines, x, fn)
+  mask, nf = feature_mask_4d(feature_mask, x, fn)
+  return x, target, b, mask, nf
+
+
 def feature_ablation(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Array, *,
                      baselines: Any = None, feature_mask: Any = None,
                      perturbations_per_eval: int = 1, reduce: str = "sum") -> jax.Array:
@@ -77,10 +87,8 @@ def feature_ablation(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.A
   Returns:
     (N, H, W) (or (N, H, W, C)).
   """
-  x, target = _core.check_x_target(x, target, "feature_ablation")
-  _core.check_reduce(reduce, "feature_ablation")
-  b = _core.as_baseline(baselines, x, "feature_ablation")
-  mask, nf = feature_mask_4d(feature_mask, x, "feature_ablation")
+  x, target, b, mask, nf = _checked_features(x, target, baselines, feature_mask, reduce,
+                                             "feature_ablation")
   score = _scores(apply_fn, params, target)
   base = score(x)
 
@@ -213,10 +221,8 @@ def shapley_value_sampling(apply_fn: ApplyFn, params: Any, x: jax.Array, target:
   Returns:
     (N, H, W) (or (N, H, W, C)).
   """
-  x, target = _core.check_x_target(x, target, "shapley_value_sampling")
-  _core.check_reduce(reduce, "shapley_value_sampling")
-  b = _core.as_baseline(baselines, x, "shapley_value_sampling")
-  mask, nf = feature_mask_4d(feature_mask, x, "shapley_value_sampling")
+  x, target, b, mask, nf = _checked_features(x, target, baselines, feature_mask, reduce,
+                                             "shapley_value_sampling")
   if perms is None:
     if key is None:
       raise ValueError("shapley_value_sampling: key is required when perms is not given")
