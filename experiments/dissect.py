@@ -133,8 +133,9 @@ def main(argv=None) -> None:
          f"{', '.join(known)}")
   thresholds = load_thresholds(args.thresholds, layers, units)
   try:
-    model, _ = _common.load_sweep_inputs(args, target, checked, progress=leader)
-    probe = broden.load_probe(target.probe_dir, categories=args.categories or None)
+    model, probe = _common.load_sweep_inputs(args, target, checked, progress=leader)
+    if args.categories:  # the probe set read again, keeping only these categories
+      probe = broden.load_probe(target.probe_dir, categories=args.categories)
   except (ValueError, FileNotFoundError) as e:
     fail(one_line(e))
   with _common.locked_output(args.out):  # a second run on --out is refused
