@@ -103,7 +103,6 @@ def main(argv=None) -> None:
   from nemjax.data import broden, synthetic
   from nemjax.dissect.driver import layer_shapes
   from nemjax.dissect.run import DissectConfig, run_dissection
-  from nemjax.models import checkpoint
 
   fail = _common.fail
   try:

@@ -13,7 +13,6 @@ original model's outputs), which fools visibly within the 10-minute CPU budget.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from nemjax.fooling.losses import FOOLING_METHODS, KINDS
 from nemjax.fooling.metrics import DEFAULT_THRESHOLD

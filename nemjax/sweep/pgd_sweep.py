@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from nemjax import distributed, figures, preprocess
