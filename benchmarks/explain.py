@@ -1,7 +1,7 @@
 """Attributions per second of nemjax.explain vs Captum 0.9, same model, weights and batch (CPU).
 
   .venv/bin/python benchmarks/explain.py [--arch smallcnn] [--size 64] [--batch 4]
-      [--methods saliency,integrated_gradients,...] [--fast-grad] [--trojan-bench] [--out FILE.md]
+      [--methods saliency,integrated_gradients,...] [--no-fast-grad] [--trojan-bench] [--out FILE.md]
   .venv/bin/python benchmarks/explain.py --memory [--batch 64]    # peak memory, IG / SmoothGrad
 
 ``--trojan-bench``: the 16 methods of Casper's trojan benchmark with the options
@@ -14,8 +14,10 @@ explain the same images of the same random-weight model (the JAX model is conver
 PyTorch twin in ``tests/torch_models.py``) with the same options (below); JAX calls are
 ``jax.jit``-compiled once (compile and a warm-up excluded) and end with ``block_until_ready``;
 Captum runs with ``torch.set_num_threads(--threads)`` and denormals flushed, as XLA:CPU does.
-``--fast-grad`` explains ``ops.fastgrad.cpu_fast_grad(apply_fn)`` (same maps, faster gradients
-through max-pool and a strided stem: ResNet18, AlexNet).
+``explain.explain`` differentiates the model through ``ops.fastgrad.cpu_fast_grad`` on the CPU
+(same maps, faster gradients through max-pools and a strided stem); ``--no-fast-grad`` turns that
+off (``fast_grad=False``). The table's heading names ``XLA_FLAGS`` (the experiment scripts run
+with ``experiments._common.CPU_XLA_FLAGS``; pass them with ``--xla-flags``).
 Timing is ``_sidebyside.interleaved_best`` (best of alternating calls). Sampling methods get
 keys on the JAX side and draw their own samples in Captum (same counts, not the same draws;
 the tests compare values with identical draws).
@@ -128,9 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
   p.add_argument("--trojan-bench", action="store_true",
                  help="the trojan benchmark's methods and options; ms per image")
-  p.add_argument("--fast-grad", action="store_true",
-                 help="explain nemjax.ops.fastgrad.cpu_fast_grad(apply_fn) (same maps; max-pool "
-                      "and strided-stem gradients without XLA:CPU's slow paths)")
+  p.add_argument("--no-fast-grad", action="store_true",
+                 help="explain(..., fast_grad=False): XLA's own max-pool and strided-conv "
+                      "gradients instead of the CPU rewrite (the default on CPU)")
   p.add_argument("--memory", action="store_true",
                  help="peak memory of integrated_gradients and smoothgrad instead of timings")
   p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)   # child process
@@ -248,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
       elif isinstance(m, torch.nn.Linear):
         m.rule = lrp_rules.EpsilonRule(epsilon=0.01)
 
-  model_fn = apply_fn
-  if args.fast_grad:
-    from nemjax.ops import fastgrad
-    model_fn = fastgrad.cpu_fast_grad(apply_fn)
+  fast_grad = False if args.no_fast_grad else None
   rows = []
   for name in names:
     jopts, cls, ctor, kw = table[name]
@@ -259,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ctor = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in ctor.items()}
     kw = {k: tvals.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
     key = jopts.pop("key", None)
-    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, model_fn, p, xx, tg, **jopts,
+    f = jax.jit(lambda p, xx, tg, k: explain.explain(name, apply_fn, p, xx, tg, **jopts,
+                                                     fast_grad=fast_grad,
                                                      **({} if k is None else {"key": k})))
     t0 = time.perf_counter()
     f(params, jnp.asarray(x), jnp.asarray(t), key).block_until_ready()
@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
   lines = [
     f"Attributions per second on CPU: {args.arch} {args.size}x{args.size}, batch {args.batch}"
-    f"{', cpu_fast_grad' if args.fast_grad else ''} "
+    f"{', no CPU gradient rewrite' if args.no_fast_grad else ''}, "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'} "
     f"({os.cpu_count()} cores visible; torch threads {args.threads}; jax {jax.__version__}, "
     f"torch {torch.__version__}, captum {ca.__dict__.get('__version__', '0.9')})",
     "",

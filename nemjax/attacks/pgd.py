@@ -406,10 +406,7 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
   if loop not in LOOPS:
     raise ValueError(f"make_act_avg_attack: loop must be one of {LOOPS}, got {loop!r}")
   eps = float(eps)
-  if fast_grad is None:
-    fast_grad = jax.default_backend() == "cpu"
-  if fast_grad:
-    features_fn = fastgrad.cpu_fast_grad(features_fn)
+  features_fn = fastgrad.by_backend(features_fn, fast_grad)
 
   def check_call(x, units, source_masks, target_masks, key) -> jax.Array:
     """Host-side validation of one call (shapes, unit range, key); returns x as an array."""

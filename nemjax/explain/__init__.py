@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 
 from nemjax.explain import baselines, gradient, rules
+from nemjax.ops import fastgrad
 from nemjax.explain.baselines import blank, sobel
 from nemjax.explain.rescale import deeplift, deeplift_shap
 from nemjax.explain.relevance import lrp, lrp_layer, lrp_relevance
@@ -47,7 +48,7 @@ __all__ = ["explain", "METHODS", *sorted(METHODS), "noise_tunnel", "lrp_relevanc
 
 
 def explain(method: str, apply_fn: Callable[..., Any], params: Any, x: jax.Array,
-            target: jax.Array, **opts: Any) -> jax.Array:
+            target: jax.Array, *, fast_grad: bool | None = None, **opts: Any) -> jax.Array:
   """Runs attribution ``method`` (a key of :data:`METHODS`) with ``opts``.
 
   Args:
@@ -56,6 +57,10 @@ def explain(method: str, apply_fn: Callable[..., Any], params: Any, x: jax.Array
     params: its parameters (any pytree, e.g. the ``nnx.State`` of ``pure_apply``).
     x: (N, H, W, C) float images, preprocessed as ``apply_fn`` expects.
     target: (N,) int class per image (a scalar is broadcast).
+    fast_grad: differentiate ``apply_fn`` through :func:`nemjax.ops.fastgrad.cpu_fast_grad`
+      (same forward values, gradients equal up to float32 summation order; faster on XLA:CPU
+      for models with max-pools or a strided RGB stem, BENCHMARKS.md section 8). None (the
+      default): on the CPU backend only. Calling a method function directly never rewrites.
     **opts: the method's options (``layer=``, ``key=``, ...).
 
   Returns:
@@ -63,4 +68,5 @@ def explain(method: str, apply_fn: Callable[..., Any], params: Any, x: jax.Array
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-  return METHODS[method](apply_fn, params, x, target, **opts)
+  model = apply_fn if apply_fn is None else fastgrad.by_backend(apply_fn, fast_grad)
+  return METHODS[method](model, params, x, target, **opts)

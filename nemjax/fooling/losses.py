@@ -125,10 +125,14 @@ def active_loss(h1: jax.Array, h2: jax.Array, h01: jax.Array, h02: jax.Array) ->
 
 def heatmap(method: str, apply_fn: Callable, params: Any, x: jax.Array, target: jax.Array,
             layer: str) -> jax.Array:
-  """(N, h, w) map of ``method`` ('gradcam' | 'lrp', :data:`FOOLING_METHODS`) at ``layer``."""
+  """(N, h, w) map of ``method`` ('gradcam' | 'lrp', :data:`FOOLING_METHODS`) at ``layer``.
+
+  The map is taken of ``apply_fn`` as given: the fine-tuning step that differentiates it
+  decides on the CPU gradient rewrite for the whole loss (``manipulate.penalised``)."""
   if method not in FOOLING_METHODS:
     raise ValueError(f"method: must be one of {sorted(FOOLING_METHODS)}, got {method!r}")
-  return explain.explain(FOOLING_METHODS[method], apply_fn, params, x, target, layer=layer)
+  return explain.explain(FOOLING_METHODS[method], apply_fn, params, x, target, layer=layer,
+                         fast_grad=False)
 
 
 def per_image_loss(kind: str, h: jax.Array, h0: jax.Array | None) -> jax.Array:

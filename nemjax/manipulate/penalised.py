@@ -84,8 +84,6 @@ def make_penalised_step(apply_fn: Callable[[PyTree, jax.Array], Any], penalty_fn
   optimizer = train.default_optimizer() if optimizer is None else optimizer
   if not distill >= 0:
     raise ValueError(f"penalised step: distill must be >= 0, got {distill}")
-  if fast_grad is None:
-    fast_grad = jax.default_backend() == "cpu"
 
   def _update(state: train.TrainState, batch: Mapping[str, Any], lam: jax.Array):
     for key in ("image", "label"):
@@ -110,7 +108,7 @@ def make_penalised_step(apply_fn: Callable[[PyTree, jax.Array], Any], penalty_fn
       acc = jnp.sum(hit) / jnp.maximum(jnp.sum(labels >= 0), 1)
       return ce + lam * pen + distill * dist, (ce, pen, acc, dict(aux, distill=dist))
 
-    fn = fastgrad.cpu_fast_grad(loss_fn) if fast_grad else loss_fn
+    fn = fastgrad.by_backend(loss_fn, fast_grad)
     (loss, (ce, pen, acc, aux)), grads = jax.value_and_grad(fn, has_aux=True)(
         trained, state.teacher_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, trained)

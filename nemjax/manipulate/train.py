@@ -212,10 +212,8 @@ def make_train_step(apply_fn: ApplyFn, frozen_apply_fn: Callable[[PyTree, jax.Ar
   optimizer = default_optimizer() if optimizer is None else optimizer
   if frozen_apply_fn is None:
     frozen_apply_fn = apply_fn
-  if fast_grad is None:
-    fast_grad = jax.default_backend() == "cpu"
-  if fast_grad:  # only the differentiated model; the frozen teacher runs forward only
-    apply_fn = fastgrad.cpu_fast_grad(apply_fn)
+  # only the differentiated model is rewritten; the frozen teacher runs forward only
+  apply_fn = fastgrad.by_backend(apply_fn, fast_grad)
 
   def _update(state: TrainState, batch: Mapping[str, Any], alpha: jax.Array):
     if "image" not in batch:

@@ -38,7 +38,7 @@ from jax import lax
 
 from nemjax.ops import interpret
 
-__all__ = ["cpu_fast_grad", "max_pool", "max_pool_geometry", "strided_conv"]
+__all__ = ["cpu_fast_grad", "by_backend", "max_pool", "max_pool_geometry", "strided_conv"]
 
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs NHWC, rhs HWIO, out NHWC
 
@@ -291,3 +291,14 @@ def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
   def wrapped(*args):
     return interpret.rewrite(fn, rules, opts)(*args)
   return wrapped
+
+
+def by_backend(fn: Callable[..., Any], fast_grad: bool | None = None) -> Callable[..., Any]:
+  """``fn`` wrapped in :func:`cpu_fast_grad` when ``fast_grad`` is True, or when it is None
+  (every caller's default) and JAX's default backend is the CPU; else ``fn`` unchanged.
+
+  The rewrite only helps XLA:CPU (the accelerators' max-pool and convolution gradients are
+  already fast), and it never changes forward values."""
+  if fast_grad is None:
+    fast_grad = jax.default_backend() == "cpu"
+  return cpu_fast_grad(fn) if fast_grad else fn

@@ -45,10 +45,7 @@ class SweepAttack:
     """
     if steps < 1 or chunk < 1:
       raise ValueError(f"SweepAttack: steps and chunk must be >= 1, got {steps}, {chunk}")
-    if fast_grad is None:
-      fast_grad = jax.default_backend() == "cpu"
-    if fast_grad:
-      features_fn = fastgrad.cpu_fast_grad(features_fn)
+    features_fn = fastgrad.by_backend(features_fn, fast_grad)
     self.steps, self.chunk = steps, chunk
     self._sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
     self._features_fn = features_fn
