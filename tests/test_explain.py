@@ -114,6 +114,29 @@ def test_integrated_gradients_default_zero_baseline(small):
                                      method="riemann_right", n_steps=6), csum(ref))
 
 
+def test_auto_chunking_follows_the_pixel_budget(small, monkeypatch):
+  """``'auto'`` (the default for IG, noise tunnel, GradientSHAP): every step at once when they
+  fit ``AUTO_PIXELS_PER_CALL``, else the largest chunk that does (one step at the least); the
+  maps equal the all-at-once ones (Captum's default) within float32 summation order."""
+  from nemjax.explain import _core
+  n, h, w, _ = small.x.shape
+  assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") is None
+  whole = explain.integrated_gradients(small.apply, small.params, small.x, small.target, n_steps=7,
+                                       internal_batch_size=None)
+  monkeypatch.setattr(_core, "AUTO_PIXELS_PER_CALL", 3 * n * h * w + 1)
+  assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") == 3
+  assert _core.items_per_call("auto", 2, small.x, "internal_batch_size") is None
+  monkeypatch.setattr(_core, "AUTO_PIXELS_PER_CALL", 1)
+  assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") == 1
+  monkeypatch.setattr(_core, "AUTO_PIXELS_PER_CALL", 3 * n * h * w)
+  close(explain.integrated_gradients(small.apply, small.params, small.x, small.target, n_steps=7),
+        whole, 1e-5)
+  for bad in ("big", 0):
+    with pytest.raises(ValueError, match="internal_batch_size"):
+      explain.integrated_gradients(small.apply, small.params, small.x, small.target,
+                                   internal_batch_size=bad)
+
+
 class Recorder:
   """Wraps a drawing function, keeping what it returns."""
 

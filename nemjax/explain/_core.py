@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from nemjax.ops import interpret
 
 __all__ = ["ApplyFn", "check_x_target", "logits_of", "logit_fn", "target_score", "input_grad",
-           "layer_grad_and_acts", "reduce_map", "check_reduce", "as_baseline", "batched"]
+           "layer_grad_and_acts", "reduce_map", "check_reduce", "as_baseline", "batched", "items_per_call",
+           "AUTO_PIXELS_PER_CALL"]
 
 ApplyFn = Callable[[Any, jax.Array], Any]
 
@@ -110,6 +111,35 @@ def as_baseline(baselines: Any, x: jax.Array, fn: str) -> jax.Array:
     return jnp.broadcast_to(b, x.shape)
   except ValueError:
     raise ValueError(f"{fn}: baselines must broadcast to x {x.shape}, got {b.shape}") from None
+
+
+#: Pixels one call of a multi-step method (IG steps, noise-tunnel or GradientSHAP samples) takes
+#: at once by default: 128 images of 224² (a ResNet18 input gradient of that batch holds about
+#: 2 GiB on XLA:CPU). ``'auto'`` chunk sizes keep a call under it (BENCHMARKS.md section 8).
+AUTO_PIXELS_PER_CALL = 128 * 224 * 224
+
+
+def items_per_call(batch_size: int | str | None, n_items: int, x: jax.Array, name: str) -> int | None:
+  """How many of ``n_items`` N-image evaluations (of images like ``x`` (N, H, W, C)) run at once.
+
+  ``None`` is Captum's default, all at once; an int is that many at a time; ``'auto'`` (nemjax's
+  default) is as many as fit :data:`AUTO_PIXELS_PER_CALL` pixels (at least one; None when all
+  do). Results do not depend on it beyond float32 summation order; peak memory does.
+
+  Returns:
+    None (all at once, one vmapped program) or a chunk size >= 1 (``lax.map``).
+  """
+  if batch_size is None:
+    return None
+  if isinstance(batch_size, str):
+    if batch_size != "auto":
+      raise ValueError(f"{name}: must be an int >= 1, None or 'auto', got {batch_size!r}")
+    per_item = max(1, x.shape[0] * x.shape[1] * x.shape[2])
+    fit = max(1, AUTO_PIXELS_PER_CALL // per_item)
+    return None if fit >= n_items else fit
+  if int(batch_size) < 1:
+    raise ValueError(f"{name}: must be >= 1, got {batch_size}")
+  return int(batch_size)
 
 
 def batched(f: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:

@@ -77,14 +77,16 @@ def ig_steps(n_steps: int, method: str = "gausslegendre") -> tuple[np.ndarray, n
 
 def integrated_gradients(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Array, *,
                          baselines: Any = None, n_steps: int = 50, method: str = "gausslegendre",
-                         internal_batch_size: int | None = None, reduce: str = "sum") -> jax.Array:
+                         internal_batch_size: int | str | None = "auto", reduce: str = "sum"
+                         ) -> jax.Array:
   """Captum ``IntegratedGradients``: ``(x − b) · Σ_k w_k ∇f(b + α_k (x − b))``.
 
   Args:
     baselines: None (zeros, Captum's default), a scalar or an array broadcastable to x.
     n_steps, method: see :func:`ig_steps` (Captum's defaults: 50, ``'gausslegendre'``).
     internal_batch_size: steps evaluated at a time (each is an N-image batch); None = all at
-      once (one (n_steps · N)-image batch).
+      once (one (n_steps · N)-image batch, Captum's default); ``'auto'`` (the default) = all at
+      once when they fit ``_core.AUTO_PIXELS_PER_CALL``, else as many as do.
 
   Returns:
     (N, H, W) (or (N, H, W, C)).
@@ -99,7 +101,8 @@ def integrated_gradients(apply_fn: ApplyFn, params: Any, x: jax.Array, target: j
   def grad_at(alpha):
     return _core.input_grad(fn, params, b + alpha * (x - b), target)
 
-  grads = _core.batched(grad_at, alphas, internal_batch_size)       # (n, N, H, W, C)
+  chunk = _core.items_per_call(internal_batch_size, len(steps), x, "internal_batch_size")
+  grads = _core.batched(grad_at, alphas, chunk)                     # (n, N, H, W, C)
   total = jnp.tensordot(jnp.asarray(steps, x.dtype), grads, axes=1)
   return _core.reduce_map((x - b) * total, reduce)
 
@@ -117,7 +120,7 @@ def _base_method(name: str) -> Callable[..., jax.Array]:
 def noise_tunnel(method: str, apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Array, *,
                  key: jax.Array | None = None, noise: jax.Array | None = None, nt_samples: int = 5,
                  stdevs: float = 1.0, nt_type: str = "smoothgrad",
-                 nt_samples_batch_size: int | None = None, reduce: str = "sum",
+                 nt_samples_batch_size: int | str | None = "auto", reduce: str = "sum",
                  **method_opts: Any) -> jax.Array:
   """Captum ``NoiseTunnel(method)``: statistics of ``method`` over noisy copies of x.
 
@@ -130,7 +133,8 @@ def noise_tunnel(method: str, apply_fn: ApplyFn, params: Any, x: jax.Array, targ
       ``'guided_backprop'`` or ``'deconvolution'``; ``method_opts`` go to it.
     key: PRNG key for the noise (required unless ``noise`` is given).
     noise: (N, nt_samples, H, W, C) explicit noise (then ``key`` and ``stdevs`` are unused).
-    nt_samples_batch_size: samples per batch (each an N-image batch); None = all at once.
+    nt_samples_batch_size: samples per batch (each an N-image batch); None = all at once
+      (Captum's default); ``'auto'`` (the default): see :func:`integrated_gradients`.
 
   Returns:
     (N, H, W) (or (N, H, W, C)).
@@ -152,7 +156,8 @@ def noise_tunnel(method: str, apply_fn: ApplyFn, params: Any, x: jax.Array, targ
   def one(nz):
     return base(apply_fn, params, x + nz, target, reduce="none", **method_opts)
 
-  maps = _core.batched(one, jnp.swapaxes(noise, 0, 1), nt_samples_batch_size)  # (S, N, H, W, C)
+  chunk = _core.items_per_call(nt_samples_batch_size, noise.shape[1], x, "nt_samples_batch_size")
+  maps = _core.batched(one, jnp.swapaxes(noise, 0, 1), chunk)       # (S, N, H, W, C)
   mean = jnp.mean(maps, axis=0)
   mean_sq = jnp.mean(maps * maps, axis=0)
   out = {"smoothgrad": mean, "smoothgrad_sq": mean_sq, "vargrad": mean_sq - mean * mean}[nt_type]
@@ -169,7 +174,8 @@ def gradient_shap(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Arra
                   baselines: jax.Array, key: jax.Array | None = None, n_samples: int = 5,
                   stdevs: float = 0.0, noise: jax.Array | None = None,
                   baseline_index: jax.Array | None = None, alphas: jax.Array | None = None,
-                  internal_batch_size: int | None = None, reduce: str = "sum") -> jax.Array:
+                  internal_batch_size: int | str | None = "auto", reduce: str = "sum"
+                  ) -> jax.Array:
   """Captum ``GradientShap``: mean over samples of ``(x̃ − b) · ∇f(b + α (x̃ − b))``.
 
   Sample j of image i draws ``x̃ = x_i + noise[i, j]`` (N(0, stdevs²)), a baseline
@@ -179,7 +185,8 @@ def gradient_shap(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Arra
     baselines: (B, H, W, C) the baseline distribution.
     key: PRNG key for whichever of noise / baseline_index / alphas is not given.
     noise: (N, n_samples, H, W, C); baseline_index: (N, n_samples) int; alphas: (N, n_samples).
-    internal_batch_size: samples per batch (each N images); None = all at once.
+    internal_batch_size: samples per batch (each N images); None = all at once (Captum's
+      default); ``'auto'`` (the default): see :func:`integrated_gradients`.
 
   Returns:
     (N, H, W) (or (N, H, W, C)).
@@ -213,8 +220,8 @@ def gradient_shap(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Arra
     g = _core.input_grad(fn, params, b + a[:, None, None, None] * (xn - b), target)
     return (xn - b) * g
 
-  maps = _core.batched(one, (jnp.swapaxes(noise, 0, 1), baseline_index.T, alphas.T),
-                       internal_batch_size)
+  chunk = _core.items_per_call(internal_batch_size, s, x, "internal_batch_size")
+  maps = _core.batched(one, (jnp.swapaxes(noise, 0, 1), baseline_index.T, alphas.T), chunk)
   return _core.reduce_map(jnp.mean(maps, axis=0), reduce)
 
 
