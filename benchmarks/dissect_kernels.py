@@ -99,8 +99,9 @@ def run_oracle(acts, pix, scal, labelcat):
   return thr, tl, iou, (t1 - t0, t2 - t1)
 
 
-def run_kernel(acts, pix, scal, labelcat, batch=BATCH):
-  """Streaming thresholds, then tally (labels prepared inside) and IoU: (thr, state, iou, t)."""
+def run_kernel(acts, pix, scal, labelcat, batch=BATCH, method="auto"):
+  """Streaming thresholds, then tally (labels prepared inside, ``method`` as
+  ``tally.tally_update`` takes it) and IoU: (thr, state, iou, t)."""
   n, h, w, u = acts.shape
   t0 = time.perf_counter()
   st = quantile_lib.threshold_init(u, n * h * w)
@@ -111,10 +112,29 @@ def run_kernel(acts, pix, scal, labelcat, batch=BATCH):
   ts = tally_lib.tally_init(u, NUM_LABELS, NUM_CATS)
   for s in range(0, n, batch):
     ts = tally_lib.tally_update(ts, acts[s:s + batch], thr, pix[s:s + batch],
-                                scal[s:s + batch], labelcat)
+                                scal[s:s + batch], labelcat, method=method)
   iou = tally_lib.compute_iou(ts, labelcat)
   t2 = time.perf_counter()
   return thr, ts, iou, (t1 - t0, t2 - t1)
+
+
+def tally_methods(layer_acts: dict, pix, scal, labelcat, reps: int = 3) -> list[tuple]:
+  """Sparse against dense tally on this backend, per layer: best tally+IoU seconds of each,
+  whether their tallies are identical, and what ``method='auto'`` picks here."""
+  import jax  # pylint: disable=import-outside-toplevel
+  rows = []
+  for name, acts in layer_acts.items():
+    best, states = {}, {}
+    for method in ("sparse", "dense"):
+      run_kernel(acts[:BATCH], pix[:BATCH], scal[:BATCH], labelcat, method=method)  # compile
+      runs = [run_kernel(acts, pix, scal, labelcat, method=method) for _ in range(reps)]
+      best[method] = min(r[3][1] for r in runs)
+      states[method] = runs[0][1]
+    same = all(np.array_equal(getattr(states["sparse"], f), getattr(states["dense"], f))
+               for f in states["sparse"]._fields)
+    rows.append((name, best["sparse"], best["dense"], same, min(best, key=best.get),
+                 tally_lib.auto_method(jax.default_backend())))
+  return rows
 
 
 def run_shared_labels(layer_acts: dict, thr: dict, pix, scal, labelcat, batch=BATCH):
@@ -243,6 +263,14 @@ def main() -> None:
     tot = kt[0] + t_lab / len(rows) + t_layer[name]
     emit(f"| {name} | {kt[0]:.3f} s | {t_lab / len(rows):.3f} s | {t_layer[name]:.3f} s "
          f"| {tot:.3f} s | {sum(ot) / tot:.1f}x |")
+  import jax  # pylint: disable=import-outside-toplevel
+  emit(f"\nTally method on this backend ({jax.default_backend()}): tally+IoU, best of 3, "
+       "thresholds fixed:\n")
+  emit("| layer | sparse | dense | identical | faster | 'auto' picks |")
+  emit("|---|---|---|---|---|---|")
+  for name, ts, td, same, fast, auto in tally_methods(all_acts, pix, scal, labelcat):
+    emit(f"| {name} | {ts:.3f} s | {td:.3f} s | {same} | {fast} ({max(ts, td) / min(ts, td):.1f}x) "
+         f"| {auto}{'' if auto == fast else ' (not the faster one here)'} |")
   del all_acts
   emit("\nKernel only, more images (fresh process per run; activations generated per batch, "
        "two passes; labels tiled):\n")

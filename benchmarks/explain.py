@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/explain.py [--arch smallcnn] [--size 64] [--batch 4]
       [--methods saliency,integrated_gradients,...] [--no-fast-grad] [--trojan-bench] [--out FILE.md]
-  .venv/bin/python benchmarks/explain.py --memory [--batch 64]    # peak memory, IG / SmoothGrad
+  .venv/bin/python benchmarks/explain.py --memory [--batch 64] [--memory-limit GIB]   # IG / SmoothGrad
 
 ``--trojan-bench``: the 16 methods of Casper's trojan benchmark with the options
 ``experiments/trojan_bench.py`` uses (``nemjax.trojans.bench.AttributionSettings``: 4×4 feature
@@ -26,9 +26,13 @@ the tests compare values with identical draws).
 integrated_gradients and smoothgrad adds (a fresh process per row; the call runs once, the
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), then it runs again and VmHWM −
 VmRSS is read): Captum with its default ``internal_batch_size=None`` (all 50 steps, or all
-samples, of the batch at once), nemjax with the same default (one vmapped program) and with
-``internal_batch_size=1`` / ``nt_samples_batch_size=1`` (``lax.map`` over steps / samples: one
-N-image batch at a time).
+samples, of the batch at once) and with nemjax's ``'auto'`` chunk (in Captum's units), nemjax
+with Captum's default setting (one vmapped program), with its own
+default ``'auto'`` (all at once while they fit ``explain._core.AUTO_PIXELS_PER_CALL``, else the
+largest chunk that does) and with ``internal_batch_size=1`` / ``nt_samples_batch_size=1``
+(``lax.map`` over steps / samples: one N-image batch at a time). ``--memory-limit GIB`` runs
+each row under that address-space limit (``RLIMIT_AS``), so a row that needs more fails as it
+would on a machine that small: "out of memory".
 """
 from __future__ import annotations
 
@@ -135,42 +139,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "gradients instead of the CPU rewrite (the default on CPU)")
   p.add_argument("--memory", action="store_true",
                  help="peak memory of integrated_gradients and smoothgrad instead of timings")
+  p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                 help="with --memory: run each row under this address-space limit (GiB)")
   p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)   # child process
   sbs.add_common_args(p, min_seconds=1.0)
   return p.parse_args(argv)
 
 
-MEMORY_ROWS = [("integrated_gradients", "captum", None), ("integrated_gradients", "nemjax", None),
-               ("integrated_gradients", "nemjax", 1), ("smoothgrad", "captum", None),
-               ("smoothgrad", "nemjax", None), ("smoothgrad", "nemjax", 1)]
+MEMORY_ROWS = [(method, side, ibs) for method in ("integrated_gradients", "smoothgrad")
+               for side, ibs in (("captum", None), ("captum", "auto"), ("nemjax", None),
+                                 ("nemjax", "auto"), ("nemjax", 1))]
 
 
-def _peak_added(call) -> float:
-  """MiB of resident memory a second ``call()`` adds at its peak (Linux)."""
-  call()
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")                       # reset VmHWM to the current RSS
-
+def _peak_added(call) -> tuple[float, float, float]:
+  """MiB of resident memory a second ``call()`` adds at its peak (Linux), its seconds, and the
+  process's peak resident GiB over both calls (allocators that keep freed memory, as XLA's
+  does, show their working set there rather than in the second call's increase)."""
   def status(key):
     with open("/proc/self/status") as f:
       return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-  rss = status("VmRSS")
   call()
-  return (status("VmHWM") - rss) / 1024
+  first_peak = status("VmHWM")
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                       # reset VmHWM to the current RSS
+  rss = status("VmRSS")
+  t0 = time.perf_counter()
+  call()
+  seconds = time.perf_counter() - t0
+  peak = status("VmHWM")
+  return (peak - rss) / 1024, seconds, max(first_peak, peak) / 2**20
 
 
 def memory_table(args: argparse.Namespace) -> int:
   """Runs each row of MEMORY_ROWS in a fresh process; prints the markdown table."""
   import subprocess
+  limit = "" if args.memory_limit is None else f", each under a {args.memory_limit:g} GiB address-space limit"
   lines = [f"Peak resident memory added by one call (MiB): {args.arch} {args.size}x{args.size}, "
-           f"batch {args.batch}; IG 50 steps, SmoothGrad 50 samples", "",
-           "| method | library | steps/samples at a time | peak MiB added |", "|---|---|---|---|"]
+           f"batch {args.batch}; IG 50 steps, SmoothGrad 50 samples{limit}", "",
+           "| method | library | steps/samples at a time | peak MiB added | process peak GiB "
+           "| seconds per call |", "|---|---|---|---|---|---|"]
   for method, side, ibs in MEMORY_ROWS:
     cmd = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size),
            "--batch", str(args.batch), "--threads", str(args.threads),
            "--memory-row", f"{method}:{side}:{ibs}"]
+    if args.memory_limit is not None:
+      cmd += ["--memory-limit", str(args.memory_limit)]
+    if args.xla_flags is not None:
+      cmd += [f"--xla-flags={args.xla_flags}"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    got = res.stdout.strip().splitlines()[-1] if res.returncode == 0 else f"failed ({res.returncode})"
+    if res.returncode == 0:
+      got = res.stdout.strip().splitlines()[-1].replace(" ", " | ")
+    elif any(s in res.stderr for s in ("bad_alloc", "can't allocate", "MemoryError", "RESOURCE_EXHAUSTED")):
+      got = "out of memory | – | –"
+    else:
+      got = f"failed ({res.returncode}) | – | –"
     print(f"{method} {side} {ibs}: {got}", file=sys.stderr, flush=True)
     lines.append(f"| {method} | {side} | {'all' if ibs is None else ibs} | {got} |")
   sbs.emit(lines, args.out)
@@ -181,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if args.memory:
     return memory_table(args)
+  if args.memory_row is not None and args.memory_limit is not None:
+    import resource
+    cap = int(args.memory_limit * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
   sbs.set_up(args)
   import jax
   import jax.numpy as jnp
@@ -223,25 +249,32 @@ def main(argv: list[str] | None = None) -> int:
   jvals = {"MASK": mask, "BASES": bases, "LAYER": jlayer, "KEY": jax.random.key(0)}
   if args.memory_row is not None:
     method, side, ibs = args.memory_row.split(":")
-    ibs = None if ibs == "None" else int(ibs)
+    ibs = None if ibs == "None" else ibs if ibs == "auto" else int(ibs)
     xj, tj = jnp.asarray(x), jnp.asarray(t)
     if side == "captum":
+      chunk = {}
+      if ibs == "auto":   # nemjax's 'auto' chunk, in Captum's unit (images, steps × N)
+        from nemjax.explain import _core
+        steps = _core.items_per_call("auto", 50, xj, "auto") or 50
+        chunk = {"nt_samples_batch_size" if method == "smoothgrad" else "internal_batch_size":
+                 steps if method == "smoothgrad" else steps * args.batch}
       if method == "smoothgrad":
         ex = ca.NoiseTunnel(ca.Saliency(tmodel))
-        call = lambda: ex.attribute(xt, target=tt, nt_samples=50, stdevs=0.1)
+        call = lambda: ex.attribute(xt, target=tt, nt_samples=50, stdevs=0.1, **chunk)
       else:
         ex = ca.IntegratedGradients(tmodel)
-        call = lambda: ex.attribute(xt, target=tt)
+        call = lambda: ex.attribute(xt, target=tt, **chunk)
     elif method == "smoothgrad":
-      f = jax.jit(lambda p, xx, tg: explain.smoothgrad(apply_fn, p, xx, tg, key=jax.random.key(0),
-                                                       nt_samples=50, stdevs=0.1,
-                                                       nt_samples_batch_size=ibs))
+      f = jax.jit(lambda p, xx, tg: explain.explain("smoothgrad", apply_fn, p, xx, tg,
+                                                    key=jax.random.key(0), nt_samples=50,
+                                                    stdevs=0.1, nt_samples_batch_size=ibs))
       call = lambda: f(params, xj, tj).block_until_ready()
     else:
-      f = jax.jit(lambda p, xx, tg: explain.integrated_gradients(apply_fn, p, xx, tg,
-                                                                 internal_batch_size=ibs))
+      f = jax.jit(lambda p, xx, tg: explain.explain("integrated_gradients", apply_fn, p, xx, tg,
+                                                    internal_batch_size=ibs))
       call = lambda: f(params, xj, tj).block_until_ready()
-    print(f"{_peak_added(call):.0f}")
+    added, seconds, peak = _peak_added(call)
+    print(f"{added:.0f} {peak:.1f} {seconds:.1f}")
     return 0
   if "lrp" in names:
     for m in tmodel.modules():
@@ -281,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     def torch_call():
       explainer.attribute(xt, target=tt, **kw)
 
+    try:
+      torch_call()
+    except RuntimeError as e:   # e.g. Captum's DeepLift on a model that reuses a ReLU module
+      best = sbs.interleaved_best({"jax": sbs.timed(jax_call)}, args.min_reps, args.min_seconds)
+      rows.append((name, args.batch / best["jax"], float("nan"), float("nan"), compile_s))
+      print(f"{name}: nemjax {rows[-1][1]:.1f}/s, captum fails: {str(e).splitlines()[0][:100]}",
+            file=sys.stderr, flush=True)
+      continue
     best = sbs.interleaved_best({"jax": sbs.timed(jax_call), "torch": sbs.timed(torch_call)},
                                 args.min_reps, args.min_seconds)
     rows.append((name, args.batch / best["jax"], args.batch / best["torch"], best["torch"] / best["jax"], compile_s))

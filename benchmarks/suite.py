@@ -11,8 +11,8 @@ one command to run on a GPU machine.
    so); each benchmark below still checks nemjax against its own reference (NumPy oracle or
    PyTorch).
 2. The benchmarks, each in its own process with JAX's default platform (``JAX_PLATFORMS``
-   left to JAX unless set): forward, dissection (dense vs sparse tally kernels and the
-   driver), PGD, fine-tuning step, explanation methods, the sweep. Their tables are printed
+   left to JAX unless set): forward, dissection (dense vs sparse tally kernels, with what
+   ``method='auto'`` picks on this backend against which was faster, and the driver), PGD, fine-tuning step, explanation methods, the sweep. Their tables are printed
    and, with --out, written to one file; a failing benchmark is a failed row, not the end.
 
 Exit status 1 if the equality check or any benchmark failed.
@@ -62,6 +62,7 @@ def equality_check(tmp: Path) -> tuple[bool, list[str]]:
   import optax
   from nemjax import manipulate, models
   from nemjax.data import loader
+  from nemjax.dissect import tally as tally_lib
   from nemjax.dissect.driver import dissect, make_mesh
   from nemjax.sweep.attack import SweepAttack
   from nemjax.sweep.pgd_sweep import features_fn_for
@@ -88,6 +89,13 @@ def equality_check(tmp: Path) -> tuple[bool, list[str]]:
             and all(np.array_equal(np.asarray(x), np.asarray(y))
                     for x, y in zip(a.tally, b.tally)))
     row(f"dissection {layer}: thresholds + tallies", "identical" if same else "differ", same)
+  by_method = {m: dissect(model, probe, layers, batch_size=8, progress=False, tally_method=m,
+                          mesh=make_mesh(jax.devices())) for m in ("sparse", "dense")}
+  same = all(np.array_equal(np.asarray(x), np.asarray(y))
+             for layer in layers
+             for x, y in zip(by_method["sparse"][layer].tally, by_method["dense"][layer].tally))
+  row(f"dissection on {backend}: sparse and dense tallies ('auto' picks "
+      f"{tally_lib.auto_method(backend)})", "identical" if same else "differ", same)
 
   x = loader.load_images(probe, np.arange(16)).astype(np.float32) / np.float32(255.0)
   rng = np.random.default_rng(0)

@@ -432,6 +432,24 @@ def test_tally_sparse_call_splitting(monkeypatch):
     assert np.array_equal(getattr(ref, f), getattr(got, f)), f
 
 
+def test_tally_auto_method_by_backend(monkeypatch):
+  """'auto' takes the measured per-backend choice (AUTO_TALLY_METHOD: sparse on CPU, dense on
+  backends not listed); every choice gives the same counts."""
+  assert tally_lib.auto_method("cpu") == "sparse"
+  assert tally_lib.auto_method("gpu") == tally_lib.auto_method("tpu") == "dense"
+  n, h, w, u, k, sh, sw = 4, 7, 7, 5, 2, 112, 112
+  a, thr, pix, scal, labelcat, _ = _case(6, n, h, w, u, k, sh, sw)
+  nl, c = labelcat.shape
+  ref = dissect.tally_update(dissect.tally_init(u, nl, c), a, thr, pix, scal, labelcat,
+                             method="sparse")
+  picked = []
+  monkeypatch.setattr(tally_lib, "auto_method", lambda b: picked.append(b) or "dense")
+  got = dissect.tally_update(dissect.tally_init(u, nl, c), a, thr, pix, scal, labelcat)
+  assert picked == ["cpu"]
+  for f in TALLY_FIELDS:
+    assert np.array_equal(getattr(ref, f), getattr(got, f)), f
+
+
 def test_tally_downsampled_layer_dense_route_and_unit_chunks(monkeypatch):
   """A layer larger than the label maps: 'sparse' routes to the dense path, whose unit chunks
   shrink to its value budget (here one unit per call) without changing a count."""

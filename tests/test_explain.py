@@ -124,7 +124,10 @@ def test_auto_chunking_follows_the_pixel_budget(small, monkeypatch):
   whole = explain.integrated_gradients(small.apply, small.params, small.x, small.target, n_steps=7,
                                        internal_batch_size=None)
   monkeypatch.setattr(_core, "AUTO_PIXELS_PER_CALL", 3 * n * h * w + 1)
-  assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") == 3
+  assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") == 3   # 3 + 3 + 1
+  assert _core.items_per_call("auto", 8, small.x, "internal_batch_size") == 3   # 3 + 3 + 2
+  monkeypatch.setattr(_core, "AUTO_PIXELS_PER_CALL", 5 * n * h * w)
+  assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") == 4   # 4 + 3, not 5 + 2
   assert _core.items_per_call("auto", 2, small.x, "internal_batch_size") is None
   monkeypatch.setattr(_core, "AUTO_PIXELS_PER_CALL", 1)
   assert _core.items_per_call("auto", 7, small.x, "internal_batch_size") == 1

@@ -77,6 +77,8 @@ from nemjax.ops.resample import tap_table
 
 __all__ = [
     "TallyState",
+    "AUTO_TALLY_METHOD",
+    "auto_method",
     "LabelBatch",
     "BestLabels",
     "tally_init",
@@ -502,6 +504,17 @@ def _tiny(x: jax.Array) -> jax.Array:
   return (mag > 0) & (mag < 0x21800000)  # 0x21800000 = bits of 2**-60
 
 
+#: The tally method ``'auto'`` takes on each JAX backend, from ``benchmarks/dissect_kernels.py``'s
+#: sparse-vs-dense table (BENCHMARKS.md section 2; ``benchmarks/suite.py`` reruns it on an
+#: accelerator and says when the other one was faster there). Backends not listed: dense.
+AUTO_TALLY_METHOD = {"cpu": "sparse"}
+
+
+def auto_method(backend: str) -> str:
+  """``'sparse'`` or ``'dense'``: the tally ``method='auto'`` uses on ``backend``."""
+  return AUTO_TALLY_METHOD.get(backend, "dense")
+
+
 def _sparse_pair_counts(acts: np.ndarray, thr32: np.ndarray, lab: LabelBatch):
   """Active (image, unit) pairs with their mask sizes and per-slot label counts.
 
@@ -692,7 +705,7 @@ def tally_update(state: TallyState, acts, thresholds, pixels=None, scalars=None,
   sh, sw = labels.code.shape[2:]
   h, w = a.shape[1:3]
   if method == "auto":
-    method = "sparse" if jax.default_backend() == "cpu" else "dense"
+    method = auto_method(jax.default_backend())
   if method not in ("sparse", "dense"):
     raise ValueError(f"method must be 'auto', 'sparse' or 'dense', got {method!r}")
   if h > sh or w > sw:

@@ -123,8 +123,9 @@ def items_per_call(batch_size: int | str | None, n_items: int, x: jax.Array, nam
   """How many of ``n_items`` N-image evaluations (of images like ``x`` (N, H, W, C)) run at once.
 
   ``None`` is Captum's default, all at once; an int is that many at a time; ``'auto'`` (nemjax's
-  default) is as many as fit :data:`AUTO_PIXELS_PER_CALL` pixels (at least one; None when all
-  do). Results do not depend on it beyond float32 summation order; peak memory does.
+  default) is the fewest chunks of (nearly) equal size that fit :data:`AUTO_PIXELS_PER_CALL`
+  pixels (at least one item each; None when all do). Results do not depend on it beyond
+  float32 summation order; peak memory does.
 
   Returns:
     None (all at once, one vmapped program) or a chunk size >= 1 (``lax.map``).
@@ -136,14 +137,20 @@ def items_per_call(batch_size: int | str | None, n_items: int, x: jax.Array, nam
       raise ValueError(f"{name}: must be an int >= 1, None or 'auto', got {batch_size!r}")
     per_item = max(1, x.shape[0] * x.shape[1] * x.shape[2])
     fit = max(1, AUTO_PIXELS_PER_CALL // per_item)
-    return None if fit >= n_items else fit
+    if fit >= n_items:
+      return None
+    calls = -(-n_items // fit)
+    return -(-n_items // calls)        # equal chunks (no remainder call), each within the budget
   if int(batch_size) < 1:
     raise ValueError(f"{name}: must be >= 1, got {batch_size}")
   return int(batch_size)
 
 
 def batched(f: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:
-  """``f`` over the leading axis of ``xs``: all at once (vmap) or ``batch_size`` at a time."""
+  """``f`` over the leading axis of ``xs``: all at once (vmap) or ``batch_size`` at a time
+  (``lax.map``: one chunk's memory at a time; on XLA:CPU the loop runs convolutions about 2x
+  slower than one vmapped program, BENCHMARKS.md section 8 -- writing the chunks out one after
+  another instead kept every chunk's buffers alive, even behind an optimisation barrier)."""
   if batch_size is None:
     return jax.vmap(f)(xs)
   if int(batch_size) < 1:

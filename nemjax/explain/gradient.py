@@ -198,7 +198,9 @@ def gradient_shap(apply_fn: ApplyFn, params: Any, x: jax.Array, target: jax.Arra
   if key is None and (noise is None or baseline_index is None or alphas is None):
     raise ValueError("gradient_shap: key is required unless noise, baseline_index and alphas are given")
   k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None,) * 3
-  if noise is None:
+  if noise is None and isinstance(stdevs, (int, float)) and stdevs == 0:
+    noise = jnp.zeros((n, s) + x.shape[1:], x.dtype)   # Captum's default: no draw needed
+  elif noise is None:
     noise = stdevs * jax.random.normal(k1, (n, s) + x.shape[1:], x.dtype)
   if baseline_index is None:
     baseline_index = jax.random.randint(k2, (n, s), 0, baselines.shape[0])
