@@ -114,8 +114,9 @@ def as_baseline(baselines: Any, x: jax.Array, fn: str) -> jax.Array:
 
 
 #: Pixels one call of a multi-step method (IG steps, noise-tunnel or GradientSHAP samples) takes
-#: at once by default: 128 images of 224² (a ResNet18 input gradient of that batch holds about
-#: 2 GiB on XLA:CPU). ``'auto'`` chunk sizes keep a call under it (BENCHMARKS.md section 8).
+#: at once by default: 128 images of 224² (ResNet18 IG at batch 8 in such chunks peaked at 3.2 GiB
+#: of process memory on XLA:CPU). ``'auto'`` chunk sizes keep a call under it (BENCHMARKS.md
+#: section 8).
 AUTO_PIXELS_PER_CALL = 128 * 224 * 224
 
 
@@ -140,7 +141,7 @@ def items_per_call(batch_size: int | str | None, n_items: int, x: jax.Array, nam
     if fit >= n_items:
       return None
     calls = -(-n_items // fit)
-    return -(-n_items // calls)        # equal chunks (no remainder call), each within the budget
+    return -(-n_items // calls)        # chunks as even as that many calls allow, each within budget
   if int(batch_size) < 1:
     raise ValueError(f"{name}: must be >= 1, got {batch_size}")
   return int(batch_size)
