@@ -27,6 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nemjax.dissect import quantile as quantile_lib  # noqa: E402
@@ -121,7 +122,6 @@ def run_kernel(acts, pix, scal, labelcat, batch=BATCH, method="auto"):
 def tally_methods(layer_acts: dict, pix, scal, labelcat, reps: int = 3) -> list[tuple]:
   """Sparse against dense tally on this backend, per layer: best tally+IoU seconds of each,
   whether their tallies are identical, and what ``method='auto'`` picks here."""
-  import jax  # pylint: disable=import-outside-toplevel
   rows = []
   for name, acts in layer_acts.items():
     best, states = {}, {}
@@ -263,7 +263,6 @@ def main() -> None:
     tot = kt[0] + t_lab / len(rows) + t_layer[name]
     emit(f"| {name} | {kt[0]:.3f} s | {t_lab / len(rows):.3f} s | {t_layer[name]:.3f} s "
          f"| {tot:.3f} s | {sum(ot) / tot:.1f}x |")
-  import jax  # pylint: disable=import-outside-toplevel
   emit(f"\nTally method on this backend ({jax.default_backend()}): tally+IoU, best of 3, "
        "thresholds fixed:\n")
   emit("| layer | sparse | dense | identical | faster | 'auto' picks |")

@@ -255,27 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     method, side, ibs = args.memory_row.split(":")
     ibs = None if ibs == "None" else ibs if ibs == "auto" else int(ibs)
     xj, tj = jnp.asarray(x), jnp.asarray(t)
+    smooth = method == "smoothgrad"
+    chunk_opt = "nt_samples_batch_size" if smooth else "internal_batch_size"
+    samples = {"nt_samples": 50, "stdevs": 0.1} if smooth else {}
     if side == "captum":
       chunk = {}
-      if ibs == "auto":   # nemjax's 'auto' chunk, in Captum's unit (images, steps × N)
+      if ibs == "auto":   # nemjax's 'auto' chunk, in Captum's unit (samples, or steps × N images)
         from nemjax.explain import _core
         steps = _core.items_per_call("auto", 50, xj, "auto") or 50
-        chunk = {"nt_samples_batch_size" if method == "smoothgrad" else "internal_batch_size":
-                 steps if method == "smoothgrad" else steps * args.batch}
-      if method == "smoothgrad":
-        ex = ca.NoiseTunnel(ca.Saliency(tmodel))
-        call = lambda: ex.attribute(xt, target=tt, nt_samples=50, stdevs=0.1, **chunk)
-      else:
-        ex = ca.IntegratedGradients(tmodel)
-        call = lambda: ex.attribute(xt, target=tt, **chunk)
-    elif method == "smoothgrad":
-      f = jax.jit(lambda p, xx, tg: explain.explain("smoothgrad", apply_fn, p, xx, tg,
-                                                    key=jax.random.key(0), nt_samples=50,
-                                                    stdevs=0.1, nt_samples_batch_size=ibs))
-      call = lambda: f(params, xj, tj).block_until_ready()
+        chunk = {chunk_opt: steps if smooth else steps * args.batch}
+      ex = ca.NoiseTunnel(ca.Saliency(tmodel)) if smooth else ca.IntegratedGradients(tmodel)
+      call = lambda: ex.attribute(xt, target=tt, **samples, **chunk)
     else:
-      f = jax.jit(lambda p, xx, tg: explain.explain("integrated_gradients", apply_fn, p, xx, tg,
-                                                    internal_batch_size=ibs))
+      opts = dict(samples, **{chunk_opt: ibs}, **({"key": jax.random.key(0)} if smooth else {}))
+      f = jax.jit(lambda p, xx, tg: explain.explain(method, apply_fn, p, xx, tg, **opts))
       call = lambda: f(params, xj, tj).block_until_ready()
     added, seconds, peak = _peak_added(call)
     print(f"{added:.0f} {peak:.1f} {seconds:.1f}")
