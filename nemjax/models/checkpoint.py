@@ -16,10 +16,13 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import logging
 import os
 import shutil
 import sys
 import threading
+import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,29 +47,45 @@ def _version() -> str:
   return getattr(nemjax, "__version__", "unknown")
 
 
+_ORBAX_MARKS = ("orbax", "tensorstore", "TensorStore", "OCDBT")
+
+
 def _is_orbax_leftover(exc: BaseException | None, obj: Any = None) -> bool:
-  """A report from a failed restore's leftovers: orbax's read coroutines, or its threads
-  posting to the closed event loop."""
+  """A report from a failed restore's leftovers: orbax's read coroutines, or the threads that
+  post TensorStore results to orbax's closed event loop."""
   code = getattr(obj, "cr_code", None)
   if code is not None and "orbax" in code.co_filename:
     return True
   return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
 
-def _drop_orphaned_reads() -> None:
-  """After a failed restore, orbax leaves the other arrays' failed read coroutines (and threads
-  that post to its closed event loop) behind; when they are collected or finish, Python prints
-  each one's traceback. Collect them now, quietly, and from then on drop only the reports of such
-  leftovers (every other report still reaches the previous hooks): the one error that matters is
-  raised to the caller."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = hook
+class _OrbaxTaskReportFilter(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" reports of orbax's reads (logged when a
+  failed restore's sibling tasks and futures are collected); every other asyncio record passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "never retrieved" not in message:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    tb = exc.__traceback__ if exc is not None else None
+    files = " ".join(f.filename for f in traceback.extract_tb(tb)) if tb is not None else ""
+    return not any(mark in message or mark in files for mark in _ORBAX_MARKS)
+
+
+def _quiet_orbax_leftovers() -> None:
+  """When one array of a restore fails, orbax leaves the other arrays' reads behind: coroutines,
+  tasks and futures whose errors nobody retrieves, and TensorStore threads that post to orbax's
+  closed event loop. Python reports each of them with a traceback -- as an unraisable error, a
+  thread error, an asyncio log record or an "never awaited" warning -- during the restore, when
+  they are collected, or at exit. Installed (once) before a restore, this drops only the reports
+  of such leftovers; every other report still reaches the previous hooks, and the one error that
+  matters is raised to the caller."""
   if getattr(sys.unraisablehook, "_nemjax_filter", False):
     return
+  logging.getLogger("asyncio").addFilter(_OrbaxTaskReportFilter())
+  warnings.filterwarnings("ignore", category=RuntimeWarning,
+                          message=r"coroutine '_read_array_index_and_device_put' was never awaited")
   prev_unraisable, prev_thread = sys.unraisablehook, threading.excepthook
 
   def unraisable(u):
@@ -78,6 +97,17 @@ def _drop_orphaned_reads() -> None:
       prev_thread(args)
   unraisable._nemjax_filter = True  # type: ignore[attr-defined]
   sys.unraisablehook, threading.excepthook = unraisable, thread
+
+
+def _collect_orphaned_reads() -> None:
+  """Collects a failed restore's leftover reads now (see ``_quiet_orbax_leftovers``), with every
+  unraisable report of the collection dropped."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
 
 
 def save_arrays(path: Path, tree: Any) -> None:
@@ -96,11 +126,12 @@ def save_arrays(path: Path, tree: Any) -> None:
 def restore_arrays(path: Path, target: Any, *, what: str, remedy: str) -> Any:
   """Restores the orbax pytree at ``path`` shaped like ``target`` (``jax.ShapeDtypeStruct``
   leaves); any failure is one ValueError line naming ``what`` and ``remedy``."""
+  _quiet_orbax_leftovers()  # a failed read's siblings report during the restore, later or at exit
   try:
     with _checkpointer() as ckptr:  # closed (its threads stopped) even when the read fails
       return ckptr.restore(path, target)
   except Exception as e:  # orbax raises many types; report one clear line
-    _drop_orphaned_reads()
+    _collect_orphaned_reads()
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ValueError(f"cannot restore {what}: {type(e).__name__}: {first} (the files are "
                      f"damaged or incomplete: {remedy})") from e
