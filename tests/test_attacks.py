@@ -4,6 +4,7 @@ Oracles: Pillow's BILINEAR resize of 'F' images, NumPy float64 re-statements, ce
 differences in float64 (under a scoped ``jax.enable_x64``), and a tiny two-layer conv net.
 """
 
+import re
 import numpy as np
 import pytest
 
@@ -568,7 +569,46 @@ def test_fastgrad_strided_conv_weight_grad_and_fallthrough():
   ct = jnp.asarray(rng.randn(*ref(x, w).shape).astype(np.float32))
   for a, b in zip(jax.vjp(ref, x, w)[1](ct), jax.vjp(new, x, w)[1](ct)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
-  # NCHW convolutions and stride-1 ones are left alone (evaluated unchanged).
+  # NCHW convolutions are left alone (evaluated unchanged).
   nchw = lambda z: jax.lax.conv_general_dilated(z, jnp.ones((2, 3, 3, 3)), (2, 2), "SAME")
   z = jnp.asarray(rng.randn(1, 3, 9, 9).astype(np.float32))
   np.testing.assert_array_equal(np.asarray(fastgrad.cpu_fast_grad(nchw)(z)), np.asarray(nchw(z)))
+
+
+@pytest.mark.parametrize("k,strides,padding,hw", [
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), (9, 8)), ((1, 1), (2, 2), ((0, 0), (0, 0)), (9, 8)),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (7, 10)), ((5, 3), (3, 2), ((2, 0), (0, 3)), (11, 9)),
+    ((3, 3), (1, 1), ((0, 0), (0, 0)), (6, 6))])
+def test_fastgrad_conv_hwio_input_grad(k, strides, padding, hw):
+  """``fastgrad.conv``: XLA's forward bit for bit, both VJPs equal to XLA's (any stride,
+  asymmetric padding)."""
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, *hw, 5).astype(np.float32))
+  w = jnp.asarray(rng.randn(*k, 5, 7).astype(np.float32))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  new = lambda x, w: fastgrad.conv(x, w, strides, padding)
+  np.testing.assert_array_equal(np.asarray(new(x, w)), np.asarray(ref(x, w)))
+  ct = jnp.asarray(rng.randn(*ref(x, w).shape).astype(np.float32))
+  for a, b in zip(jax.vjp(ref, x, w)[1](ct), jax.vjp(new, x, w)[1](ct)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
+
+
+def test_fastgrad_conv_grads_in_loops_use_hwio_kernels():
+  """Inside a ``lax.map`` body, XLA's own input gradient reads the kernel as (kh, kw, O, I)
+  (``01oi``: XLA:CPU's slow generic convolution); through the rewrite every convolution of the
+  optimised program reads an HWIO kernel, and the gradients agree."""
+  rng = np.random.RandomState(4)
+  w1 = jnp.asarray(rng.randn(3, 3, 6, 8).astype(np.float32) * 0.2)
+  w2 = jnp.asarray(rng.randn(3, 3, 8, 4).astype(np.float32) * 0.2)
+  dn = ("NHWC", "HWIO", "NHWC")
+  f = lambda z: jnp.sum(jax.lax.conv_general_dilated(
+      jax.nn.relu(jax.lax.conv_general_dilated(z, w1, (1, 1), "SAME", dimension_numbers=dn)),
+      w2, (2, 2), "SAME", dimension_numbers=dn) ** 2)
+  chunks = lambda fn: jax.jit(lambda xs: jax.lax.map(jax.grad(fn), xs))
+  xs = jnp.asarray(rng.randn(3, 2, 10, 10, 6).astype(np.float32))
+  labels = lambda fn: set(re.findall(r"dim_labels=(\S+?),", chunks(fn).lower(xs).compile().as_text()))
+  assert "b01f_01oi->b01f" in labels(f)
+  assert labels(fastgrad.cpu_fast_grad(f)) == {"b01f_01io->b01f"}
+  np.testing.assert_allclose(np.asarray(chunks(fastgrad.cpu_fast_grad(f))(xs)),
+                             np.asarray(chunks(f)(xs)), rtol=1e-5, atol=1e-5)

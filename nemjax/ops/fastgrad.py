@@ -8,14 +8,20 @@ pass are slow, whatever the model:
   images at 224², more than a third of the whole gradient;
 - **strided convolutions with few input channels** (the 7×7/2 stem): their input gradient is a
   convolution over a zero-dilated input with 3 output channels, which the fast convolution
-  kernels do not take.
+  kernels do not take;
+- **every convolution's input gradient inside a loop body** (``lax.map`` chunks, ``fori_loop``,
+  ``scan``): JAX writes it with the flipped kernel read in (kh, kw, C_out, C_in) order; outside
+  loops XLA:CPU copies that kernel into the layout its fast convolution takes, inside a while
+  body it does not, and the convolution falls to a generic loop about 2.7× slower.
 
 :func:`cpu_fast_grad` wraps a function so that, when traced, every ``reduce_window_max`` is
 replaced by :func:`max_pool`, whose backward pass is written with strided slices and
 phase-wise shifts (no ``select_and_scatter``), and strided convolutions with at most
 ``polyphase_max_in_channels`` input channels get a backward pass that is one stride-1
 convolution (polyphase decomposition of the transposed convolution) followed by a
-depth-to-space shuffle. Forward values are bit-identical (the forward ops are the original primitives). Gradients equal
+depth-to-space shuffle. Every other NHWC/HWIO convolution gets :func:`conv`, whose input
+gradient convolves with the flipped kernel materialised in HWIO order behind an optimisation
+barrier, so XLA keeps the fast kernel in loops too. Forward values are bit-identical (the forward ops are the original primitives). Gradients equal
 XLA's up to float32 summation order; at exact ties within a pooling window the gradient goes
 to the first maximal element in row-major window order, as ``select_and_scatter`` does.
 
@@ -38,7 +44,7 @@ from jax import lax
 
 from nemjax.ops import interpret
 
-__all__ = ["cpu_fast_grad", "by_backend", "max_pool", "max_pool_geometry", "strided_conv"]
+__all__ = ["cpu_fast_grad", "by_backend", "max_pool", "max_pool_geometry", "strided_conv", "conv"]
 
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs NHWC, rhs HWIO, out NHWC
 
@@ -218,6 +224,58 @@ strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
+# Any convolution, with its input gradient on an HWIO-materialised kernel.
+
+def _hwio_input_grad(g: jax.Array, w: jax.Array, x_shape, strides, padding, precision
+                     ) -> jax.Array:
+  """Input gradient of an NHWC/HWIO convolution: ``g`` (zero-dilated by the strides) convolved
+  with the spatially flipped kernel, transposed to (kh, kw, C_out, C_in) and materialised (an
+  optimisation barrier keeps XLA from folding the transpose back into the convolution's
+  dimension labels, the layout XLA:CPU's fast kernel does not take inside loop bodies)."""
+  (kh, kw), (sy, sx) = w.shape[:2], strides
+  h, wdt = x_shape[1], x_shape[2]
+  ho, wo = g.shape[1], g.shape[2]
+  wt = lax.optimization_barrier(jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)))
+  pad = ((kh - 1 - padding[0][0], h - 1 - (ho - 1) * sy + padding[0][0]),
+         (kw - 1 - padding[1][0], wdt - 1 - (wo - 1) * sx + padding[1][0]))
+  return lax.conv_general_dilated(g, wt, (1, 1), pad, lhs_dilation=(sy, sx),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+         padding: tuple[tuple[int, int], tuple[int, int]], precision: Any = None) -> jax.Array:
+  """NHWC/HWIO convolution (forward = ``lax.conv_general_dilated``) whose input VJP keeps
+  XLA:CPU's fast convolution kernel inside loop bodies (:func:`_hwio_input_grad`).
+
+  Args:
+    x: (N, H, W, C_in).
+    w: (kh, kw, C_in, C_out).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+    precision: passed to the convolutions.
+
+  Returns:
+    (N, Ho, Wo, C_out).
+  """
+  return _conv(x, w, strides, padding, precision)
+
+
+def _any_conv_fwd(x, w, strides, padding, precision):
+  return _conv(x, w, strides, padding, precision), (x, w)
+
+
+def _any_conv_bwd(strides, padding, precision, res, g):
+  x, w = res
+  gx = _hwio_input_grad(g, w, x.shape, strides, padding, precision)
+  _, vjp_w = jax.vjp(lambda ww: _conv(x, ww, strides, padding, precision), w)
+  return gx, vjp_w(g)[0]          # the weight gradient is dead code unless asked for
+
+
+conv.defvjp(_any_conv_fwd, _any_conv_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
 # The jaxpr rewrite.
 
 def max_pool_geometry(eqn: Any, x: Any) -> tuple | None:
@@ -255,20 +313,24 @@ def _rule_conv(eqn, invals, opts):
   x, w = invals
   dn = p["dimension_numbers"]
   specs = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) if dn is not None else None
-  if (specs != _NHWC_SPECS or x.ndim != 4 or all(s == 1 for s in p["window_strides"])
+  if (specs != _NHWC_SPECS or x.ndim != 4
       or any(d != 1 for d in p["lhs_dilation"]) or any(d != 1 for d in p["rhs_dilation"])
       or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
-      or p.get("preferred_element_type") is not None
-      or x.shape[3] > opts["polyphase_max_in_channels"]):
+      or p.get("preferred_element_type") is not None):
     return None
   strides = tuple(int(v) for v in p["window_strides"])
   pad = tuple(tuple(int(a) for a in pr) for pr in p["padding"])
-  return strided_conv(x, w, strides, pad, p.get("precision"))
+  if any(s != 1 for s in strides) and x.shape[3] <= opts["polyphase_max_in_channels"]:
+    return strided_conv(x, w, strides, pad, p.get("precision"))
+  if opts["hwio_conv_grads"]:
+    return conv(x, w, strides, pad, p.get("precision"))
+  return None
 
 
 _RULES = {"reduce_window_max": _rule_max_pool, "conv_general_dilated": _rule_conv}
 def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
-                  polyphase_max_in_channels: int = 4) -> Callable[..., Any]:
+                  polyphase_max_in_channels: int = 4, hwio_conv_grads: bool = True
+                  ) -> Callable[..., Any]:
   """Wraps ``fn`` so that its gradients avoid XLA CPU's slow paths; forward values unchanged.
 
   Args:
@@ -276,6 +338,8 @@ def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
     fast_max_pool: replace ``reduce_window_max`` by :func:`max_pool`.
     polyphase_max_in_channels: strided NHWC convolutions with at most this many input
       channels (the stem) get :func:`strided_conv`'s polyphase input gradient; 0 disables.
+    hwio_conv_grads: every other NHWC/HWIO convolution becomes :func:`conv` (input gradient on
+      an HWIO-materialised kernel; what keeps ``lax.map``/``fori_loop`` bodies fast).
 
   Returns:
     A function with ``fn``'s signature and outputs.
@@ -283,9 +347,10 @@ def cpu_fast_grad(fn: Callable[..., Any], *, fast_max_pool: bool = True,
   rules = dict(_RULES)
   if not fast_max_pool:
     rules.pop("reduce_window_max")
-  if polyphase_max_in_channels <= 0:
+  if polyphase_max_in_channels <= 0 and not hwio_conv_grads:
     rules.pop("conv_general_dilated")
-  opts = {"rules": rules, "polyphase_max_in_channels": int(polyphase_max_in_channels)}
+  opts = {"rules": rules, "polyphase_max_in_channels": int(polyphase_max_in_channels),
+          "hwio_conv_grads": bool(hwio_conv_grads)}
 
   @functools.wraps(fn)
   def wrapped(*args):
