@@ -49,11 +49,17 @@ CONFIGS = {
   "Python loop over jitted step, donated x_adv": dict(loop="python"),
   # Gradient rewrites (nemjax.ops.fastgrad).
   "python + fast max-pool grad": dict(loop="python", fast="pool"),
-  "python + fast max-pool + polyphase stem grad (default)": dict(loop="python", fast="pool+stem"),
+  "python + fast max-pool + polyphase stem grad": dict(loop="python", fast="pool+stem"),
+  "python + fast max-pool + polyphase stem + HWIO conv grads (default)": dict(
+    loop="python", fast="pool+stem+hwio"),
   "python + fast max-pool + polyphase every strided conv": dict(loop="python",
                                                                 fast="pool+allstrided"),
   "unrolled + fast max-pool + polyphase stem": dict(loop="unroll", fast="pool+stem"),
   "fori_loop + fast max-pool + polyphase stem": dict(loop="fori", fast="pool+stem"),
+  "fori_loop + fast max-pool + polyphase stem + HWIO conv grads": dict(loop="fori",
+                                                                       fast="pool+stem+hwio"),
+  "unrolled + fast max-pool + polyphase stem + HWIO conv grads": dict(loop="unroll",
+                                                                      fast="pool+stem+hwio"),
   # Objective, network cut, batch size.
   "default, explicit upsample act_avg (unrolled)": dict(loop="unroll", fast="pool+stem",
                                                          act="upsample"),
@@ -70,6 +76,10 @@ CONFIGS = {
     loop="python", fast="pool+stem", flags="--xla_cpu_multi_thread_eigen=false"),
   "default + YNNPACK fusions off (--xla_cpu_experimental_ynn_fusion_type=)": dict(
     loop="python", fast="pool+stem", flags="--xla_cpu_experimental_ynn_fusion_type="),
+  "default + HWIO conv grads + YNNPACK fusions off (the scripts)": dict(
+    loop="python", fast="pool+stem+hwio", flags="--xla_cpu_experimental_ynn_fusion_type="),
+  "fori_loop + HWIO conv grads + YNNPACK fusions off": dict(
+    loop="fori", fast="pool+stem+hwio", flags="--xla_cpu_experimental_ynn_fusion_type="),
   "default + XNNPACK graph fusion (GREEDY)": dict(
     loop="python", fast="pool+stem",
     flags="--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
@@ -197,7 +207,8 @@ def jax_run(args, cfg: dict) -> dict:
     features_fn = fastgrad.cpu_fast_grad(
       features_fn, fast_max_pool="pool" in fast,
       polyphase_max_in_channels=(1 << 30 if "allstrided" in fast else
-                                 4 if "stem" in fast else 0))
+                                 4 if "stem" in fast else 0),
+      hwio_conv_grads="hwio" in fast)
 
   x_np, units_np, src_np, tgt_np = make_problem(args.images)
   x, units = jnp.asarray(x_np), jnp.asarray(units_np)
@@ -273,7 +284,7 @@ def main() -> None:
     args.images, args.steps, args.reps = 4, 2, 1
   names = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
   if args.quick and args.configs == "all":
-    names = ["fori_loop", "python + fast max-pool + polyphase stem grad (default)",
+    names = ["fori_loop", "python + fast max-pool + polyphase stem + HWIO conv grads (default)",
              "default + --xla_cpu_enable_fast_math=true"]
   unknown = [n for n in names if n not in CONFIGS]
   if unknown:

@@ -168,9 +168,10 @@ def pgd(loss_fn: LossFn, x: jax.Array, *, eps: float, steps: int,
     random_start: start from a uniform draw in the ε-ball instead of ``x`` (needs ``key``).
     key: PRNG key for ``random_start``.
     loop: "fori" (``lax.fori_loop``), "scan" (``lax.scan``) or "unroll" (a Python loop traced
-      into one program); results are identical. On XLA:CPU, convolutions inside a ``while``
-      loop (fori, scan) run 3-4x slower than at top level (they miss the YNNPACK kernels), so
-      prefer "unroll" there, or :func:`make_act_avg_attack`'s default Python loop.
+      into one program); results are identical. On XLA:CPU, differentiate the model through
+      :func:`nemjax.ops.fastgrad.cpu_fast_grad`: without it the convolution input gradients
+      inside a ``while`` loop (fori, scan) run about 2.3x slower than at top level (XLA leaves
+      their kernels in a layout its fast convolution does not take; BENCHMARKS.md section 3).
     return_trajectory: also return every iterate.
 
   Returns:
@@ -384,11 +385,12 @@ def make_act_avg_attack(features_fn: FeaturesFn, *, eps: float, steps: int,
     random_start: uniform start in the ε-ball (``key`` required at call time).
     loop: "python" (default: a Python loop over one jitted step whose ``x_adv`` buffer is
       donated; compiles once for any ``steps``), or "fori", "scan", "unroll" (the whole attack
-      as one jitted program). On XLA:CPU the convolutions inside a ``while`` loop (fori, scan)
-      miss the fast YNNPACK kernels and run 3-4x slower; "unroll" is as fast as "python" but
-      compiles ``steps`` copies of the step. See ``benchmarks/pgd.py``.
+      as one jitted program). With the CPU gradient rewrite (``fast_grad``) all four run at
+      the same speed on XLA:CPU ("fori" 2.3x slower without it); "unroll" compiles ``steps``
+      copies of the step. See ``benchmarks/pgd.py``.
     fast_grad: wrap ``features_fn`` in :func:`nemjax.ops.fastgrad.cpu_fast_grad` (same
-      forward values; max-pool and stem-convolution gradients without XLA CPU's slow paths).
+      forward values; max-pool, stem-convolution and in-loop convolution gradients without XLA
+      CPU's slow paths).
       None: only when JAX's default backend is the CPU.
 
   Returns:

@@ -149,9 +149,11 @@ def items_per_call(batch_size: int | str | None, n_items: int, x: jax.Array, nam
 
 def batched(f: Callable[[Any], Any], xs: Any, batch_size: int | None) -> Any:
   """``f`` over the leading axis of ``xs``: all at once (vmap) or ``batch_size`` at a time
-  (``lax.map``: one chunk's memory at a time; on XLA:CPU the loop runs convolutions about 2x
-  slower than one vmapped program, BENCHMARKS.md section 8 -- writing the chunks out one after
-  another instead kept every chunk's buffers alive, even behind an optimisation barrier)."""
+  (``lax.map``: one chunk's memory at a time). On XLA:CPU the chunks cost no more than one
+  vmapped program when the model is differentiated through :func:`nemjax.ops.fastgrad.cpu_fast_grad`
+  (``explain``'s CPU default; without it the loop body's convolution gradients run about 2.7x
+  slower, BENCHMARKS.md section 8). Writing the chunks out one after another instead kept every
+  chunk's buffers alive, even behind an optimisation barrier."""
   if batch_size is None:
     return jax.vmap(f)(xs)
   if int(batch_size) < 1:
