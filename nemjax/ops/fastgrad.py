@@ -190,7 +190,37 @@ def _polyphase_input_grad(g: jax.Array, w: jax.Array, x_shape, strides, padding,
   return r[:, padding[0][0]:padding[0][0] + h, padding[1][0]:padding[1][0] + wdt, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _pair(v) -> tuple[int, int]:
+  return tuple(int(a) for a in v)
+
+
+def _pairs(v) -> tuple[tuple[int, int], tuple[int, int]]:
+  return tuple(_pair(p) for p in v)
+
+
+def _conv_with_input_grad(input_grad: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """``(x, w, strides, padding, precision) -> _conv(...)`` as a ``custom_vjp`` whose input
+  cotangent is ``input_grad(g, w, x.shape, strides, padding, precision)`` and whose weight
+  cotangent is XLA's (dead code unless asked for); strides, padding and precision are static."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+  def f(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision)
+
+  def fwd(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision), (x, w)
+
+  def bwd(strides, padding, precision, res, g):
+    x, w = res
+    gx = input_grad(g, w, x.shape, strides, padding, precision)
+    _, vjp_w = jax.vjp(lambda ww: _conv(x, ww, strides, padding, precision), w)
+    return gx, vjp_w(g)[0]
+  f.defvjp(fwd, bwd)
+  return f
+
+
+_polyphase_conv = _conv_with_input_grad(_polyphase_input_grad)
+
+
 def strided_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                  padding: tuple[tuple[int, int], tuple[int, int]], precision: Any = None
                  ) -> jax.Array:
@@ -206,21 +236,7 @@ def strided_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
   Returns:
     (N, Ho, Wo, C_out).
   """
-  return _conv(x, w, strides, padding, precision)
-
-
-def _strided_conv_fwd(x, w, strides, padding, precision):
-  return _conv(x, w, strides, padding, precision), (x, w)
-
-
-def _strided_conv_bwd(strides, padding, precision, res, g):
-  x, w = res
-  gx = _polyphase_input_grad(g, w, x.shape, strides, padding, precision)
-  _, vjp_w = jax.vjp(lambda ww: _conv(x, ww, strides, padding, precision), w)
-  return gx, vjp_w(g)[0]          # the weight gradient is dead code unless asked for
-
-
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+  return _polyphase_conv(x, w, _pair(strides), _pairs(padding), precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,37 +258,17 @@ def _hwio_input_grad(g: jax.Array, w: jax.Array, x_shape, strides, padding, prec
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+_hwio_conv = _conv_with_input_grad(_hwio_input_grad)
+
+
 def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
          padding: tuple[tuple[int, int], tuple[int, int]], precision: Any = None) -> jax.Array:
   """NHWC/HWIO convolution (forward = ``lax.conv_general_dilated``) whose input VJP keeps
   XLA:CPU's fast convolution kernel inside loop bodies (:func:`_hwio_input_grad`).
 
-  Args:
-    x: (N, H, W, C_in).
-    w: (kh, kw, C_in, C_out).
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-    precision: passed to the convolutions.
-
-  Returns:
-    (N, Ho, Wo, C_out).
+  Args: as :func:`strided_conv`. Returns: (N, Ho, Wo, C_out).
   """
-  return _conv(x, w, strides, padding, precision)
-
-
-def _any_conv_fwd(x, w, strides, padding, precision):
-  return _conv(x, w, strides, padding, precision), (x, w)
-
-
-def _any_conv_bwd(strides, padding, precision, res, g):
-  x, w = res
-  gx = _hwio_input_grad(g, w, x.shape, strides, padding, precision)
-  _, vjp_w = jax.vjp(lambda ww: _conv(x, ww, strides, padding, precision), w)
-  return gx, vjp_w(g)[0]          # the weight gradient is dead code unless asked for
-
-
-conv.defvjp(_any_conv_fwd, _any_conv_bwd)
+  return _hwio_conv(x, w, _pair(strides), _pairs(padding), precision)
 
 
 # ---------------------------------------------------------------------------------------------
