@@ -492,6 +492,17 @@ def test_modified_rules_through_cpu_fast_grad(small, method, opts):
   close(explain.explain(method, fast, small.params, small.x, small.target, **opts), want, 1e-6)
 
 
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvolution", "deeplift"])
+def test_relu_rules_keep_the_fast_max_pool_gradient(small, method):
+  """ReLU-only rule tables leave ops.fastgrad's custom VJPs whole: no ``select_and_scatter``
+  (XLA:CPU's slow max-pool gradient) in the program, unlike XLA's own gradient."""
+  from nemjax.ops import fastgrad
+  fast = fastgrad.cpu_fast_grad(small.apply)
+  run = lambda fn: explain.explain(method, fn, small.params, small.x, small.target, fast_grad=False)
+  assert "select_and_scatter" in jax.jit(lambda: run(small.apply)).lower().as_text()
+  assert "select_and_scatter" not in jax.jit(lambda: run(fast)).lower().as_text()
+
+
 # --------------------------------------------------------------------------------------------
 # Perturbation family (32x32 images: SmallCNN needs at least 16 pixels).
 
