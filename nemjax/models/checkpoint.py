@@ -77,7 +77,7 @@ def _quiet_orbax_leftovers() -> None:
   """When one array of a restore fails, orbax leaves the other arrays' reads behind: coroutines,
   tasks and futures whose errors nobody retrieves, and TensorStore threads that post to orbax's
   closed event loop. Python reports each of them with a traceback -- as an unraisable error, a
-  thread error, an asyncio log record or an "never awaited" warning -- during the restore, when
+  thread error, an asyncio log record or a "never awaited" warning -- during the restore, when
   they are collected, or at exit. Installed (once) before a restore, this drops only the reports
   of such leftovers; every other report still reaches the previous hooks, and the one error that
   matters is raised to the caller."""

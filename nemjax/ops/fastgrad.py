@@ -21,9 +21,10 @@ phase-wise shifts (no ``select_and_scatter``), and strided convolutions with at 
 convolution (polyphase decomposition of the transposed convolution) followed by a
 depth-to-space shuffle. Every other NHWC/HWIO convolution gets :func:`conv`, whose input
 gradient convolves with the flipped kernel materialised in HWIO order behind an optimisation
-barrier, so XLA keeps the fast kernel in loops too. Forward values are bit-identical (the forward ops are the original primitives). Gradients equal
-XLA's up to float32 summation order; at exact ties within a pooling window the gradient goes
-to the first maximal element in row-major window order, as ``select_and_scatter`` does.
+barrier, so XLA keeps the fast kernel in loops too. Forward values are bit-identical (the
+forward ops are the original primitives). Gradients equal XLA's up to float32 summation
+order; at exact ties within a pooling window the gradient goes to the first maximal element in
+row-major window order, as ``select_and_scatter`` does.
 
 The rewrite works on the function's jaxpr (:mod:`nemjax.ops.interpret`; ``jit`` nesting is
 inlined), so it needs no change to the model code::
