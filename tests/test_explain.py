@@ -503,6 +503,26 @@ def test_relu_rules_keep_the_fast_max_pool_gradient(small, method):
   assert "select_and_scatter" not in jax.jit(lambda: run(fast)).lower().as_text()
 
 
+def test_relu_rules_reach_inside_a_custom_vjp_that_holds_a_relu():
+  """A user's ``custom_vjp`` around a ReLU is still inlined, so the guided rule applies there."""
+  from nemjax.explain import rules
+  w1 = jax.random.normal(jax.random.key(0), (6, 5))
+  w2 = jax.random.normal(jax.random.key(1), (5, 3))
+
+  @jax.custom_vjp
+  def layer(h):
+    return jax.nn.relu(h @ w1)
+  layer.defvjp(lambda h: (layer(h), h),
+               lambda h, g: (jax.vjp(lambda z: jax.nn.relu(z @ w1), h)[1](g)[0],))
+  plain = lambda h: jnp.sum(jax.nn.relu(h @ w1) @ w2)
+  wrapped = lambda h: jnp.sum(layer(h) @ w2)
+  x = jax.random.normal(jax.random.key(2), (4, 6))
+  want = jax.grad(rules.with_rules(plain, rules.GUIDED))(x)
+  np.testing.assert_allclose(np.asarray(jax.grad(rules.with_rules(wrapped, rules.GUIDED))(x)),
+                             np.asarray(want), rtol=1e-6)
+  assert not np.allclose(np.asarray(want), np.asarray(jax.grad(plain)(x)))   # the rule mattered
+
+
 # --------------------------------------------------------------------------------------------
 # Perturbation family (32x32 images: SmallCNN needs at least 16 pixels).
 

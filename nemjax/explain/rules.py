@@ -14,11 +14,11 @@ code is untouched. ReLU is ``max(x, 0)`` (bare or as ``jax.nn.relu``); max-pool 
   unpool_x'(g_x'·(y − max(y, y')))) / Δx`` to both halves (the ordinary gradient where
   ``|Δx| < eps``), where ``unpool`` routes to each half's own window maximum.
 
-With the max-pool rule (:data:`DEEPLIFT_POOL`), a ``custom_vjp`` op in ``fn`` (e.g. from
-:func:`nemjax.ops.fastgrad.cpu_fast_grad`) is evaluated through its forward function, so the
-rule reaches the max-pools inside it. The ReLU-only tables leave such ops whole: their ReLUs are
-outside them, and the CPU rewrite's fast max-pool and convolution gradients survive (with the
-ops inlined, guided backprop on ResNet18 ran at the speed of XLA's slow ``select_and_scatter``).
+A ``custom_vjp`` op in ``fn`` that holds a ReLU or (for :data:`DEEPLIFT_POOL`) a max-pool is
+evaluated through its forward function, so the rules reach inside it. Others, such as the CPU
+rewrite's convolutions and (for the ReLU-only tables) its max-pools
+(:func:`nemjax.ops.fastgrad.cpu_fast_grad`), keep their fast VJPs. With those inlined, guided
+backprop on ResNet18 ran at the speed of XLA's slow ``select_and_scatter``.
 
 All backward passes are plain JAX expressions of the residuals, so a map built from them can be
 differentiated again (with respect to model parameters).
@@ -149,4 +149,4 @@ def with_rules(fn: Callable[..., Any], rules: dict, eps: float = 1e-10) -> Calla
   :data:`DEEPLIFT_POOL` (ReLU and max-pool)) substituted."""
   deeplift = rules is DEEPLIFT or rules is DEEPLIFT_POOL
   opts = {"eps": eps, "relu_kw": {"eps": eps}} if deeplift else {}
-  return interpret.rewrite(fn, rules, opts, inline_custom_vjp="reduce_window_max" in rules)
+  return interpret.rewrite(fn, rules, opts, inline_custom_vjp=True)

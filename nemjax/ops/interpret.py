@@ -9,9 +9,10 @@ None to evaluate the equation unchanged. ``jit`` / ``pjit`` / ``closed_call`` su
 inlined recursively, so rules see the primitives inside them too; ``custom_jvp_call`` (e.g.
 ``jax.nn.relu``) is handed to a rule as one equation (:func:`relu_operand` recognises ReLU).
 With ``inline_custom_vjp=True`` a ``custom_vjp_call`` (e.g. an op of :mod:`nemjax.ops.fastgrad`)
-is replaced by its forward function, inlined likewise: the modified-rule explanations define
-their own backward pass and must see the primitives under a custom VJP; otherwise it is bound
-unchanged, its VJP kept.
+whose forward function uses a primitive that has a rule is replaced by that function, inlined
+likewise: the modified-rule explanations define their own backward pass and must see those
+primitives under a custom VJP. Any other ``custom_vjp_call`` is bound unchanged, its VJP kept
+(so guided backprop keeps fastgrad's fast max-pool and convolution gradients).
 
 Model code is never touched::
 
@@ -30,7 +31,7 @@ import jax
 import jax.extend.core as jcore
 
 __all__ = ["Rule", "eval_jaxpr", "rewrite", "relu_operand", "with_delta", "bind", "inner_jaxpr",
-           "read", "CALL_PRIMITIVES", "CUSTOM_VJP_PRIMITIVES"]
+           "read", "uses_primitives", "CALL_PRIMITIVES", "CUSTOM_VJP_PRIMITIVES"]
 
 Rule = Callable[[Any, list, Mapping[str, Any]], Any]
 CALL_PRIMITIVES = ("pjit", "jit", "closed_call")
@@ -70,6 +71,19 @@ def inner_jaxpr(eqn: Any, inline_custom_vjp: bool = False) -> tuple[Any, Sequenc
   return (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
 
 
+def uses_primitives(jaxpr: Any, names: Any) -> bool:
+  """Whether ``jaxpr`` (or a call or custom-VJP/JVP sub-jaxpr in it) has an equation whose
+  primitive name is in ``names``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in names:
+      return True
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+      inner = eqn.params.get(key)
+      if inner is not None and uses_primitives(getattr(inner, "jaxpr", inner), names):
+        return True
+  return False
+
+
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Mapping[str, Rule],
                opts: Mapping[str, Any], inject: Mapping[Any, Callable[[Any], Any]] | None = None,
                inline_custom_vjp: bool = False) -> list:
@@ -84,8 +98,9 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
     opts: passed to every rule.
     inject: top-level variable -> ``f(value)`` applied to that variable's value as soon as it is
       defined (an input or an equation's output).
-    inline_custom_vjp: evaluate ``custom_vjp_call`` equations through their forward function
-      (rules see inside; the custom VJP is dropped) instead of binding them unchanged.
+    inline_custom_vjp: evaluate ``custom_vjp_call`` equations whose forward function uses a
+      primitive of ``rules`` through that function (rules see inside; the custom VJP is
+      dropped) instead of binding them unchanged.
 
   Returns:
     The values of ``jaxpr.outvars``.
@@ -110,6 +125,9 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rules: Ma
       out = rules[name](eqn, invals, opts)
     if out is None:
       inner = inner_jaxpr(eqn, inline_custom_vjp)
+      if (inner is not None and name in CUSTOM_VJP_PRIMITIVES
+          and not uses_primitives(inner[0], rules)):
+        inner = None                         # nothing to substitute inside: keep its VJP
       if inner is not None:
         out = eval_jaxpr(inner[0], inner[1], invals, rules, opts,
                          inline_custom_vjp=inline_custom_vjp)
