@@ -315,8 +315,7 @@ def _rule_conv(eqn, invals, opts):
       or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
       or p.get("preferred_element_type") is not None):
     return None
-  strides = tuple(int(v) for v in p["window_strides"])
-  pad = tuple(tuple(int(a) for a in pr) for pr in p["padding"])
+  strides, pad = _pair(p["window_strides"]), _pairs(p["padding"])
   if any(s != 1 for s in strides) and x.shape[3] <= opts["polyphase_max_in_channels"]:
     return strided_conv(x, w, strides, pad, p.get("precision"))
   if opts["hwio_conv_grads"]:
