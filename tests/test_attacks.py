@@ -579,9 +579,12 @@ def test_fastgrad_strided_conv_weight_grad_and_fallthrough():
     ((3, 3), (1, 1), ((1, 1), (1, 1)), (9, 8)), ((1, 1), (2, 2), ((0, 0), (0, 0)), (9, 8)),
     ((3, 3), (2, 2), ((1, 1), (1, 1)), (7, 10)), ((5, 3), (3, 2), ((2, 0), (0, 3)), (11, 9)),
     ((3, 3), (1, 1), ((0, 0), (0, 0)), (6, 6))])
-def test_fastgrad_conv_hwio_input_grad(k, strides, padding, hw):
+@pytest.mark.parametrize("flip_activations", [False, True])
+def test_fastgrad_conv_hwio_input_grad(k, strides, padding, hw, flip_activations, monkeypatch):
   """``fastgrad.conv``: XLA's forward bit for bit, both VJPs equal to XLA's (any stride,
-  asymmetric padding)."""
+  asymmetric padding), with the flip on the kernel (small kernels) or on the activations
+  (large kernels, forced here)."""
+  monkeypatch.setattr(fastgrad, "_flip_activations", lambda *sizes: flip_activations)
   rng = np.random.RandomState(3)
   x = jnp.asarray(rng.randn(2, *hw, 5).astype(np.float32))
   w = jnp.asarray(rng.randn(*k, 5, 7).astype(np.float32))
@@ -612,3 +615,14 @@ def test_fastgrad_conv_grads_in_loops_use_hwio_kernels():
   assert labels(fastgrad.cpu_fast_grad(f)) == {"b01f_01io->b01f"}
   np.testing.assert_allclose(np.asarray(chunks(fastgrad.cpu_fast_grad(f))(xs)),
                              np.asarray(chunks(f)(xs)), rtol=1e-5, atol=1e-5)
+
+
+def test_fastgrad_conv_flips_activations_only_for_large_kernels():
+  """The input gradient flips the activations instead of the kernel only for kernels of at least
+  2**20 elements (3×3×256×512 up) whose activations are at most four times their size, and
+  never for 1×1 kernels."""
+  big = 3 * 3 * 512 * 512
+  assert fastgrad._flip_activations(big, 9, 2 * 4 * 7 * 7 * 512)        # ResNet18 layer4
+  assert not fastgrad._flip_activations(big, 9, 5 * big)                  # huge batch
+  assert not fastgrad._flip_activations(3 * 3 * 256 * 256, 9, 1000)      # small kernel
+  assert not fastgrad._flip_activations(1 * 1 * 2048 * 2048, 1, 1000)    # 1×1: nothing to flip
