@@ -18,6 +18,7 @@ captum_attr = pytest.importorskip("captum.attr")
 
 import torch_models as tm  # noqa: E402
 from nemjax import convert, explain, models  # noqa: E402
+from nemjax.explain import gradient  # noqa: E402
 
 RTOL = 1e-4
 
@@ -177,6 +178,27 @@ def test_noise_tunnel_keyed_draws_are_reproducible(small):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="key is required"):
     explain.smoothgrad(small.apply, small.params, small.x, small.target)
+  # The keyed noise is gradient.gaussian_noise, the same under either threefry counter setting.
+  shape = (small.x.shape[0], 2) + small.x.shape[1:]
+  noise = 0.2 * gradient.gaussian_noise(jax.random.key(3), shape)
+  c = explain.smoothgrad(small.apply, small.params, small.x, small.target, noise=noise)
+  np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+  with jax.threefry_partitionable(True):
+    d = explain.smoothgrad(small.apply, small.params, small.x, small.target,
+                           key=jax.random.key(3), nt_samples=2, stdevs=0.2)
+  np.testing.assert_array_equal(np.asarray(d), np.asarray(a))
+
+
+def test_gaussian_noise_is_standard_normal_and_keyed():
+  """``gaussian_noise``: N(0, 1) values (scipy's normality test), a function of the key alone."""
+  from scipy import stats
+  z = np.asarray(gradient.gaussian_noise(jax.random.key(0), (4, 1000)))
+  assert z.dtype == np.float32 and z.shape == (4, 1000)
+  assert stats.normaltest(z.ravel()).pvalue > 1e-3
+  assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda k: gradient.gaussian_noise(k, (4, 1000)))(
+      jax.random.key(0))), z)
+  assert not np.array_equal(np.asarray(gradient.gaussian_noise(jax.random.key(1), (4, 1000))), z)
 
 
 def test_gradient_shap(small, monkeypatch):
