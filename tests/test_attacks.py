@@ -547,7 +547,10 @@ def test_fastgrad_same_forward_and_gradients():
 def test_fastgrad_max_pool_ties_follow_select_and_scatter():
   x = jnp.asarray(np.random.RandomState(0).randint(0, 3, (2, 11, 12, 3)).astype(np.float32))
   for k, s, p in [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0))),
-                  ((3, 2), (1, 3), ((1, 0), (0, 2)))]:
+                  ((3, 2), (1, 3), ((1, 0), (0, 2))),
+                  # disjoint windows (k <= s: one broadcast pass), with padding, gaps, leftovers
+                  ((2, 2), (3, 3), ((1, 0), (0, 2))), ((1, 2), (2, 2), ((0, 1), (1, 1))),
+                  ((3, 3), (3, 3), ((1, 1), (0, 0))), ((2, 3), (2, 3), ((0, 0), (0, 0)))]:
     ref = lambda z: jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1,) + k + (1,),
                                           (1,) + s + (1,), ((0, 0),) + p + ((0, 0),))
     y = ref(x)
