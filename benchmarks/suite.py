@@ -40,6 +40,7 @@ BENCHMARKS = {
     "fine-tuning step": ("finetune.py", ["--archs", "smallcnn,resnet18", "--min-seconds", "1",
                                          "--min-reps", "2", "--check-steps", "2"], []),
     "explanation methods": ("explain.py", ["--min-seconds", "0.5", "--min-reps", "2"], []),
+    "convolution layers": ("conv_layers.py", ["--min-seconds", "0.1", "--min-reps", "2"], []),
     "sweep": ("sweep.py", ["--quick"], []),
 }
 
