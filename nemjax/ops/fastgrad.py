@@ -281,8 +281,8 @@ def strided_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
 
 # Kernels with at least this many elements are transposed alone and the activations flipped
 # instead (see _hwio_input_grad). XLA:CPU fuses a kernel's flip and transpose into one loop:
-# about 0.15-0.2 ns per element while the (C_in, C_out) matrices fit in cache, 1.5 ns from
-# (3, 3, 256, 512) up, against 0.15-0.2 ns for the transpose alone (2 cores, AVX-512).
+# 0.3-0.7 ns per element up to (3, 3, 256, 256), 1.5 ns from (3, 3, 256, 512) up, against
+# 0.15-0.35 ns for the transpose alone (2 cores, AVX-512).
 _FLIP_ACTIVATIONS_MIN_KERNEL = 2**20
 
 
