@@ -227,3 +227,15 @@ def test_embedded_resume_equals_uninterrupted(tmp_path):
   # exactly equal; NaN (the sign correlation of the all-positive Grad-CAM maps) equals NaN
   np.testing.assert_equal(resumed["rows"], full["rows"])
   assert resumed["accuracy"] == full["accuracy"]
+
+
+def test_fooling_scores_of_numpy_float64_maps_warn_nothing():
+  """The metrics hand NumPy float64 maps to the JAX losses; with float64 off in JAX they must not
+  ask for float64 arrays (a UserWarning per call in the experiment's output)."""
+  import warnings
+  rng = np.random.default_rng(0)
+  h, h0 = rng.random((3, 14, 14)), rng.random((3, 14, 14))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for kind in ("location", "uniform", "topk", "centre-mass"):
+      assert metrics.fooling_score(kind, h, h0).shape == (3,)

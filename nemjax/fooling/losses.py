@@ -63,6 +63,7 @@ def minmax_normalise(h: jax.Array) -> jax.Array:
 
 def location_loss(h: jax.Array) -> jax.Array:
   """Location fooling: (N,) mean squared difference of the max-normalised map and the frame."""
+  h = jnp.asarray(h)      # NumPy float64 maps (the metrics) become JAX's canonical float dtype
   m = jnp.asarray(frame_mask(h.shape[1], h.shape[2]), h.dtype)
   return jnp.mean((max_normalise(h) - m) ** 2, axis=(1, 2))
 
@@ -92,6 +93,7 @@ def topk_loss(h: jax.Array, h0: jax.Array, fraction: float = TOPK_FRACTION) -> j
 
 def centre_of_mass(h: jax.Array) -> jax.Array:
   """(N, 2) centre of mass (row, col, in map pixels) of ``|h|`` (the centre for a zero map)."""
+  h = jnp.asarray(h)      # NumPy float64 maps (the metrics) become JAX's canonical float dtype
   a = jnp.abs(h)
   tot = jnp.sum(a, axis=(1, 2))
   rows = jnp.arange(h.shape[1], dtype=h.dtype)
