@@ -59,19 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
   torch.manual_seed(0)
   tmodel = tm.build(args.arch, 10)
-  groups: dict[tuple, list[str]] = {}
-  modules = {}
+  groups: dict[tuple, tuple] = {}     # layer configuration -> (a module of it, layer names)
   for name, shape, mod in conv_shapes(tmodel, args.size, args.batch):
     key = (shape, tuple(mod.weight.shape), mod.stride, mod.padding, mod.groups)
-    groups.setdefault(key, []).append(name)
-    modules[key] = mod
+    groups.setdefault(key, (mod, []))[1].append(name)
   rng = np.random.default_rng(0)
   rows, tot = [], {"jf": 0.0, "tf": 0.0, "jb": 0.0, "tb": 0.0}
-  for key, names in groups.items():
-    shape, _, stride, padding, groups_ = key
+  for (shape, _, stride, padding, groups_), (mod, names) in groups.items():
     if groups_ != 1:
       continue
-    mod = modules[key]
     pad = tuple((p, p) for p in padding)
     x = rng.standard_normal(shape).astype(np.float32)
     w = mod.weight.detach().numpy()
@@ -103,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "tb": sbs.timed(t_bwd)}, args.min_reps, args.min_seconds)
     for k in tot:
       tot[k] += best[k] * len(names)
-    n, c, h, wd = shape
+    _, c, h, wd = shape
     kh, kw = w.shape[2:]
     desc = f"{kh}×{kw}/{stride[0]} {c}→{w.shape[0]} at {h}×{wd}"
     rows.append((desc, len(names), best))

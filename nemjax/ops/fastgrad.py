@@ -37,6 +37,7 @@ Anything it does not recognise is evaluated unchanged.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -313,7 +314,7 @@ def _hwio_input_grad(g: jax.Array, w: jax.Array, x_shape, strides, padding, prec
   conv_t = functools.partial(lax.conv_general_dilated, window_strides=(1, 1),
                              lhs_dilation=(sy, sx), dimension_numbers=("NHWC", "HWIO", "NHWC"),
                              precision=precision)
-  if _flip_activations(w.size, kh * kw, g.size + x_shape[0] * h * wdt * x_shape[3]):
+  if _flip_activations(w.size, kh * kw, g.size + math.prod(x_shape)):
     wt = lax.optimization_barrier(jnp.transpose(w, (0, 1, 3, 2)))
     swapped = tuple((hi, lo) for lo, hi in pad)
     return conv_t(g[:, ::-1, ::-1], wt, padding=swapped)[:, ::-1, ::-1]
